@@ -1,0 +1,467 @@
+"""Typed configuration: one dataclass per component, nested under `Config`.
+
+`load_config(path, overrides)` reads YAML, applies `section.key=value` overrides and validates
+everything (types, unknown keys with close-match suggestions, cross-field rules) before any
+process group or file is touched. Errors are `ConfigError` naming the offending field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
+
+
+def _require(cond: bool, field_name: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: {msg}")
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of the MoE recurrent-depth transformer (prelude → looped block → coda)."""
+
+    vocab_size: int = 12
+    dim: int = 128
+    n_heads: int = 4
+    n_kv_heads: int = 2
+    max_seq_len: int = 64
+    max_loop_iters: int = 16  # size of the loop-indexed tables (depth LoRA); more loops still work
+    prelude_layers: int = 1
+    coda_layers: int = 1
+    attn_type: Literal["gqa", "mla"] = "gqa"
+    pos_encoding: Literal["rope", "none"] = "rope"
+    rope_theta: float = 10000.0
+    # MLA (DeepSeek-V2): low-rank Q, compressed KV latent plus one shared RoPE key per token
+    kv_lora_rank: int = 64
+    q_lora_rank: int = 64
+    qk_rope_head_dim: int = 16
+    qk_nope_head_dim: int = 32
+    v_head_dim: int = 32
+    # MoE FFN in the looped block (prelude/coda use a dense SwiGLU of width dense_ffn_dim)
+    n_experts: int = 8
+    n_shared_experts: int = 1
+    n_experts_per_tok: int = 2
+    expert_dim: int = 64
+    dense_ffn_dim: int = 0  # 0: 4·dim·2/3 rounded up to a multiple of 8
+    capacity_factor: float = 0.0  # 0: dropless
+    router_bias_update_rate: float = 1e-3  # aux-loss-free balancing; 0 disables
+    aux_loss_coef: float = 0.0  # optional Switch-style load-balance loss
+    # Recurrence
+    lora_rank: int = 8  # depth-wise LoRA; 0 disables
+    loop_signal: bool = True  # sinusoidal loop-index signal added before the block
+    act_enabled: bool = False
+    act_threshold: float = 0.99
+    act_ponder_coef: float = 0.01
+    dropout: float = 0.0
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+
+    def ffn_dim(self) -> int:
+        if self.dense_ffn_dim:
+            return self.dense_ffn_dim
+        return (8 * self.dim // 3 + 7) // 8 * 8
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    def validate(self, prefix: str = "model") -> None:
+        p = prefix
+        for name in ("vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters"):
+            _require(getattr(self, name) >= 1, f"{p}.{name}", f"must be ≥ 1, got {getattr(self, name)}")
+        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "lora_rank"):
+            _require(getattr(self, name) >= 0, f"{p}.{name}", f"must be ≥ 0, got {getattr(self, name)}")
+        _require(
+            self.dim % self.n_heads == 0,
+            f"{p}.dim",
+            f"dim={self.dim} is not divisible by n_heads={self.n_heads}",
+        )
+        _require(
+            self.n_heads % self.n_kv_heads == 0,
+            f"{p}.n_kv_heads",
+            f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}",
+        )
+        if self.attn_type == "gqa" and self.pos_encoding == "rope":
+            _require(self.head_dim % 2 == 0, f"{p}.n_heads", f"RoPE needs an even head_dim, got {self.head_dim}")
+        if self.attn_type == "mla":
+            for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                _require(getattr(self, name) >= 1, f"{p}.{name}", "must be ≥ 1 for attn_type=mla")
+            _require(
+                self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
+                f"{p}.qk_rope_head_dim",
+                f"must be even and ≥ 2 (RoPE rotates pairs), got {self.qk_rope_head_dim}",
+            )
+        _require(self.n_experts >= 1, f"{p}.n_experts", f"must be ≥ 1, got {self.n_experts}")
+        _require(
+            1 <= self.n_experts_per_tok <= self.n_experts,
+            f"{p}.n_experts_per_tok",
+            f"top-k={self.n_experts_per_tok} must be in [1, n_experts={self.n_experts}]",
+        )
+        _require(self.expert_dim >= 1, f"{p}.expert_dim", "must be ≥ 1")
+        _require(self.capacity_factor >= 0, f"{p}.capacity_factor", "must be ≥ 0 (0 = dropless)")
+        _require(self.router_bias_update_rate >= 0, f"{p}.router_bias_update_rate", "must be ≥ 0")
+        _require(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", "must be ≥ 0")
+        _require(0 < self.act_threshold <= 1, f"{p}.act_threshold", "must be in (0, 1]")
+        _require(0 <= self.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
+        _require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0")
+
+
+@dataclass
+class TaskConfig:
+    """The digit-chain task: digits d_1..d_n, EQ, answer (Σ d_i) mod `modulus`."""
+
+    modulus: int = 7
+    train_lengths: tuple[int, int] = (2, 12)
+    # split name -> inclusive chain-length range
+    eval_splits: dict[str, tuple[int, int]] = field(
+        default_factory=lambda: {"id": (2, 12), "ood1": (13, 24), "ood2": (25, 48)}
+    )
+    n_train: int = 200_000
+    n_eval: int = 2_000  # per split
+    seed: int = 1234
+
+    def max_length(self) -> int:
+        return max([self.train_lengths[1], *(hi for _, hi in self.eval_splits.values())])
+
+    def validate(self, prefix: str = "data.task") -> None:
+        _require(2 <= self.modulus <= 10, f"{prefix}.modulus", "must be in [2, 10] (answers are digit tokens)")
+        ranges = {"train_lengths": self.train_lengths} | {
+            f"eval_splits.{k}": v for k, v in self.eval_splits.items()
+        }
+        for name, (lo, hi) in ranges.items():
+            _require(1 <= lo <= hi, f"{prefix}.{name}", f"needs 1 ≤ lo ≤ hi, got [{lo}, {hi}]")
+        _require(self.n_train >= 1, f"{prefix}.n_train", "must be ≥ 1")
+        _require(self.n_eval >= 1, f"{prefix}.n_eval", "must be ≥ 1")
+        _require(len(self.eval_splits) >= 1, f"{prefix}.eval_splits", "needs at least one split")
+
+
+@dataclass
+class DataConfig:
+    """Where shards live and how they are streamed."""
+
+    task: TaskConfig = field(default_factory=TaskConfig)
+    remote: str = "runs/data/shards"  # shared path or object-store URL holding the MDS shards
+    local: str = ""  # per-node cache; "" -> a directory under $TMPDIR keyed by the run
+    samples_per_shard: int = 20_000
+    build_workers: int = 2
+    num_workers: int = 1  # DataLoader worker processes per rank
+    num_canonical_nodes: int = 1  # fixed so sample order does not depend on the node count
+    shuffle_seed: int = 17
+    predownload: int = 0  # 0: streaming's default
+
+    def validate(self, prefix: str = "data") -> None:
+        self.task.validate(f"{prefix}.task")
+        _require(bool(self.remote), f"{prefix}.remote", "must name the shard directory or URL")
+        _require(self.samples_per_shard >= 1, f"{prefix}.samples_per_shard", "must be ≥ 1")
+        _require(self.build_workers >= 1, f"{prefix}.build_workers", "must be ≥ 1")
+        _require(self.num_workers >= 0, f"{prefix}.num_workers", "must be ≥ 0")
+        _require(self.num_canonical_nodes >= 1, f"{prefix}.num_canonical_nodes", "must be ≥ 1")
+
+
+@dataclass
+class LoopPolicyConfig:
+    """How many loops each training step runs (see mythos_dist.model.recurrent.LoopPolicy)."""
+
+    kind: Literal["fixed", "uniform", "poisson_lognormal"] = "fixed"
+    n_loops: int = 4  # fixed: the count; uniform / poisson_lognormal: the mean
+    min_loops: int = 1  # uniform: lower bound (inclusive)
+    max_loops: int = 8  # uniform: upper bound; all: hard cap
+    sigma: float = 0.5  # poisson_lognormal: std of the log-normal rate
+    backprop_loops: int = 0  # truncated backprop through the last k loops; 0 = all
+
+    def validate(self, prefix: str = "train.loops") -> None:
+        _require(self.n_loops >= 1, f"{prefix}.n_loops", f"loop counts must be ≥ 1, got {self.n_loops}")
+        _require(self.min_loops >= 1, f"{prefix}.min_loops", f"loop counts must be ≥ 1, got {self.min_loops}")
+        _require(
+            self.max_loops >= max(self.min_loops, 1),
+            f"{prefix}.max_loops",
+            f"must be ≥ min_loops={self.min_loops}",
+        )
+        if self.kind != "fixed":
+            _require(
+                self.min_loops <= self.n_loops <= self.max_loops,
+                f"{prefix}.n_loops",
+                f"mean {self.n_loops} must lie in [min_loops, max_loops]",
+            )
+        _require(self.sigma >= 0, f"{prefix}.sigma", "must be ≥ 0")
+        _require(self.backprop_loops >= 0, f"{prefix}.backprop_loops", "must be ≥ 0 (0 = all loops)")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 1500
+    micro_batch_size: int = 64  # per rank
+    grad_accum_steps: int = 1
+    lr: float = 2e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0  # explicit: DeepSpeed's default would silently be 1.0 too
+    dtype: Literal["fp32", "bf16"] = "fp32"
+    seed: int = 0
+    log_every: int = 20
+    loops: LoopPolicyConfig = field(default_factory=LoopPolicyConfig)
+
+    def validate(self, prefix: str = "train") -> None:
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+            _require(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be ≥ 1, got {getattr(self, name)}")
+        _require(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        _require(0 <= self.warmup_steps <= self.steps, f"{prefix}.warmup_steps", "must be in [0, steps]")
+        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be ≥ 0 (0 disables)")
+        self.loops.validate(f"{prefix}.loops")
+
+
+@dataclass
+class ParallelConfig:
+    ep_size: int = 1
+    zero_stage: int = 1
+    timeout_s: float = 120.0  # collective timeout: a dead rank fails the others within this bound
+    ds_config_override: dict[str, Any] = field(default_factory=dict)  # merged last, logged
+
+    def validate(self, prefix: str = "parallel") -> None:
+        _require(self.ep_size >= 1, f"{prefix}.ep_size", "must be ≥ 1")
+        _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _require(self.timeout_s > 0, f"{prefix}.timeout_s", "must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/digit_chain/checkpoints"
+    every: int = 500  # steps; 0 = only at the end
+    keep_last: int = 2
+    resume: bool = True  # resume from `latest` in dir when present
+
+    def validate(self, prefix: str = "checkpoint") -> None:
+        _require(bool(self.dir), f"{prefix}.dir", "must be set")
+        _require(self.every >= 0, f"{prefix}.every", "must be ≥ 0")
+        _require(self.keep_last >= 1, f"{prefix}.keep_last", "must be ≥ 1")
+
+
+@dataclass
+class TrackingConfig:
+    enabled: bool = True
+    uri: str = "sqlite:///runs/mlflow.db"  # MLFLOW_TRACKING_URI overrides
+    experiment: str = "digit-chain"
+    run_name: str = ""
+
+    def validate(self, prefix: str = "tracking") -> None:
+        _require(bool(self.experiment), f"{prefix}.experiment", "must be set")
+
+
+@dataclass
+class EvalConfig:
+    loops: tuple[int, ...] = (1, 2, 4, 6, 8, 12, 16)
+    splits: tuple[str, ...] = ("id", "ood1", "ood2")
+    n_samples: int = 2000  # per split
+    batch_size: int = 256
+    out_dir: str = "runs/digit_chain/eval"
+
+    def validate(self, prefix: str = "eval") -> None:
+        _require(len(self.loops) >= 1, f"{prefix}.loops", "needs at least one loop count")
+        for n in self.loops:
+            _require(
+                isinstance(n, int) and not isinstance(n, bool) and n >= 1,
+                f"{prefix}.loops",
+                f"loop counts must be integers ≥ 1, got {n!r}",
+            )
+        _require(self.n_samples >= 1, f"{prefix}.n_samples", "must be ≥ 1")
+        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be ≥ 1")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self, world_size: int | None = None) -> Config:
+        """Check every section and the rules that span sections. Returns self."""
+        self.model.validate()
+        self.data.validate()
+        self.train.validate()
+        self.parallel.validate()
+        self.checkpoint.validate()
+        self.tracking.validate()
+        self.eval.validate()
+        m, par = self.model, self.parallel
+        _require(
+            m.n_experts % par.ep_size == 0,
+            "parallel.ep_size",
+            f"n_experts={m.n_experts} is not divisible by ep_size={par.ep_size}",
+        )
+        _require(
+            par.zero_stage != 3,
+            "parallel.zero_stage",
+            "ZeRO stage 3 is not supported with MoE layers (DeepSpeed refuses native MoE under "
+            "stage 3); use stage 1 or 2",
+        )
+        longest = self.data.task.max_length() + 1  # digits + EQ; the answer is predicted, not fed
+        _require(
+            m.max_seq_len >= longest,
+            "model.max_seq_len",
+            f"{m.max_seq_len} is below the longest chain's input ({longest} tokens incl. EQ)",
+        )
+        _require(m.vocab_size >= 12, "model.vocab_size", "digit chains need ≥ 12 tokens (0-9, EQ, PAD)")
+        unknown = set(self.eval.splits) - set(self.data.task.eval_splits)
+        _require(
+            not unknown,
+            "eval.splits",
+            f"unknown split(s) {sorted(unknown)}; configured: {sorted(self.data.task.eval_splits)}",
+        )
+        if world_size is not None:
+            _require(
+                world_size % par.ep_size == 0,
+                "parallel.ep_size",
+                f"world size {world_size} is not divisible by ep_size={par.ep_size}",
+            )
+        return self
+
+
+# --------------------------------------------------------------------------- (de)serialisation
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming `where`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} matches none of {[_type_name(a) for a in args]}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        kt, vt = args
+        return {_coerce(k, kt, where): _coerce(v, vt, f"{where}.{k}") for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def from_dict(cls: type, data: dict[str, Any], where: str = "") -> Any:
+    """Build dataclass `cls` from a mapping; unknown keys get a close-match suggestion."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        path = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else f" (known: {', '.join(names)})"
+            raise ConfigError(f"{path}: unknown key{hint}")
+        kwargs[key] = _coerce(value, hints[key], path)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (tuples as lists) suitable for YAML/JSON."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}, for MLflow params."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v:
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `section.key=value` strings (value parsed as YAML) to a raw config mapping."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r}: expected section.key=value")
+        dotted, text = item.split("=", 1)
+        keys = dotted.strip().split(".")
+        node = raw
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {item!r}: {k} is not a section")
+        node[keys[-1]] = yaml.safe_load(text)
+    return raw
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """YAML file (optional) + overrides -> validated Config."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{p}: not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(Config, raw).validate()

@@ -1,0 +1,7 @@
+"""Architecture only: no DeepSpeed, MLflow or files in here (parallelism is applied from outside)."""
+
+from mythos_dist.model.attention import KVCache
+from mythos_dist.model.rdt import RDT, ParamCount, RDTOutput, count_params
+from mythos_dist.model.recurrent import LoopChoice, LoopPolicy
+
+__all__ = ["RDT", "KVCache", "LoopChoice", "LoopPolicy", "ParamCount", "RDTOutput", "count_params"]

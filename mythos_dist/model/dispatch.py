@@ -1,0 +1,122 @@
+"""Token dispatchers: group routed token copies by expert, and scatter expert outputs back.
+
+`LocalDispatcher` sorts the N·k assignments by expert id (no loop over experts, no host sync).
+`AllToAllDispatcher` does the same, then exchanges rows with the other ranks of an expert-parallel
+group so each rank runs only its n_experts/ep_size local experts. Router and experts are unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DispatchState:
+    token_idx_M: torch.Tensor  # source token of each kept, expert-sorted assignment
+    assign_idx_M: torch.Tensor  # index into the flattened (N·k) assignments
+    n_tokens: int
+    # all-to-all only
+    send_splits: list[int] | None = None
+    recv_splits: list[int] | None = None
+    regroup_M: torch.Tensor | None = None  # received rows (src-major) -> local-expert-major
+
+
+class TokenDispatcher(Protocol):
+    def dispatch(
+        self, x_ND: torch.Tensor, expert_ids_NK: torch.Tensor, capacity: int | None
+    ) -> tuple[torch.Tensor, torch.Tensor, DispatchState]:
+        """-> (rows grouped by local expert (M,D), rows per local expert (L,), state)."""
+        ...
+
+    def combine(self, y_MD: torch.Tensor, weights_NK: torch.Tensor, state: DispatchState) -> torch.Tensor:
+        """-> Σ_k weight·expert output per token (N,D)."""
+        ...
+
+
+def sort_by_expert(
+    expert_ids_NK: torch.Tensor, n_experts: int, capacity: int | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Stable sort of assignments by expert; drops those past `capacity` in each expert.
+
+    Returns (assign_idx_M, token_idx_M, kept rows per expert (E,)).
+    """
+    flat_ids = expert_ids_NK.flatten()
+    assign_idx = torch.argsort(flat_ids, stable=True)
+    counts_E = torch.bincount(flat_ids, minlength=n_experts)
+    if capacity is not None:
+        sorted_ids = flat_ids[assign_idx]
+        start_E = torch.cumsum(counts_E, 0) - counts_E
+        rank_in_expert = torch.arange(flat_ids.numel(), device=flat_ids.device) - start_E[sorted_ids]
+        assign_idx = assign_idx[rank_in_expert < capacity]
+        counts_E = counts_E.clamp(max=capacity)
+    return assign_idx, assign_idx // expert_ids_NK.shape[1], counts_E
+
+
+def _combine(y_MD: torch.Tensor, weights_NK: torch.Tensor, state: DispatchState) -> torch.Tensor:
+    w_M = weights_NK.flatten()[state.assign_idx_M].unsqueeze(-1)
+    out = y_MD.new_zeros(state.n_tokens, y_MD.shape[-1])
+    return out.index_add(0, state.token_idx_M, y_MD * w_M)
+
+
+class LocalDispatcher:
+    def __init__(self, n_experts: int):
+        self.n_experts = n_experts
+
+    def dispatch(self, x_ND, expert_ids_NK, capacity):
+        assign_idx, token_idx, counts_E = sort_by_expert(expert_ids_NK, self.n_experts, capacity)
+        return x_ND[token_idx], counts_E, DispatchState(token_idx, assign_idx, x_ND.shape[0])
+
+    def combine(self, y_MD, weights_NK, state):
+        return _combine(y_MD, weights_NK, state)
+
+
+class _AllToAll(torch.autograd.Function):
+    """all_to_all_single with uneven splits; the gradient travels back with the splits swapped."""
+
+    @staticmethod
+    def forward(ctx, x, send_splits, recv_splits, group):  # type: ignore[override]
+        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+        out = x.new_empty(sum(recv_splits), *x.shape[1:])
+        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        out = grad.new_empty(sum(ctx.send_splits), *grad.shape[1:])
+        dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
+        return out, None, None, None
+
+
+class AllToAllDispatcher:
+    """Expert parallelism: rank r of the EP group holds global experts [r·L, (r+1)·L)."""
+
+    def __init__(self, n_experts: int, group: dist.ProcessGroup | None):
+        self.group = group
+        self.ep_size = dist.get_world_size(group)
+        self.n_experts = n_experts
+        self.n_local = n_experts // self.ep_size
+
+    def dispatch(self, x_ND, expert_ids_NK, capacity):
+        assign_idx, token_idx, counts_E = sort_by_expert(expert_ids_NK, self.n_experts, capacity)
+        # How many rows each source rank sends to each of my local experts: (ep, L).
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        recv_counts_SL = recv_counts.view(self.ep_size, self.n_local)
+        # One host sync for all split sizes (all_to_all_single needs them on the host).
+        send_splits = counts_E.view(self.ep_size, self.n_local).sum(1).tolist()
+        recv_splits = recv_counts_SL.sum(1).tolist()
+        x_recv = _AllToAll.apply(x_ND[token_idx], send_splits, recv_splits, self.group)
+        # Rows arrive source-major; experts want them grouped by local expert.
+        local_id = torch.arange(self.n_local, device=x_ND.device).repeat(self.ep_size)
+        regroup = torch.argsort(torch.repeat_interleave(local_id, recv_counts_SL.flatten()), stable=True)
+        state = DispatchState(token_idx, assign_idx, x_ND.shape[0], send_splits, recv_splits, regroup)
+        return x_recv[regroup], recv_counts_SL.sum(0), state
+
+    def combine(self, y_MD, weights_NK, state):
+        y_recv = torch.empty_like(y_MD).index_copy(0, state.regroup_M, y_MD)  # undo regroup
+        y_sent = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, self.group)
+        return _combine(y_sent, weights_NK, state)

@@ -1,0 +1,201 @@
+"""DeepSeekMoE-style FFN as separate small pieces: router → token dispatcher → experts → combine.
+
+The router picks top-k routed experts per token (renormalised weights); shared experts see every
+token. Tokens are grouped per expert by a dispatcher (`dispatch.py`): locally by sorting, or across
+an expert-parallel group by all-to-all. The router and experts do not know which one is used.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cache
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mythos_dist.model.dispatch import LocalDispatcher, TokenDispatcher
+
+
+@dataclass
+class RouterOutput:
+    weights_NK: torch.Tensor  # renormalised gate weights of the chosen experts
+    expert_ids_NK: torch.Tensor  # global expert ids, long
+    tokens_per_expert_E: torch.Tensor  # assignments per global expert in this call (before drops)
+    aux_loss: torch.Tensor  # scalar; zero unless aux_loss_coef > 0
+
+
+class Router(nn.Module):
+    """Top-k softmax router with aux-loss-free balancing (DeepSeek-V3) and an optional aux loss.
+
+    The balancing bias shifts only *which* experts are selected; gate weights come from the
+    unbiased scores, so the bias never enters the gradient. `update_bias` moves it each step
+    against the observed load (`load_E`, accumulated over every call since the last update).
+    """
+
+    def __init__(self, dim: int, n_experts: int, top_k: int, bias_update_rate: float, aux_loss_coef: float):
+        super().__init__()
+        self.n_experts, self.top_k = n_experts, top_k
+        self.bias_update_rate, self.aux_loss_coef = bias_update_rate, aux_loss_coef
+        self.gate = nn.Linear(dim, n_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(n_experts))  # persistent: part of the checkpoint
+        self.register_buffer("load_E", torch.zeros(n_experts), persistent=False)
+
+    def forward(self, x_ND: torch.Tensor) -> RouterOutput:
+        scores_NE = F.softmax(self.gate(x_ND).float(), dim=-1)
+        expert_ids_NK = torch.topk(scores_NE + self.expert_bias, self.top_k, dim=-1).indices
+        weights_NK = scores_NE.gather(-1, expert_ids_NK)
+        weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+        tokens_per_expert_E = torch.bincount(expert_ids_NK.flatten(), minlength=self.n_experts)
+        if self.training:
+            self.load_E += tokens_per_expert_E
+        aux_loss = scores_NE.new_zeros(())
+        if self.aux_loss_coef > 0:
+            # Switch-style: E · Σ_e (fraction of assignments to e) · (mean router prob of e)
+            frac_E = tokens_per_expert_E.float() / expert_ids_NK.numel()
+            aux_loss = self.aux_loss_coef * self.n_experts * (frac_E * scores_NE.mean(0)).sum()
+        return RouterOutput(weights_NK.to(x_ND.dtype), expert_ids_NK, tokens_per_expert_E, aux_loss)
+
+    @torch.no_grad()
+    def update_bias(self, load_E: torch.Tensor | None = None) -> torch.Tensor:
+        """One balancing step from the observed load; returns that load and resets the counter.
+
+        Under data parallelism pass the load summed over all ranks so biases stay identical.
+        """
+        load_E = self.load_E.clone() if load_E is None else load_E.to(self.load_E)
+        if self.bias_update_rate > 0 and load_E.sum() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
+        self.load_E.zero_()
+        return load_E
+
+
+# --------------------------------------------------------------------------- experts
+
+
+@cache
+def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
+    """F.grouped_mm exists on recent torch but not for every device/dtype; probe once."""
+    if not hasattr(F, "grouped_mm"):
+        return False
+    try:
+        a = torch.zeros(8, 16, device=device_type, dtype=dtype)
+        b = torch.zeros(2, 16, 16, device=device_type, dtype=dtype)
+        F.grouped_mm(a, b, offs=torch.tensor([4, 8], device=device_type, dtype=torch.int32))
+        F.grouped_mm(a.t(), a, offs=torch.tensor([4, 8], device=device_type, dtype=torch.int32))
+        return True
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+def _mm_groups(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+    """Grouped product. a (M,K) @ b (G,K,N) -> (M,N) rows grouped; a (K,M) @ b (M,N) -> (G,K,N)."""
+    if counts is None:
+        return F.grouped_mm(a, b, offs=offs)
+    if b.dim() == 3:
+        return torch.cat([x @ w for x, w in zip(torch.split(a, counts), b.unbind(0))])
+    return torch.stack([x @ y for x, y in zip(torch.split(a, counts, dim=1), torch.split(b, counts))])
+
+
+class _GroupedMatmul(torch.autograd.Function):
+    """y[rows of group g] = x[rows of group g] @ w[g]; one kernel per product where supported."""
+
+    @staticmethod
+    def forward(ctx, x_MK, w_GKN, offs_G, counts):  # type: ignore[override]
+        ctx.save_for_backward(x_MK, w_GKN, offs_G)
+        ctx.counts = counts
+        return _mm_groups(x_MK, w_GKN, offs_G, counts)
+
+    @staticmethod
+    def backward(ctx, dy_MN):  # type: ignore[override]
+        x_MK, w_GKN, offs_G = ctx.saved_tensors
+        dy_MN = dy_MN.contiguous()
+        dx = _mm_groups(dy_MN, w_GKN.transpose(1, 2), offs_G, ctx.counts) if ctx.needs_input_grad[0] else None
+        dw = _mm_groups(x_MK.t(), dy_MN, offs_G, ctx.counts) if ctx.needs_input_grad[1] else None
+        return dx, dw, None, None
+
+
+def grouped_matmul(x_MK: torch.Tensor, w_GKN: torch.Tensor, tokens_per_group_G: torch.Tensor) -> torch.Tensor:
+    """Rows of x are grouped contiguously (group g has tokens_per_group_G[g] rows)."""
+    offs_G = torch.cumsum(tokens_per_group_G, 0).to(torch.int32)
+    aligned = all(s * x_MK.element_size() % 16 == 0 for s in (w_GKN.shape[1], w_GKN.shape[2]))
+    fast = aligned and _grouped_mm_works(x_MK.device.type, x_MK.dtype)
+    # The fallback needs the split sizes on the host: one sync for all groups, not one per group.
+    counts = None if fast else tokens_per_group_G.tolist()
+    return _GroupedMatmul.apply(x_MK.contiguous(), w_GKN, offs_G, counts)
+
+
+class GroupedExperts(nn.Module):
+    """`n_local` SwiGLU experts with stacked weights; rows arrive grouped by local expert.
+
+    `first_expert_id` is the global id of local expert 0 (non-zero under expert parallelism).
+    """
+
+    def __init__(self, dim: int, hidden: int, n_local: int, first_expert_id: int = 0):
+        super().__init__()
+        self.n_local, self.first_expert_id, self.hidden = n_local, first_expert_id, hidden
+        self.w_in_EDH = nn.Parameter(torch.empty(n_local, dim, 2 * hidden))  # [gate | up] fused
+        self.w_out_EHD = nn.Parameter(torch.empty(n_local, hidden, dim))
+
+    def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
+        gate_MH, up_MH = grouped_matmul(x_MD, self.w_in_EDH, tokens_per_expert_E).chunk(2, dim=-1)
+        return grouped_matmul(F.silu(gate_MH) * up_MH, self.w_out_EHD, tokens_per_expert_E)
+
+
+class SwiGLU(nn.Module):
+    """Dense SwiGLU FFN (prelude/coda FFN and the fused shared experts)."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.w_in = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w_out = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_in(x).chunk(2, dim=-1)
+        return self.w_out(F.silu(gate) * up)
+
+
+class MoEFFN(nn.Module):
+    """Routed experts (top-k, via a token dispatcher) plus always-on shared experts.
+
+    The `n_shared` shared experts are fused into one SwiGLU of width n_shared·shared_dim, which is
+    the same function as their sum. `capacity_factor` 0 is dropless; otherwise each expert keeps at
+    most ceil(cf·N·k/E) assignments per call and dropped ones contribute zero.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        n_experts: int,
+        top_k: int,
+        expert_dim: int,
+        n_shared: int,
+        shared_dim: int,
+        capacity_factor: float = 0.0,
+        bias_update_rate: float = 1e-3,
+        aux_loss_coef: float = 0.0,
+    ):
+        super().__init__()
+        self.n_experts, self.top_k, self.capacity_factor = n_experts, top_k, capacity_factor
+        self.router = Router(dim, n_experts, top_k, bias_update_rate, aux_loss_coef)
+        self.experts = GroupedExperts(dim, expert_dim, n_experts)
+        self.shared = SwiGLU(dim, n_shared * shared_dim) if n_shared > 0 else None
+        self.dispatcher: TokenDispatcher = LocalDispatcher(n_experts)
+
+    def capacity(self, n_tokens: int) -> int | None:
+        if self.capacity_factor <= 0:
+            return None
+        return max(1, math.ceil(self.capacity_factor * n_tokens * self.top_k / self.n_experts))
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output (B,T,D), aux_loss scalar)."""
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        route = self.router(x_ND)
+        x_MD, tokens_per_local_E, state = self.dispatcher.dispatch(
+            x_ND, route.expert_ids_NK, self.capacity(x_ND.shape[0])
+        )
+        y_MD = self.experts(x_MD, tokens_per_local_E)
+        y_ND = self.dispatcher.combine(y_MD, route.weights_NK, state)
+        if self.shared is not None:
+            y_ND = y_ND + self.shared(x_ND)
+        return y_ND.view_as(x_BTD), route.aux_loss

@@ -1,0 +1,143 @@
+"""Recurrent-Depth Transformer: embed → prelude → looped MoE block (n_loops times) → coda → head."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from mythos_dist.config import ModelConfig
+from mythos_dist.model.attention import KVCache, Rope, rope_cos_sin
+from mythos_dist.model.block import TransformerBlock
+from mythos_dist.model.moe import GroupedExperts, MoEFFN
+from mythos_dist.model.recurrent import RecurrentBlock
+
+
+@dataclass
+class RDTOutput:
+    logits: torch.Tensor  # (B, T, V) after n_loops
+    aux_loss: torch.Tensor  # MoE balance loss (0 unless enabled)
+    ponder_cost: torch.Tensor  # ACT ponder cost (0 unless enabled)
+    loop_logits: dict[int, torch.Tensor]  # loop count -> logits, for every count in loops_out
+    delta_norms: list[torch.Tensor]  # ‖h_t − h_{t−1}‖ (B, T) per loop, when track_deltas
+
+
+class RDT(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        cfg.validate()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.prelude = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.prelude_layers))
+        self.recurrent = RecurrentBlock(cfg)
+        self.coda = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.coda_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.cfg.init_std
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, std=std)
+                if getattr(m, "bias", None) is not None:
+                    nn.init.zeros_(m.bias)
+            elif isinstance(m, GroupedExperts):
+                nn.init.normal_(m.w_in_EDH, std=std)
+                nn.init.normal_(m.w_out_EHD, std=std)
+        if self.recurrent.halt is not None:
+            nn.init.constant_(self.recurrent.halt.bias, -2.0)  # start by pondering, not halting
+
+    def moe_layers(self) -> list[MoEFFN]:
+        return [m for m in self.modules() if isinstance(m, MoEFFN)]
+
+    def rope(self, start: int, T: int, device: torch.device, dtype: torch.dtype) -> Rope:
+        cfg = self.cfg
+        if cfg.pos_encoding == "none":
+            return None
+        rot = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
+        return rope_cos_sin(torch.arange(start, start + T, device=device), rot, cfg.rope_theta, dtype)
+
+    def forward(
+        self,
+        ids_BT: torch.Tensor,
+        n_loops: int,
+        cache: KVCache | None = None,
+        loops_out: Iterable[int] = (),
+        backprop_loops: int = 0,
+        track_deltas: bool = False,
+    ) -> RDTOutput:
+        """Logits after `n_loops` iterations of the looped block (any count ≥ 1, also past training).
+
+        loops_out: further loop counts ≤ n_loops whose logits are computed in the same pass (the
+        recurrence runs once; coda and head run once per count).
+        cache: KV cache for incremental decoding; positions continue from what it holds.
+        """
+        loops_out = sorted(set(loops_out))
+        if n_loops < 1 or any(n < 1 or n > n_loops for n in loops_out):
+            raise ValueError(f"loop counts must be in [1, n_loops={n_loops}], got n_loops={n_loops}, {loops_out}")
+        if cache is not None and loops_out:
+            raise ValueError("loops_out needs a full forward (the coda's cache holds one loop count)")
+        if cache is not None and cache.n_loops not in (None, n_loops):
+            raise ValueError(f"cache was filled with n_loops={cache.n_loops}; decode with the same count")
+        B, T = ids_BT.shape
+        start = cache.pos if cache is not None else 0
+        x = self.embed(ids_BT)
+        rope = self.rope(start, T, x.device, x.dtype)
+        aux = x.new_zeros(())
+        for i, layer in enumerate(self.prelude):
+            x, a = layer(x, rope, cache, f"prelude{i}")
+            aux = aux + a
+        loop = self.recurrent(x, n_loops, rope, cache, loops_out, backprop_loops, track_deltas)
+        loop_logits = {n: self._coda(h, rope, cache) for n, h in loop.outputs.items()}
+        if cache is not None:
+            cache.pos, cache.n_loops = start + T, n_loops
+        return RDTOutput(loop_logits[n_loops], aux + loop.aux_loss, loop.ponder_cost, loop_logits, loop.delta_norms)
+
+    def _coda(self, h: torch.Tensor, rope: Rope, cache: KVCache | None) -> torch.Tensor:
+        for i, layer in enumerate(self.coda):
+            h, _ = layer(h, rope, cache, f"coda{i}")
+        return self.head(self.norm(h))
+
+    @torch.no_grad()
+    def generate(
+        self, ids_BT: torch.Tensor, max_new_tokens: int, n_loops: int, temperature: float = 0.0, top_k: int = 0
+    ) -> torch.Tensor:
+        """Autoregressive decoding with a KV cache (one entry per layer and loop iteration).
+
+        temperature 0 is greedy. Returns (B, T + max_new_tokens).
+        """
+        cache = KVCache()
+        logits = self(ids_BT, n_loops, cache=cache).logits[:, -1]
+        out = [ids_BT]
+        for i in range(max_new_tokens):
+            if temperature <= 0:
+                nxt = logits.argmax(-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k > 0:
+                    kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                nxt = torch.multinomial(torch.softmax(logits, -1), 1)
+            out.append(nxt)
+            if i + 1 < max_new_tokens:
+                logits = self(nxt, n_loops, cache=cache).logits[:, -1]
+        return torch.cat(out, dim=1)
+
+
+@dataclass(frozen=True)
+class ParamCount:
+    total: int
+    active_per_token: int  # routed experts counted at top-k/E
+
+
+def count_params(cfg: ModelConfig) -> ParamCount:
+    """Parameter counts from a model built on the meta device (no weights are allocated)."""
+    with torch.device("meta"):
+        model = RDT(cfg)
+    total = sum(p.numel() for p in model.parameters())
+    routed = sum(p.numel() for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters())
+    return ParamCount(total, total - routed + routed * cfg.n_experts_per_tok // cfg.n_experts)

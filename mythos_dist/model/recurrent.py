@@ -1,0 +1,183 @@
+"""The looped block: h_{t+1} = A·h_t + B·e + Block(norm(h_t + e) + s_t), plus loop policies.
+
+A is diagonal with entries exp(-exp(log_dt + log_A)) ∈ (0, 1), so ρ(A) < 1 by construction.
+ACT halting is optional and off by default; when on, every position runs every loop (no early
+exit, which would desynchronise expert-parallel ranks) and the output is the ACT-weighted mixture.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from mythos_dist.config import LoopPolicyConfig, ModelConfig
+from mythos_dist.model.attention import KVCache, Rope
+from mythos_dist.model.block import TransformerBlock
+
+
+class LTIInjection(nn.Module):
+    # exp(-exp(-12)) = 1 - 6e-6 is still < 1 in fp32; a lower clamp would round A to exactly 1.
+    LOG_RATE_RANGE = (-12.0, 12.0)
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.log_A = nn.Parameter(torch.zeros(dim))
+        self.log_dt = nn.Parameter(torch.zeros(1))
+        self.B = nn.Parameter(torch.full((dim,), 0.1))
+
+    def A(self) -> torch.Tensor:
+        """Diagonal of A in fp32, every entry in (0, 1)."""
+        return torch.exp(-torch.exp((self.log_dt + self.log_A).float().clamp(*self.LOG_RATE_RANGE)))
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor, block_out: torch.Tensor) -> torch.Tensor:
+        return (self.A() * h + self.B * e).to(h.dtype) + block_out
+
+
+def loop_signal(t: int, dim: int, device: torch.device, dtype: torch.dtype, theta: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal loop-index signal on the first dim/8 channels (zeros elsewhere), shape (dim,)."""
+    n = max(2, dim // 8 // 2 * 2)
+    freqs = theta ** (-torch.arange(0, n, 2, device=device, dtype=torch.float32) / n)
+    sig = torch.zeros(dim, device=device, dtype=torch.float32)
+    sig[:n] = torch.cat([(t * freqs).sin(), (t * freqs).cos()])
+    return sig.to(dtype)
+
+
+class DepthLoRA(nn.Module):
+    """delta(x, t) = (down(x) ⊙ scale[t]) @ up; t clamped to the trained table past its end."""
+
+    def __init__(self, dim: int, rank: int, n_loops: int):
+        super().__init__()
+        self.down = nn.Linear(dim, rank, bias=False)
+        self.up = nn.Parameter(torch.zeros(rank, dim))  # zero: starts as an exact no-op
+        self.scale = nn.Parameter(torch.ones(n_loops, rank))
+
+    def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
+        s = self.scale[min(t, self.scale.shape[0] - 1)]
+        return (self.down(x) * s) @ self.up
+
+
+@dataclass
+class LoopResult:
+    outputs: dict[int, torch.Tensor]  # loop count -> state handed to the coda after that many loops
+    aux_loss: torch.Tensor  # MoE aux loss summed over loops
+    ponder_cost: torch.Tensor  # ACT: mean (steps + remainder); 0 without ACT
+    delta_norms: list[torch.Tensor] = field(default_factory=list)  # ‖h_t − h_{t−1}‖ per loop, (B,T)
+
+
+class RecurrentBlock(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.block = TransformerBlock(cfg, moe=True)
+        self.injection = LTIInjection(cfg.dim)
+        self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters) if cfg.lora_rank > 0 else None
+        self.halt = nn.Linear(cfg.dim, 1) if cfg.act_enabled else None
+
+    def step(
+        self, h: torch.Tensor, e: torch.Tensor, t: int, rope: Rope, cache: KVCache | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One application of the loop map f(h, e) at loop index t (0-based). -> (h_next, aux)."""
+        x = self.norm(h + e)
+        if self.cfg.loop_signal:
+            x = x + loop_signal(t, x.shape[-1], x.device, x.dtype)
+        out, aux = self.block(x, rope, cache, f"loop{t}")
+        if self.lora is not None:
+            out = out + self.lora(out, t)
+        return self.injection(h, e, out), aux
+
+    def forward(
+        self,
+        e: torch.Tensor,
+        n_loops: int,
+        rope: Rope,
+        cache: KVCache | None = None,
+        emit_at: Iterable[int] = (),
+        backprop_loops: int = 0,
+        track_deltas: bool = False,
+    ) -> LoopResult:
+        """Run n_loops iterations from h_0 = e.
+
+        emit_at: extra loop counts (≤ n_loops) whose output is also returned — the same values a
+        separate forward with that many loops gives (for ACT: the remainder goes to that step).
+        backprop_loops k > 0: gradients flow only through the last k loops (truncated BPTT).
+        """
+        if n_loops < 1:
+            raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
+        emit = {n for n in emit_at if n <= n_loops} | {n_loops}
+        h = e
+        result = LoopResult({}, e.new_zeros(()), e.new_zeros(()))
+        act = self.halt is not None
+        if act:
+            acc = torch.zeros_like(h)
+            cum = h.new_zeros(h.shape[:-1])
+            halted = torch.zeros_like(cum, dtype=torch.bool)
+            steps = torch.zeros_like(cum)
+            remainder = torch.zeros_like(cum)
+        first_grad_loop = n_loops - backprop_loops if backprop_loops > 0 else 0
+        for t in range(n_loops):
+            with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
+                h_next, aux = self.step(h, e, t, rope, cache)
+            result.aux_loss = result.aux_loss + aux
+            if track_deltas:
+                result.delta_norms.append((h_next - h).detach().float().norm(dim=-1))
+            h = h_next
+            n = t + 1
+            if not act:
+                if n in emit:
+                    result.outputs[n] = h
+                continue
+            running = (~halted).to(h.dtype)
+            last_w = running * (1 - cum)  # weight if this were the final loop
+            if n in emit:
+                result.outputs[n] = acc + last_w.unsqueeze(-1) * h
+            if n == n_loops:
+                steps, remainder = steps + running, remainder + last_w
+                break
+            p = torch.sigmoid(self.halt(h)).squeeze(-1).to(h.dtype)
+            over = cum + p >= self.cfg.act_threshold
+            w = running * torch.where(over, 1 - cum, p)
+            acc = acc + w.unsqueeze(-1) * h
+            steps = steps + running
+            remainder = remainder + torch.where(over, w, torch.zeros_like(w))
+            cum = cum + w
+            halted = halted | over
+        if act:
+            result.ponder_cost = (steps + remainder).mean()
+        return result
+
+
+# --------------------------------------------------------------------------- training loop policies
+
+
+@dataclass(frozen=True)
+class LoopChoice:
+    n_loops: int
+    backprop_loops: int  # 0 = through all loops
+
+
+class LoopPolicy:
+    """Loop count per training step, a pure function of (seed, step): every rank draws the same
+    count without communication, and a resumed run draws what the uninterrupted run would have."""
+
+    def __init__(self, cfg: LoopPolicyConfig, seed: int):
+        self.cfg, self.seed = cfg, seed
+
+    def __call__(self, step: int) -> LoopChoice:
+        c = self.cfg
+        rng = np.random.default_rng([self.seed, step])
+        if c.kind == "fixed":
+            n = c.n_loops
+        elif c.kind == "uniform":
+            n = int(rng.integers(c.min_loops, c.max_loops + 1))
+        else:  # Huginn: τ ~ N(log(r̄−1) − σ²/2, σ), n ~ Poisson(e^τ) + 1, so E[n] = r̄ before clipping
+            tau = rng.normal(math.log(max(c.n_loops - 1, 1e-3)) - c.sigma**2 / 2, c.sigma)
+            n = int(rng.poisson(math.exp(tau))) + 1
+        if c.kind != "fixed":
+            n = min(max(n, c.min_loops), c.max_loops)
+        return LoopChoice(n, min(c.backprop_loops, n))
