@@ -24,10 +24,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         p.add_argument("--config", required=True, help="YAML config (see configs/)")
-        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=200")
+        p.add_argument(
+            "--set", action="append", default=[], metavar="KEY=VALUE", help="override, e.g. train.steps=200"
+        )
         return p
 
-    with_config(sub.add_parser("params", help="count parameters (total / active per token) without allocating"))
+    with_config(
+        sub.add_parser("params", help="count parameters (total / active per token) without allocating")
+    )
     from data_pipeline.cli import add_data_commands
 
     add_data_commands(sub)

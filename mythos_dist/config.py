@@ -93,7 +93,9 @@ class ModelConfig:
             f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}",
         )
         if self.attn_type == "gqa" and self.pos_encoding == "rope":
-            _require(self.head_dim % 2 == 0, f"{p}.n_heads", f"RoPE needs an even head_dim, got {self.head_dim}")
+            _require(
+                self.head_dim % 2 == 0, f"{p}.n_heads", f"RoPE needs an even head_dim, got {self.head_dim}"
+            )
         if self.attn_type == "mla":
             for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
                 _require(getattr(self, name) >= 1, f"{p}.{name}", "must be ≥ 1 for attn_type=mla")
@@ -135,7 +137,9 @@ class TaskConfig:
         return max([self.train_lengths[1], *(hi for _, hi in self.eval_splits.values())])
 
     def validate(self, prefix: str = "data.task") -> None:
-        _require(2 <= self.modulus <= 10, f"{prefix}.modulus", "must be in [2, 10] (answers are digit tokens)")
+        _require(
+            2 <= self.modulus <= 10, f"{prefix}.modulus", "must be in [2, 10] (answers are digit tokens)"
+        )
         ranges = {"train_lengths": self.train_lengths} | {
             f"eval_splits.{k}": v for k, v in self.eval_splits.items()
         }
@@ -233,7 +237,9 @@ class ParallelConfig:
 
     def validate(self, prefix: str = "parallel") -> None:
         _require(self.ep_size >= 1, f"{prefix}.ep_size", "must be ≥ 1")
-        _require(self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0-3, got {self.zero_stage}")
+        _require(
+            self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0-3, got {self.zero_stage}"
+        )
         _require(self.timeout_s > 0, f"{prefix}.timeout_s", "must be > 0")
 
 

@@ -42,7 +42,9 @@ def rope_cos_sin(
     positions_T: torch.Tensor, rot_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (T, rot_dim/2) for absolute positions (decode passes offset positions)."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, device=positions_T.device, dtype=torch.float32) / rot_dim)
+    inv_freq = 1.0 / theta ** (
+        torch.arange(0, rot_dim, 2, device=positions_T.device, dtype=torch.float32) / rot_dim
+    )
     angles_TF = positions_T.float()[:, None] * inv_freq[None, :]
     return angles_TF.cos().to(dtype), angles_TF.sin().to(dtype)
 
@@ -59,10 +61,14 @@ def _attend(q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dr
     T, S = q_BHTE.shape[2], k_BHSE.shape[2]
     gqa = q_BHTE.shape[1] != k_BHSE.shape[1]
     if T == S:
-        return F.scaled_dot_product_attention(q_BHTE, k_BHSE, v_BHSV, is_causal=True, dropout_p=dropout, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(
+            q_BHTE, k_BHSE, v_BHSV, is_causal=True, dropout_p=dropout, enable_gqa=gqa
+        )
     pos_q = torch.arange(S - T, S, device=q_BHTE.device)
     mask_TS = torch.arange(S, device=q_BHTE.device)[None, :] <= pos_q[:, None]
-    return F.scaled_dot_product_attention(q_BHTE, k_BHSE, v_BHSV, attn_mask=mask_TS, dropout_p=dropout, enable_gqa=gqa)
+    return F.scaled_dot_product_attention(
+        q_BHTE, k_BHSE, v_BHSV, attn_mask=mask_TS, dropout_p=dropout, enable_gqa=gqa
+    )
 
 
 Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) for the current positions, or no RoPE
@@ -124,8 +130,10 @@ class MLAttention(nn.Module):
         if cache is not None:
             c_kv_BTC, k_rope_BTR = cache.extend(key, c_kv_BTC, k_rope_BTR)
         S = c_kv_BTC.shape[1]
-        k_nope, v = self.kv_up(self.kv_norm(c_kv_BTC)).view(B, S, H, self.nope + self.v_dim).split(
-            [self.nope, self.v_dim], dim=-1
+        k_nope, v = (
+            self.kv_up(self.kv_norm(c_kv_BTC))
+            .view(B, S, H, self.nope + self.v_dim)
+            .split([self.nope, self.v_dim], dim=-1)
         )
         k = torch.cat([k_nope, k_rope_BTR.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)

@@ -88,7 +88,9 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
         return False
 
 
-def _mm_groups(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None) -> torch.Tensor:
+def _mm_groups(
+    a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None
+) -> torch.Tensor:
     """Grouped product. a (M,K) @ b (G,K,N) -> (M,N) rows grouped; a (K,M) @ b (M,N) -> (G,K,N)."""
     if counts is None:
         return F.grouped_mm(a, b, offs=offs)

@@ -78,7 +78,9 @@ class RDT(nn.Module):
         """
         loops_out = sorted(set(loops_out))
         if n_loops < 1 or any(n < 1 or n > n_loops for n in loops_out):
-            raise ValueError(f"loop counts must be in [1, n_loops={n_loops}], got n_loops={n_loops}, {loops_out}")
+            raise ValueError(
+                f"loop counts must be in [1, n_loops={n_loops}], got n_loops={n_loops}, {loops_out}"
+            )
         if cache is not None and loops_out:
             raise ValueError("loops_out needs a full forward (the coda's cache holds one loop count)")
         if cache is not None and cache.n_loops not in (None, n_loops):
@@ -95,7 +97,9 @@ class RDT(nn.Module):
         loop_logits = {n: self._coda(h, rope, cache) for n, h in loop.outputs.items()}
         if cache is not None:
             cache.pos, cache.n_loops = start + T, n_loops
-        return RDTOutput(loop_logits[n_loops], aux + loop.aux_loss, loop.ponder_cost, loop_logits, loop.delta_norms)
+        return RDTOutput(
+            loop_logits[n_loops], aux + loop.aux_loss, loop.ponder_cost, loop_logits, loop.delta_norms
+        )
 
     def _coda(self, h: torch.Tensor, rope: Rope, cache: KVCache | None) -> torch.Tensor:
         for i, layer in enumerate(self.coda):
@@ -104,7 +108,12 @@ class RDT(nn.Module):
 
     @torch.no_grad()
     def generate(
-        self, ids_BT: torch.Tensor, max_new_tokens: int, n_loops: int, temperature: float = 0.0, top_k: int = 0
+        self,
+        ids_BT: torch.Tensor,
+        max_new_tokens: int,
+        n_loops: int,
+        temperature: float = 0.0,
+        top_k: int = 0,
     ) -> torch.Tensor:
         """Autoregressive decoding with a KV cache (one entry per layer and loop iteration).
 

@@ -38,7 +38,9 @@ class LTIInjection(nn.Module):
         return (self.A() * h + self.B * e).to(h.dtype) + block_out
 
 
-def loop_signal(t: int, dim: int, device: torch.device, dtype: torch.dtype, theta: float = 10000.0) -> torch.Tensor:
+def loop_signal(
+    t: int, dim: int, device: torch.device, dtype: torch.dtype, theta: float = 10000.0
+) -> torch.Tensor:
     """Sinusoidal loop-index signal on the first dim/8 channels (zeros elsewhere), shape (dim,)."""
     n = max(2, dim // 8 // 2 * 2)
     freqs = theta ** (-torch.arange(0, n, 2, device=device, dtype=torch.float32) / n)

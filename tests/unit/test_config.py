@@ -1,0 +1,97 @@
+"""Config: YAML + overrides, clear errors naming the field, scale configs and their parameter counts."""
+
+from pathlib import Path
+
+import pytest
+
+from mythos_dist.config import Config, ConfigError, ModelConfig, load_config, to_dict
+from mythos_dist.model import count_params
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    return p
+
+
+@pytest.mark.parametrize(
+    ("overrides", "match"),
+    [
+        (["model.dim=30"], r"model\.dim: dim=30 is not divisible by n_heads=4"),
+        (["model.n_kv_heads=3"], r"model\.n_kv_heads: n_heads=4 is not divisible by n_kv_heads=3"),
+        (["model.n_experts_per_tok=9"], r"model\.n_experts_per_tok: top-k=9"),
+        (["model.attn_type=mla", "model.qk_rope_head_dim=7"], r"model\.qk_rope_head_dim: must be even"),
+        (["model.attn_type=bogus"], r"model\.attn_type: must be one of \['gqa', 'mla'\]"),
+        (["model.dimm=64"], r"model\.dimm: unknown key \(did you mean 'dim'\?\)"),
+        (["train.lr=fast"], r"train\.lr: expected a number"),
+        (["train.steps=1.5"], r"train\.steps: expected an integer"),
+        (["parallel.ep_size=3"], r"parallel\.ep_size: n_experts=8 is not divisible by ep_size=3"),
+        (["parallel.zero_stage=3"], r"parallel\.zero_stage: ZeRO stage 3 is not supported with MoE"),
+        (["train.loops.n_loops=0"], r"train\.loops\.n_loops: loop counts must be ≥ 1"),
+        (["eval.loops=[1, 0]"], r"eval\.loops: loop counts must be integers ≥ 1"),
+        (["eval.splits=[id, ood9]"], r"eval\.splits: unknown split\(s\) \['ood9'\]"),
+        (["model.max_seq_len=20"], r"model\.max_seq_len: 20 is below the longest chain's input \(49 tokens"),
+        (["data.task.train_lengths=[5, 2]"], r"data\.task\.train_lengths: needs 1 ≤ lo ≤ hi"),
+        (["nosuch=1"], r"nosuch: unknown key"),
+    ],
+)
+def test_bad_config_names_the_field(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, overrides)
+
+
+def test_world_size_must_divide_by_ep_size() -> None:
+    cfg = load_config(None, ["parallel.ep_size=2"])
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by ep_size=2"):
+        cfg.validate(world_size=3)
+
+
+def test_yaml_and_overrides_round_trip(tmp_path: Path) -> None:
+    p = write(tmp_path, "model:\n  dim: 64\ntrain:\n  loops:\n    kind: uniform\n    n_loops: 5\n")
+    cfg = load_config(
+        p, ["train.steps=700", "data.task.eval_splits={id: [2, 12], long: [30, 40]}", "eval.splits=[long]"]
+    )
+    assert cfg.model.dim == 64 and cfg.train.steps == 700 and cfg.train.loops.kind == "uniform"
+    assert cfg.data.task.eval_splits["long"] == (30, 40)
+    again = load_config(write(tmp_path, __import__("yaml").safe_dump(to_dict(cfg))))
+    assert again == cfg
+
+
+def test_missing_or_invalid_yaml(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(write(tmp_path, "- 1\n- 2\n"))
+
+
+def test_shipped_configs_validate() -> None:
+    paths = sorted((ROOT / "configs").rglob("*.yaml"))
+    assert len(paths) >= 8
+    for p in paths:
+        assert isinstance(load_config(p), Config), p
+
+
+SCALES = {"1b": 1e9, "3b": 3e9, "10b": 10e9, "50b": 50e9, "100b": 100e9, "500b": 500e9, "1t": 1e12}
+
+
+@pytest.mark.parametrize("name", sorted(SCALES))
+def test_scale_configs_have_their_nominal_size(name: str) -> None:
+    cfg = load_config(ROOT / "configs" / "scales" / f"mythos_{name}.yaml")
+    pc = count_params(cfg.model)  # meta device: a 1T model counts in well under a second
+    assert 0.85 <= pc.total / SCALES[name] <= 1.25, f"{name}: {pc.total:,}"
+    assert pc.active_per_token < 0.4 * pc.total  # sparse: most parameters are routed experts
+
+
+def test_param_count_matches_a_materialised_model() -> None:
+    from mythos_dist.model import RDT
+
+    cfg = ModelConfig(dim=32, n_heads=4, n_kv_heads=2, n_experts=4, expert_dim=16, attn_type="mla",
+                      kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)  # fmt: skip
+    model = RDT(cfg)
+    pc = count_params(cfg)
+    assert pc.total == sum(p.numel() for p in model.parameters())
+    routed = model.recurrent.block.ffn.experts
+    routed_n = sum(p.numel() for p in routed.parameters())
+    assert pc.active_per_token == pc.total - routed_n + routed_n * 2 // 4

@@ -1,0 +1,176 @@
+"""The RDT model: shapes, KV-cache decode equality, MLA cache size, loops, ACT, policies, injection."""
+
+import pytest
+import torch
+
+from mythos_dist.config import LoopPolicyConfig, ModelConfig
+from mythos_dist.model import RDT, KVCache, LoopPolicy
+from mythos_dist.model.recurrent import LTIInjection
+
+
+def tiny(**kw) -> ModelConfig:
+    base = dict(dim=32, n_heads=4, n_kv_heads=2, n_experts=4, n_experts_per_tok=2, expert_dim=16,
+                kv_lora_rank=16, q_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
+                max_seq_len=64, max_loop_iters=4, lora_rank=4)  # fmt: skip
+    base.update(kw)
+    return ModelConfig(**base)
+
+
+def make_model(**kw) -> RDT:
+    torch.manual_seed(0)
+    model = RDT(tiny(**kw)).eval()
+    with torch.no_grad():  # non-trivial LoRA and injection so they matter in the comparisons
+        model.recurrent.lora.up.normal_(0, 0.1)
+        model.recurrent.injection.log_A.normal_(0, 1)
+    return model
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+@pytest.mark.parametrize("pos_encoding", ["rope", "none"])
+def test_shapes(attn_type: str, pos_encoding: str) -> None:
+    model = make_model(attn_type=attn_type, pos_encoding=pos_encoding)
+    out = model(torch.randint(0, 12, (3, 9)), n_loops=3, loops_out=[1, 2], track_deltas=True)
+    assert out.logits.shape == (3, 9, 12)
+    assert sorted(out.loop_logits) == [1, 2, 3]
+    assert len(out.delta_norms) == 3 and out.delta_norms[0].shape == (3, 9)
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_cached_decode_equals_full_forward(attn_type: str) -> None:
+    model = make_model(attn_type=attn_type)
+    ids = torch.randint(0, 12, (2, 14))
+    full = model(ids, n_loops=3).logits
+    cache = KVCache()
+    parts = [
+        model(ids[:, a:b], n_loops=3, cache=cache).logits for a, b in [(0, 6), (6, 7), (7, 11), (11, 14)]
+    ]
+    # prefill, one decode token, a multi-token prefill after a cache, and more
+    torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
+    assert cache.pos == 14
+    assert sum(k.startswith("loop") for k in cache.entries) == 3  # one entry per loop iteration
+
+
+def test_generate_greedy_matches_argmax_of_full_forward() -> None:
+    model = make_model(attn_type="mla")
+    ids = torch.randint(0, 12, (2, 5))
+    out = model.generate(ids, max_new_tokens=4, n_loops=2)
+    for i in range(4):
+        nxt = model(out[:, : 5 + i], n_loops=2).logits[:, -1].argmax(-1)
+        assert torch.equal(nxt, out[:, 5 + i])
+
+
+def test_decode_with_other_loop_count_is_refused() -> None:
+    model = make_model()
+    cache = KVCache()
+    model(torch.randint(0, 12, (1, 4)), n_loops=2, cache=cache)
+    with pytest.raises(ValueError, match="n_loops=2"):
+        model(torch.randint(0, 12, (1, 1)), n_loops=3, cache=cache)
+
+
+def test_mla_cache_stores_latent_plus_one_rope_key_per_token() -> None:
+    cfg = tiny(attn_type="mla", kv_lora_rank=16, qk_rope_head_dim=8)
+    model = make_model(attn_type="mla", kv_lora_rank=16, qk_rope_head_dim=8)
+    cache = KVCache()
+    model(torch.randint(0, 12, (2, 10)), n_loops=2, cache=cache)
+    n_layers = cfg.prelude_layers + 2 + cfg.coda_layers  # 2 loop iterations each hold an entry
+    assert len(cache.entries) == n_layers
+    for key in cache.entries:
+        assert cache.values_per_token(key) == 16 + 8  # not n_heads × rope dim
+    assert cache.nbytes() == n_layers * 2 * 10 * (16 + 8) * 4  # layers × B × T × values × fp32
+    gqa = KVCache()
+    make_model(attn_type="gqa")(torch.randint(0, 12, (2, 10)), n_loops=2, cache=gqa)
+    assert gqa.values_per_token("loop0") == 2 * cfg.n_kv_heads * cfg.head_dim
+
+
+def test_more_loops_than_trained_table() -> None:
+    model = make_model(max_loop_iters=4)
+    out = model(torch.randint(0, 12, (2, 6)), n_loops=11, track_deltas=True)
+    assert torch.isfinite(out.logits).all()
+    assert len(out.delta_norms) == 11
+    # past the table the LoRA scale is clamped to its last row
+    x = torch.randn(3, 32)
+    torch.testing.assert_close(model.recurrent.lora(x, 9), model.recurrent.lora(x, 3))
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_sweep_in_one_pass_equals_separate_forwards(act: bool) -> None:
+    model = make_model(act_enabled=act)
+    ids = torch.randint(0, 12, (3, 8))
+    sweep = model(ids, n_loops=6, loops_out=[1, 2, 4]).loop_logits
+    for n in (1, 2, 4, 6):
+        torch.testing.assert_close(sweep[n], model(ids, n_loops=n).logits, rtol=1e-5, atol=1e-6)
+
+
+def test_act_weights_sum_to_one_and_ponder_cost() -> None:
+    model = make_model(act_enabled=True)
+    with torch.no_grad():  # a constant state makes the ACT mixture equal that state iff weights sum to 1
+        model.recurrent.halt.weight.zero_()
+        model.recurrent.halt.bias.fill_(0.0)  # p = 0.5 each loop: halts at step 2 (0.5 + 0.5 ≥ 0.99)
+    e = torch.randn(2, 5, 32)
+    rec = model.recurrent
+    rec.step = lambda h, e, t, rope, cache=None: (torch.full_like(h, 3.0), h.new_zeros(()))
+    res = rec(e, n_loops=6, rope=None)
+    torch.testing.assert_close(res.outputs[6], torch.full_like(e, 3.0))
+    # each position ran 2 steps; remainder at the halting step is 0.5
+    torch.testing.assert_close(res.ponder_cost, torch.tensor(2.5))
+    res1 = rec(e, n_loops=1, rope=None)  # never halts within 1 loop: remainder 1 at the last step
+    torch.testing.assert_close(res1.outputs[1], torch.full_like(e, 3.0))
+    torch.testing.assert_close(res1.ponder_cost, torch.tensor(2.0))
+
+
+def test_act_ponder_cost_has_gradient() -> None:
+    model = make_model(act_enabled=True).train()
+    out = model(torch.randint(0, 12, (2, 6)), n_loops=4)
+    (g,) = torch.autograd.grad(out.ponder_cost, [model.recurrent.halt.weight])
+    assert g.abs().sum() > 0
+
+
+def test_truncated_backprop_only_through_last_loops() -> None:
+    model = make_model().train()
+    ids = torch.randint(0, 12, (2, 6))
+    probe = model.recurrent.injection.log_A
+
+    def grad(k: int) -> torch.Tensor:
+        (g,) = torch.autograd.grad(model(ids, n_loops=4, backprop_loops=k).logits.square().sum(), [probe])
+        return g
+
+    full, all4, last1 = grad(0), grad(4), grad(1)
+    torch.testing.assert_close(full, all4)
+    assert last1.abs().sum() > 0 and not torch.allclose(last1, full)
+    # embeddings still learn through the injection B·e of the loops that keep gradients
+    (g_embed,) = torch.autograd.grad(
+        model(ids, n_loops=4, backprop_loops=1).logits.sum(), [model.embed.weight]
+    )
+    assert g_embed.abs().sum() > 0
+
+
+@pytest.mark.parametrize("value", [-1e4, -50.0, 0.0, 50.0, 1e4])
+def test_injection_spectral_radius_below_one_for_extreme_values(value: float) -> None:
+    inj = LTIInjection(8)
+    with torch.no_grad():
+        inj.log_A.fill_(value)
+        inj.log_dt.fill_(value)
+    A = inj.A()
+    assert torch.isfinite(A).all()
+    assert (A >= 0).all() and A.max() < 1.0
+
+
+def test_loop_policies() -> None:
+    fixed = LoopPolicy(LoopPolicyConfig(kind="fixed", n_loops=4), seed=0)
+    assert {fixed(s).n_loops for s in range(50)} == {4}
+    uni = LoopPolicy(
+        LoopPolicyConfig(kind="uniform", n_loops=5, min_loops=2, max_loops=8, backprop_loops=3), 0
+    )
+    draws = [uni(s) for s in range(400)]
+    assert {d.n_loops for d in draws} == set(range(2, 9))
+    assert all(d.backprop_loops == min(3, d.n_loops) for d in draws)
+    assert [uni(s) for s in range(20)] == draws[:20]  # a pure function of (seed, step): resumable
+    pln = LoopPolicy(LoopPolicyConfig(kind="poisson_lognormal", n_loops=6, min_loops=1, max_loops=32), 0)
+    ns = torch.tensor([pln(s).n_loops for s in range(3000)], dtype=torch.float)
+    assert 5.0 < ns.mean() < 7.0 and ns.std() > 1.5 and ns.max() <= 32
+
+
+def test_model_is_device_agnostic_dtype_bf16() -> None:
+    model = make_model().to(torch.bfloat16)
+    out = model(torch.randint(0, 12, (2, 5)), n_loops=2)
+    assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
