@@ -1,5 +1,9 @@
 # The two commands a newcomer needs:  `make experiment`  and  `make test`.
+SHELL   := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
 PY      := .venv/bin/python
+# pip on this machine warns about every package its extra local index lacks; keep the log readable
+QUIET   := 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 STAMP   := .venv/.setup-stamp
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 export OMP_NUM_THREADS ?= 1
@@ -11,8 +15,8 @@ export OMP_NUM_THREADS ?= 1
 # use it (data_pipeline/streaming_compat.py skips streaming.vision), so it is removed.
 $(STAMP): pyproject.toml constraints.txt
 	python3 -m venv .venv
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c constraints.txt -e ".[dev]"
+	$(PY) -m pip install -q --upgrade pip $(QUIET)
+	$(PY) -m pip install -q -c constraints.txt -e ".[dev]" $(QUIET)
 	$(PY) -m pip uninstall -q -y torchvision || true
 	touch $(STAMP)
 
@@ -28,5 +32,7 @@ test: lint
 experiment: setup
 	.venv/bin/mythos experiment --config configs/digit_chain.yaml
 
+# The peer implementation is only a benchmark contender: installed without its dependencies.
 bench: setup
+	$(PY) -m pip install -q --no-deps open-mythos==0.5.0 $(QUIET)
 	$(PY) benchmarks/bench_moe.py

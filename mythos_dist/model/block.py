@@ -34,10 +34,23 @@ class TransformerBlock(nn.Module):
         self.drop = nn.Dropout(cfg.dropout)
 
     def forward(
-        self, x_BTD: torch.Tensor, rope: Rope, cache: KVCache | None, key: str
+        self,
+        x_BTD: torch.Tensor,
+        rope: Rope,
+        cache: KVCache | None,
+        key: str,
+        rows_R: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (output, MoE aux loss or 0)."""
+        """Returns (output, MoE aux loss or 0).
+
+        rows_R: flat indices into B·T of the tokens whose FFN output matters (e.g. not padding after
+        the answer, which causal attention never lets back in). Other rows skip the FFN/MoE: they
+        cost nothing there and do not count toward expert load.
+        """
         x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), rope, cache, key))
-        y = self.ffn(self.ffn_norm(x_BTD))
+        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
+        h = x_ND if rows_R is None else x_ND[rows_R]
+        y = self.ffn(self.ffn_norm(h))
         y, aux = y if isinstance(y, tuple) else (y, x_BTD.new_zeros(()))
-        return x_BTD + self.drop(y), aux
+        out = x_ND + self.drop(y) if rows_R is None else x_ND.index_add(0, rows_R, self.drop(y))
+        return out.view_as(x_BTD), aux

@@ -17,7 +17,7 @@ from mythos_dist.model.recurrent import RecurrentBlock
 
 @dataclass
 class RDTOutput:
-    logits: torch.Tensor  # (B, T, V) after n_loops
+    logits: torch.Tensor  # (B, T, V) after n_loops; (B, V) when forward got logits_at_B
     aux_loss: torch.Tensor  # MoE balance loss (0 unless enabled)
     ponder_cost: torch.Tensor  # ACT ponder cost (0 unless enabled)
     loop_logits: dict[int, torch.Tensor]  # loop count -> logits, for every count in loops_out
@@ -69,12 +69,17 @@ class RDT(nn.Module):
         loops_out: Iterable[int] = (),
         backprop_loops: int = 0,
         track_deltas: bool = False,
+        valid_BT: torch.Tensor | None = None,
+        logits_at_B: torch.Tensor | None = None,
     ) -> RDTOutput:
         """Logits after `n_loops` iterations of the looped block (any count ≥ 1, also past training).
 
         loops_out: further loop counts ≤ n_loops whose logits are computed in the same pass (the
         recurrence runs once; coda and head run once per count).
         cache: KV cache for incremental decoding; positions continue from what it holds.
+        valid_BT: tokens that matter (False for right padding); FFN/MoE skip the others.
+        logits_at_B: one position per row; only there does the last coda layer's FFN and the head
+        run, and logits come back as (B, V). Values at those positions equal the full forward's.
         """
         loops_out = sorted(set(loops_out))
         if n_loops < 1 or any(n < 1 or n > n_loops for n in loops_out):
@@ -89,21 +94,33 @@ class RDT(nn.Module):
         start = cache.pos if cache is not None else 0
         x = self.embed(ids_BT)
         rope = self.rope(start, T, x.device, x.dtype)
+        rows = None if valid_BT is None else valid_BT.flatten().nonzero().squeeze(1)
+        out_rows = None if logits_at_B is None else torch.arange(B, device=x.device) * T + logits_at_B
         aux = x.new_zeros(())
         for i, layer in enumerate(self.prelude):
-            x, a = layer(x, rope, cache, f"prelude{i}")
+            x, a = layer(x, rope, cache, f"prelude{i}", rows)
             aux = aux + a
-        loop = self.recurrent(x, n_loops, rope, cache, loops_out, backprop_loops, track_deltas)
-        loop_logits = {n: self._coda(h, rope, cache) for n, h in loop.outputs.items()}
+        loop = self.recurrent(x, n_loops, rope, cache, loops_out, backprop_loops, track_deltas, rows)
+        loop_logits = {n: self._coda(h, rope, cache, rows, out_rows) for n, h in loop.outputs.items()}
         if cache is not None:
             cache.pos, cache.n_loops = start + T, n_loops
         return RDTOutput(
             loop_logits[n_loops], aux + loop.aux_loss, loop.ponder_cost, loop_logits, loop.delta_norms
         )
 
-    def _coda(self, h: torch.Tensor, rope: Rope, cache: KVCache | None) -> torch.Tensor:
+    def _coda(
+        self,
+        h: torch.Tensor,
+        rope: Rope,
+        cache: KVCache | None,
+        rows: torch.Tensor | None,
+        out_rows: torch.Tensor | None,
+    ) -> torch.Tensor:
         for i, layer in enumerate(self.coda):
-            h, _ = layer(h, rope, cache, f"coda{i}")
+            last = i == len(self.coda) - 1
+            h, _ = layer(h, rope, cache, f"coda{i}", out_rows if last and out_rows is not None else rows)
+        if out_rows is not None:
+            h = h.reshape(-1, h.shape[-1])[out_rows]
         return self.head(self.norm(h))
 
     @torch.no_grad()

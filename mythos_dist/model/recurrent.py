@@ -82,13 +82,19 @@ class RecurrentBlock(nn.Module):
         self.halt = nn.Linear(cfg.dim, 1) if cfg.act_enabled else None
 
     def step(
-        self, h: torch.Tensor, e: torch.Tensor, t: int, rope: Rope, cache: KVCache | None = None
+        self,
+        h: torch.Tensor,
+        e: torch.Tensor,
+        t: int,
+        rope: Rope,
+        cache: KVCache | None = None,
+        rows_R: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """One application of the loop map f(h, e) at loop index t (0-based). -> (h_next, aux)."""
         x = self.norm(h + e)
         if self.cfg.loop_signal:
             x = x + loop_signal(t, x.shape[-1], x.device, x.dtype)
-        out, aux = self.block(x, rope, cache, f"loop{t}")
+        out, aux = self.block(x, rope, cache, f"loop{t}", rows_R)
         if self.lora is not None:
             out = out + self.lora(out, t)
         return self.injection(h, e, out), aux
@@ -102,12 +108,14 @@ class RecurrentBlock(nn.Module):
         emit_at: Iterable[int] = (),
         backprop_loops: int = 0,
         track_deltas: bool = False,
+        rows_R: torch.Tensor | None = None,
     ) -> LoopResult:
         """Run n_loops iterations from h_0 = e.
 
         emit_at: extra loop counts (≤ n_loops) whose output is also returned — the same values a
         separate forward with that many loops gives (for ACT: the remainder goes to that step).
         backprop_loops k > 0: gradients flow only through the last k loops (truncated BPTT).
+        rows_R: flat indices of the tokens whose FFN/MoE output matters (see TransformerBlock).
         """
         if n_loops < 1:
             raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
@@ -124,7 +132,7 @@ class RecurrentBlock(nn.Module):
         first_grad_loop = n_loops - backprop_loops if backprop_loops > 0 else 0
         for t in range(n_loops):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
-                h_next, aux = self.step(h, e, t, rope, cache)
+                h_next, aux = self.step(h, e, t, rope, cache, rows_R)
             result.aux_loss = result.aux_loss + aux
             if track_deltas:
                 result.delta_norms.append((h_next - h).detach().float().norm(dim=-1))

@@ -108,7 +108,7 @@ def test_act_weights_sum_to_one_and_ponder_cost() -> None:
         model.recurrent.halt.bias.fill_(0.0)  # p = 0.5 each loop: halts at step 2 (0.5 + 0.5 ≥ 0.99)
     e = torch.randn(2, 5, 32)
     rec = model.recurrent
-    rec.step = lambda h, e, t, rope, cache=None: (torch.full_like(h, 3.0), h.new_zeros(()))
+    rec.step = lambda h, e, t, rope, cache=None, rows=None: (torch.full_like(h, 3.0), h.new_zeros(()))
     res = rec(e, n_loops=6, rope=None)
     torch.testing.assert_close(res.outputs[6], torch.full_like(e, 3.0))
     # each position ran 2 steps; remainder at the halting step is 0.5
@@ -174,3 +174,31 @@ def test_model_is_device_agnostic_dtype_bf16() -> None:
     model = make_model().to(torch.bfloat16)
     out = model(torch.randint(0, 12, (2, 5)), n_loops=2)
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_pruned_forward_equals_full_at_answer_positions(attn_type: str) -> None:
+    """Skipping padding in the FFN/MoE and computing logits only at the answer keeps its values."""
+    model = make_model(attn_type=attn_type, coda_layers=2)
+    lengths = torch.tensor([3, 9, 6])
+    ids = torch.randint(0, 10, (3, 10))
+    pos = torch.arange(10)[None, :]
+    ids = torch.where(pos < lengths[:, None], ids, 11)
+    ids[torch.arange(3), lengths] = 10  # EQ
+    valid = pos <= lengths[:, None]
+    full = model(ids, n_loops=3, loops_out=[1]).loop_logits
+    pruned = model(ids, n_loops=3, loops_out=[1], valid_BT=valid, logits_at_B=lengths).loop_logits
+    for n in (1, 3):
+        assert pruned[n].shape == (3, 12)
+        torch.testing.assert_close(pruned[n], full[n][torch.arange(3), lengths], rtol=1e-5, atol=1e-5)
+
+
+def test_padding_does_not_count_toward_expert_load() -> None:
+    model = make_model().train()
+    router = model.recurrent.block.ffn.router
+    router.load_E.zero_()
+    ids = torch.randint(0, 10, (2, 8))
+    valid = torch.zeros(2, 8, dtype=torch.bool)
+    valid[:, :5] = True
+    model(ids, n_loops=2, valid_BT=valid)
+    assert router.load_E.sum() == 2 * 5 * 2 * 2  # rows × valid tokens × loops × top-k

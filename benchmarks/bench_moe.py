@@ -1,0 +1,155 @@
+"""Side-by-side speed of our MoE layer and training step vs open-mythos 0.5.0 (run in one process).
+
+    make bench            # or: .venv/bin/python benchmarks/bench_moe.py --threads 1
+
+Prints forward+backward tokens/s, achieved GFLOP/s (FLOPs counted with torch.utils.flop_counter)
+and the fraction of this machine's measured fp32 matmul rate at the same thread count. The peer is
+installed with `pip install --no-deps open-mythos==0.5.0` (the Makefile's bench target does it).
+Interleaved repeats, median reported: these machines are noisy, so only the ratios are meaningful.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from data_pipeline.digit_chain import TRAIN, generate
+from mythos_dist.config import ModelConfig, TaskConfig
+from mythos_dist.model import RDT
+from mythos_dist.model import moe as moe_mod
+from mythos_dist.model.moe import MoEFFN
+from mythos_dist.objective import answer_forward, loss_and_metrics
+
+
+def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+
+
+def count_flops(fn: Callable[[], None]) -> int:
+    """FLOPs of one call. Our grouped GEMM is counted through its per-expert fallback (same math)."""
+    works = moe_mod._grouped_mm_works
+    moe_mod._grouped_mm_works = lambda *a: False
+    try:
+        with FlopCounterMode(display=False) as fc:
+            fn()
+    finally:
+        moe_mod._grouped_mm_works = works
+    return fc.get_total_flops()
+
+
+def time_pair(fns: dict[str, Callable[[], None]], repeats: int, inner: int) -> dict[str, float]:
+    """Median seconds per call, alternating the contenders so drift hits both alike."""
+    for fn in fns.values():
+        fn()
+    samples: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples[name].append((time.perf_counter() - t) / inner)
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def moe_case(n_tokens: int, repeats: int) -> list[tuple[str, float, float]]:
+    from open_mythos.main import MoEFFN as RefMoE
+    from open_mythos.main import MythosConfig
+
+    dim, n_exp, top_k, edim = 256, 64, 4, 128
+    torch.manual_seed(0)
+    ours = MoEFFN(dim, n_exp, top_k, edim, n_shared=1, shared_dim=edim * top_k)
+    for p in ours.parameters():
+        torch.nn.init.normal_(p, std=0.02)
+    ref = RefMoE(
+        MythosConfig(dim=dim, n_experts=n_exp, n_experts_per_tok=top_k, expert_dim=edim, n_shared_experts=1)
+    )
+    x = torch.randn(1, n_tokens, dim, requires_grad=True)
+
+    def step_ours() -> None:
+        y, _ = ours(x)
+        y.sum().backward()
+
+    def step_ref() -> None:
+        ref(x).sum().backward()
+
+    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=1 if n_tokens > 1024 else 3)
+    flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
+    return [(k, n_tokens / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
+
+
+def train_step_case(repeats: int) -> list[tuple[str, float, float]]:
+    from open_mythos.main import MythosConfig, OpenMythos
+
+    B, T, loops = 128, 13, 4
+    common = dict(
+        vocab_size=12, dim=128, n_heads=4, n_kv_heads=2, max_seq_len=64, prelude_layers=1, coda_layers=1
+    )
+    torch.manual_seed(0)
+    ours = RDT(
+        ModelConfig(
+            **common, attn_type="gqa", n_experts=8, n_experts_per_tok=2, expert_dim=64, max_loop_iters=16
+        )
+    )
+    # ACT threshold above 1: the peer runs all 4 loops instead of exiting after 2-3 (same work as ours).
+    ref_cfg = MythosConfig(**common, attn_type="gqa", n_experts=8, n_experts_per_tok=2, expert_dim=64,
+                           n_shared_experts=1, max_loop_iters=loops, act_threshold=2.0, lora_rank=8)  # fmt: skip
+    ref = OpenMythos(ref_cfg)
+    opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
+    opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
+    # One real batch of training chains (lengths 2-12, right-padded to 13 tokens) for both.
+    chains = generate(TaskConfig(n_train=B, n_eval=100), TRAIN, 0, B)
+    ids = torch.from_numpy(chains.inputs.astype("int64"))
+    pos = torch.from_numpy(chains.lengths)
+    assert ids.shape == (B, T)
+    batch = {"input_ids": ids, "loss_mask": torch.arange(T)[None, :] == pos[:, None],
+             "answer": torch.from_numpy(chains.answers)}  # fmt: skip
+
+    def step_ours() -> None:
+        loss, _ = loss_and_metrics(answer_forward(ours, batch, n_loops=loops), batch, ours.cfg)
+        loss.backward()
+        opt_ours.step()
+        opt_ours.zero_grad(set_to_none=True)
+
+    def step_ref() -> None:
+        logits = ref(ids, n_loops=loops)[torch.arange(B), pos]
+        F.cross_entropy(logits, batch["answer"]).backward()
+        opt_ref.step()
+        opt_ref.zero_grad(set_to_none=True)
+
+    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=2)
+    # Each side's FLOP/s counts what it executes; ours skips padding and non-answer positions.
+    flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
+    return [(k, B * T / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--repeats", type=int, default=7)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    peak = statistics.median(matmul_gflops() for _ in range(5))
+    print(f"threads={args.threads}  fp32 matmul rate: {peak:.1f} GFLOP/s  torch {torch.__version__}")
+    rows = [(f"MoE layer fwd+bwd, {n} tokens", moe_case(n, args.repeats)) for n in (512, 4096)]
+    rows.append(("training step (digit-chain config, 4 loops)", train_step_case(args.repeats)))
+    print(f"{'case':46s} {'impl':5s} {'tokens/s':>10s} {'GFLOP/s':>8s} {'of matmul':>9s} {'ours/ref':>8s}")
+    for case, res in rows:
+        ratio = res[0][1] / res[1][1]
+        for impl, tps, gf in res:
+            r = f"{ratio:7.2f}x" if impl == "ours" else ""
+            print(f"{case:46s} {impl:5s} {tps:10.0f} {gf:8.1f} {gf / peak:8.0%} {r:>8s}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,60 @@
+"""The training objective and answer predictions, shared by training and evaluation.
+
+A batch (see data_pipeline.loader) holds `input_ids` (B,T) right-padded, `loss_mask` (B,T) True
+only at the EQ position, and `answer` (B,). Only the answer position's logits are needed: the
+forward skips padding in the FFN/MoE and runs the head at that position alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import torch
+import torch.nn.functional as F
+
+from mythos_dist.config import ModelConfig
+from mythos_dist.model import RDT, RDTOutput
+
+
+def answer_positions(loss_mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B,) index of the single loss position per row (the EQ token)."""
+    return loss_mask_BT.to(torch.uint8).argmax(dim=1)
+
+
+def answer_forward(
+    model: RDT,
+    batch: Mapping[str, torch.Tensor],
+    n_loops: int,
+    loops_out: Iterable[int] = (),
+    backprop_loops: int = 0,
+    track_deltas: bool = False,
+) -> RDTOutput:
+    """Forward whose `logits` / `loop_logits` are (B, V) at the answer position."""
+    ids = batch["input_ids"]
+    pos_B = answer_positions(batch["loss_mask"])
+    valid_BT = torch.arange(ids.shape[1], device=ids.device)[None, :] <= pos_B[:, None]
+    return model(
+        ids,
+        n_loops=n_loops,
+        loops_out=loops_out,
+        backprop_loops=backprop_loops,
+        track_deltas=track_deltas,
+        valid_BT=valid_BT,
+        logits_at_B=pos_B,
+    )
+
+
+def loss_and_metrics(
+    out: RDTOutput, batch: Mapping[str, torch.Tensor], cfg: ModelConfig
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Cross-entropy at the answer position + MoE aux loss + ACT ponder cost (when enabled)."""
+    answer = batch["answer"]
+    ce = F.cross_entropy(out.logits.float(), answer)
+    loss = ce + out.aux_loss
+    if cfg.act_enabled:
+        loss = loss + cfg.act_ponder_coef * out.ponder_cost
+    acc = (out.logits.argmax(-1) == answer).float().mean()
+    metrics = {"loss": loss.detach(), "ce": ce.detach(), "acc": acc, "aux_loss": out.aux_loss.detach()}
+    if cfg.act_enabled:
+        metrics["ponder"] = out.ponder_cost.detach()
+    return loss, metrics
