@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
+from pathlib import Path
 
 from mythos_dist.config import ConfigError, load_config
+from mythos_dist.experiment import SUMMARY_FILE
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -32,13 +35,81 @@ def build_parser() -> argparse.ArgumentParser:
     with_config(
         sub.add_parser("params", help="count parameters (total / active per token) without allocating")
     )
+    ev = with_config(
+        sub.add_parser("eval", help="loop-sweep evaluation (any number of ranks under torchrun)")
+    )
+    ev.add_argument("--checkpoint", help="export dir or DeepSpeed checkpoint dir (default: fresh init)")
+    ev.add_argument("--loops", help="comma-separated loop counts, e.g. 1,2,4,8 (default: eval.loops)")
+    ev.add_argument("--splits", help="comma-separated eval splits (default: eval.splits)")
+    ev.add_argument("--n-samples", type=int, help="samples per split (default: eval.n_samples)")
+    ev.add_argument("--out", help="output directory; results go to OUT/eval-K (default: eval.out_dir)")
+    ev.add_argument("--parent-run-id", help="MLflow run to nest the eval run under (e.g. the training run)")
+    sp = with_config(sub.add_parser("spectral", help="ρ(A), Jacobian radius, contraction ratios"))
+    sp.add_argument("--checkpoint", help="export dir or DeepSpeed checkpoint dir (default: fresh init)")
+    sp.add_argument("--n-loops", type=int, help="loops before the Jacobian (default: train.loops.n_loops)")
+    tr = with_config(sub.add_parser("train", help="train with DeepSpeed (launch with torchrun, see launch/)"))
+    tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
+    ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))
+    ex.add_argument("--nproc", type=int, default=2, help="local training processes (default 2)")
     from data_pipeline.cli import add_data_commands
 
     add_data_commands(sub)
     return parser
 
 
-COMMANDS = {"params": _cmd_params}
+def _cmd_eval(args: argparse.Namespace) -> int:
+    from mythos_dist.evaluate import main_eval
+
+    return main_eval(
+        args.config,
+        args.set,
+        args.checkpoint,
+        args.loops,
+        args.splits,
+        args.n_samples,
+        args.out,
+        args.parent_run_id,
+    )
+
+
+def _cmd_spectral(args: argparse.Namespace) -> int:
+    from mythos_dist.evaluate import main_spectral
+
+    return main_spectral(args.config, args.set, args.checkpoint, args.n_loops)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from mythos_dist.train import train
+
+    cfg = load_config(args.config, args.set)
+    summary = train(cfg, stop_after_steps=args.stop_after)
+    if summary["rank"] == 0:
+        keys = ("run_id", "export", "checkpoint", "start_step", "end_step", "final_loss", "final_acc")
+        record = {k: summary.get(k) for k in keys} | {"wall_s": summary["wall_s"]}
+        tmp = Path(cfg.checkpoint.dir) / f".{SUMMARY_FILE}.tmp"
+        tmp.write_text(json.dumps(record, indent=2))
+        tmp.replace(tmp.with_name(SUMMARY_FILE))  # last: its presence means training finished
+        print(
+            f"done: step {summary['end_step']}, loss {summary['final_loss']:.4f}, export {summary.get('export')}"
+        )
+    return 0
+
+
+def _cmd_experiment(args: argparse.Namespace) -> int:
+    from mythos_dist.experiment import run_experiment
+
+    if args.nproc < 1:
+        raise ValueError(f"--nproc must be ≥ 1, got {args.nproc}")
+    return run_experiment(args.config, args.set, args.nproc)
+
+
+COMMANDS = {
+    "experiment": _cmd_experiment,
+    "train": _cmd_train,
+    "params": _cmd_params,
+    "eval": _cmd_eval,
+    "spectral": _cmd_spectral,
+}
 
 
 def main(argv: list[str] | None = None) -> int:

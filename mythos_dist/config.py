@@ -148,6 +148,12 @@ class TaskConfig:
         _require(self.n_train >= 1, f"{prefix}.n_train", "must be ≥ 1")
         _require(self.n_eval >= 1, f"{prefix}.n_eval", "must be ≥ 1")
         _require(len(self.eval_splits) >= 1, f"{prefix}.eval_splits", "needs at least one split")
+        for name in self.eval_splits:  # split names become shard directory names
+            _require(
+                name != "train" and name.isascii() and name.replace("_", "").replace("-", "").isalnum(),
+                f"{prefix}.eval_splits.{name}",
+                "split names must be letters, digits, '_' or '-', and not 'train'",
+            )
 
 
 @dataclass

@@ -1,0 +1,250 @@
+"""The digit-chain task, defined once for data building, training and evaluation.
+
+A sample is digits d_1..d_n (token ids 0-9), then EQ, then the answer (Σ d_i) mod `modulus`.
+The model input is `d_1..d_n EQ` (n+1 tokens); the target is the answer, predicted from the output at
+the EQ position (index n), which is the only position the loss looks at.
+
+Splits are defined by chain length: `train` (TaskConfig.train_lengths) and every entry of
+TaskConfig.eval_splits. Generation is vectorised and deterministic: sample i of a split comes from
+RNG block i // BLOCK_SIZE, seeded by (seed, split name, block), so the content of a sample depends on
+neither the shard size nor how many processes build the shards, nor on the split's sample count.
+Train never contains a chain that occurs in an eval split (short chains have few possibilities).
+This module needs only numpy: training and evaluation import it without streaming or torch.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from mythos_dist.config import TaskConfig
+
+N_DIGITS = 10  # token ids 0..9 are the digits themselves
+EQ = 10
+PAD = 11
+VOCAB_SIZE = 12
+TRAIN = "train"
+GENERATOR_VERSION = 1  # bump when the sampling algorithm changes: old shards then fail verification
+BLOCK_SIZE = 4096  # samples per RNG block
+_MAX_REJECTION_ROUNDS = 1000
+
+
+class DataError(ValueError):
+    """Shards, manifest or samples are missing, corrupt or inconsistent with the configuration."""
+
+
+@dataclass(frozen=True)
+class Chains:
+    """Samples [start, start + N) of one split, as arrays.
+
+    inputs:     (N, T) uint8 model input: digits, EQ at column lengths[i], PAD after (T ≥ max length + 1)
+    lengths:    (N,) int64 number of digits n (= the EQ position)
+    answers:    (N,) int64 target token (Σ digits) mod modulus
+    sample_ids: (N,) int64 global sample ids
+    """
+
+    inputs: np.ndarray
+    lengths: np.ndarray
+    answers: np.ndarray
+    sample_ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def tokens(self, i: int) -> np.ndarray:
+        """Model input of sample i, (n+1,) uint8, ending with EQ."""
+        return self.inputs[i, : self.lengths[i] + 1]
+
+
+def split_lengths(task: TaskConfig) -> dict[str, tuple[int, int]]:
+    """Split name -> inclusive chain-length range; train first, then eval splits by name."""
+    return {TRAIN: tuple(task.train_lengths)} | {
+        k: tuple(task.eval_splits[k]) for k in sorted(task.eval_splits)
+    }
+
+
+def split_counts(task: TaskConfig) -> dict[str, int]:
+    return {name: task.n_train if name == TRAIN else task.n_eval for name in split_lengths(task)}
+
+
+def first_sample_ids(task: TaskConfig) -> dict[str, int]:
+    """Global sample ids are contiguous per split, in `split_lengths` order (independent of YAML order)."""
+    out, offset = {}, 0
+    for name, count in split_counts(task).items():
+        out[name] = offset
+        offset += count
+    return out
+
+
+def task_spec(task: TaskConfig) -> dict[str, Any]:
+    """Everything that determines the samples, as plain JSON data (stored in the shard manifest)."""
+    return {
+        "modulus": task.modulus,
+        "train_lengths": list(task.train_lengths),
+        "eval_splits": {k: list(v) for k, v in sorted(task.eval_splits.items())},
+        "n_train": task.n_train,
+        "n_eval": task.n_eval,
+        "seed": task.seed,
+        "generator_version": GENERATOR_VERSION,
+        "vocab": {"digits": N_DIGITS, "EQ": EQ, "PAD": PAD, "size": VOCAB_SIZE},
+    }
+
+
+def answer_of(digits: np.ndarray, modulus: int) -> np.ndarray:
+    """(N, L) digit rows, PAD (or EQ) beyond each chain -> (N,) int64 answers."""
+    d = digits.astype(np.int64)
+    return np.where(d < N_DIGITS, d, 0).sum(axis=1) % modulus
+
+
+def make_input(digits: Sequence[int]) -> np.ndarray:
+    """One chain's model input `d_1..d_n EQ`, (n+1,) uint8."""
+    arr = np.asarray(digits, dtype=np.int64)
+    if arr.ndim != 1 or arr.size == 0 or arr.min() < 0 or arr.max() >= N_DIGITS:
+        raise DataError(f"a chain is a non-empty sequence of digits 0-9, got {list(digits)!r}")
+    return np.append(arr, EQ).astype(np.uint8)
+
+
+def pad_rows(rows: Sequence[bytes | np.ndarray]) -> np.ndarray:
+    """Variable-length token rows (bytes or uint8 arrays) -> (N, T) uint8, T = the longest row,
+    right-padded with PAD. Vectorised: one join and one boolean-mask assignment (the mask's row-major
+    order is the order of the joined rows)."""
+    flat = np.frombuffer(
+        b"".join(r if isinstance(r, bytes) else np.asarray(r, np.uint8).tobytes() for r in rows), np.uint8
+    )
+    sizes = np.fromiter((len(r) for r in rows), dtype=np.int64, count=len(rows))
+    out = np.full((len(rows), int(sizes.max(initial=0))), PAD, dtype=np.uint8)
+    out[np.arange(out.shape[1]) < sizes[:, None]] = flat
+    return out
+
+
+def generate(task: TaskConfig, split: str, start: int = 0, stop: int | None = None) -> Chains:
+    """Samples [start, stop) of `split` (stop defaults to the split's count)."""
+    ranges = split_lengths(task)
+    if split not in ranges:
+        raise DataError(f"unknown split {split!r}; configured: {sorted(ranges)}")
+    count = split_counts(task)[split]
+    stop = count if stop is None else stop
+    if not 0 <= start <= stop <= count:
+        raise DataError(f"split {split!r} has {count} samples; asked for [{start}, {stop})")
+    lo, hi = ranges[split]
+    exclude = _eval_chain_keys(_eval_key(task)) if split == TRAIN else None
+    digits, lengths = _rows(task.seed, split, lo, hi, start, stop, exclude)
+    inputs = np.concatenate([digits, np.full((len(digits), 1), PAD, np.uint8)], axis=1)
+    inputs[np.arange(len(digits)), lengths] = EQ
+    ids = first_sample_ids(task)[split] + np.arange(start, stop, dtype=np.int64)
+    return Chains(inputs=inputs, lengths=lengths, answers=answer_of(digits, task.modulus), sample_ids=ids)
+
+
+def check_chains(c: Chains, task: TaskConfig, split: str, where: str) -> None:
+    """Raise DataError naming `where` and the first bad sample unless every sample is well formed.
+
+    Well formed: token ids in the vocabulary, digits then EQ at `length` then PAD, length inside the
+    split's range, answer = (Σ digits) mod modulus.
+    """
+    if not len(c):
+        raise DataError(f"{where}: no samples (empty dataset)")
+    lo, hi = split_lengths(task)[split]
+    x = c.inputs.astype(np.int64)
+    pos = np.arange(x.shape[1])[None, :]
+    n = c.lengths[:, None]
+    want = answer_of(np.where(pos < n, x, PAD), task.modulus)
+    checks = [  # (bad samples (N,) bool, message for sample i)
+        (
+            (x >= VOCAB_SIZE).any(1),
+            lambda i: f"token id {int(x[i].max())} outside the vocabulary [0, {VOCAB_SIZE})",
+        ),
+        (
+            (c.lengths < lo) | (c.lengths > hi),
+            lambda i: f"length {int(c.lengths[i])} outside split {split!r}'s [{lo}, {hi}]",
+        ),
+        (((pos < n) & (x >= N_DIGITS)).any(1), lambda i: "non-digit token before EQ"),
+        (~((pos == n) & (x == EQ)).any(1), lambda i: f"no EQ at position {int(c.lengths[i])} (= length)"),
+        (((pos > n) & (x != PAD)).any(1), lambda i: "tokens after EQ (input longer than length + 1)"),
+        (
+            c.answers != want,
+            lambda i: f"answer {int(c.answers[i])} != (Σ digits) mod {task.modulus} = {int(want[i])}",
+        ),
+    ]
+    for bad, message in checks:
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            raise DataError(f"{where}: sample_id {int(c.sample_ids[i])}: {message(i)}")
+
+
+# --------------------------------------------------------------------------- sampling internals
+
+
+def _draw(rng: np.random.Generator, count: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:
+    """count chains with uniform length in [lo, hi] -> digits (count, hi) uint8 PAD-filled, lengths (count,)."""
+    lengths = rng.integers(lo, hi + 1, size=count, dtype=np.int64)
+    digits = rng.integers(0, N_DIGITS, size=(count, hi), dtype=np.uint8)
+    digits[np.arange(hi) >= lengths[:, None]] = PAD
+    return digits, lengths
+
+
+def _keys(digits: np.ndarray) -> np.ndarray:
+    """(N, W) rows -> (N,) opaque keys for exact set membership with np.isin."""
+    d = np.ascontiguousarray(digits, dtype=np.uint8)
+    return d.view(np.dtype((np.void, d.shape[1]))).ravel()
+
+
+def _block(
+    seed: int, split: str, lo: int, hi: int, block: int, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """BLOCK_SIZE samples of one RNG block; rows whose chain is in `exclude` are redrawn from the same RNG."""
+    rng = np.random.default_rng([seed, zlib.crc32(split.encode()), block])
+    digits, lengths = _draw(rng, BLOCK_SIZE, lo, hi)
+    if exclude is None or not exclude.size:
+        return digits, lengths
+    todo = np.arange(BLOCK_SIZE)
+    for _ in range(_MAX_REJECTION_ROUNDS):
+        todo = todo[np.isin(_keys(digits[todo]), exclude)]
+        if not todo.size:
+            return digits, lengths
+        digits[todo], lengths[todo] = _draw(rng, todo.size, lo, hi)
+    raise DataError(
+        f"split {split!r}: chains of length [{lo}, {hi}] are (nearly) all taken by the eval splits; "
+        "widen data.task.train_lengths or lower data.task.n_eval"
+    )
+
+
+def _rows(
+    seed: int, split: str, lo: int, hi: int, start: int, stop: int, exclude: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Samples [start, stop) of a split -> digits (N, hi) uint8 PAD-filled, lengths (N,) int64."""
+    first, last = start // BLOCK_SIZE, -(-stop // BLOCK_SIZE)
+    blocks = [_block(seed, split, lo, hi, b, exclude) for b in range(first, last)]
+    if not blocks:
+        return np.zeros((0, hi), np.uint8), np.zeros(0, np.int64)
+    off = start - first * BLOCK_SIZE
+    digits = np.concatenate([d for d, _ in blocks])[off : off + stop - start]
+    lengths = np.concatenate([n for _, n in blocks])[off : off + stop - start]
+    return digits, lengths
+
+
+def _eval_key(task: TaskConfig) -> tuple:
+    lo, hi = task.train_lengths
+    evals = tuple((k, v[0], v[1]) for k, v in sorted(task.eval_splits.items()))
+    return (task.seed, task.n_eval, lo, hi, evals)
+
+
+@lru_cache(maxsize=8)
+def _eval_chain_keys(key: tuple) -> np.ndarray:
+    """Keys (width = train hi) of every eval chain whose length lies in the train range."""
+    seed, n_eval, lo, hi, evals = key
+    keys = []
+    for name, elo, ehi in evals:
+        if ehi < lo or elo > hi:
+            continue
+        digits, lengths = _rows(seed, name, elo, ehi, 0, n_eval, None)
+        inside = (lengths >= lo) & (lengths <= hi)
+        rows = np.full((int(inside.sum()), hi), PAD, np.uint8)
+        w = min(hi, ehi)
+        rows[:, :w] = digits[inside, :w]
+        keys.append(_keys(rows))
+    return np.unique(np.concatenate(keys)) if keys else np.zeros(0, np.dtype((np.void, hi)))

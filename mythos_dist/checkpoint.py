@@ -1,0 +1,275 @@
+"""Checkpoints: periodic DeepSpeed checkpoints with our state, exact resume, framework-free export.
+
+Layout under `checkpoint.dir`:
+  step_00000500/               DeepSpeed's files (module, one file per *global* expert id, ZeRO
+                               optimizer shards) + extra_rank<r>.pt (step, data-loader state, RNG)
+                               + mythos_meta.json, written last: a tag without it is partial
+  latest                       tag of the newest complete checkpoint, replaced atomically
+  export/model.safetensors     consolidated weights, experts keyed by global id (see `export`)
+  export/config.json           the model config; `load_exported` needs nothing else
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from mythos_dist.config import Config, ModelConfig, from_dict, to_dict
+from mythos_dist.model import RDT
+from mythos_dist.model.moe import MoEFFN
+
+LATEST = "latest"
+META = "mythos_meta.json"
+EXPORT_FORMAT = "mythos-rdt/1"
+# Must match mythos_dist.parallel (kept literal so exporting needs neither DeepSpeed nor a process group).
+_DS_EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w_in_DH|w_out_HD)$")
+_EXPERT_WEIGHTS = (("w_in_EDH", "w_in_DH"), ("w_out_EHD", "w_out_HD"))
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint or export is missing, incomplete or does not match this run."""
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)  # readers see the old or the new content, never a torn file
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+# --------------------------------------------------------------------------- save / resume
+
+
+def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None) -> Path:
+    """Collective: every rank writes its part; `latest` moves only once all parts are on disk."""
+    root = Path(cfg.checkpoint.dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    extra = {"step": step, "data": data_state, "rng": rng_state()}
+    torch.save(extra, root / tag / f"extra_rank{_rank()}.pt")
+    _barrier()
+    if _rank() == 0:
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        meta = {"step": step, "world_size": world, "config": to_dict(cfg)}
+        _write_atomic(root / tag / META, json.dumps(meta, indent=1))
+        _write_atomic(root / LATEST, tag)
+        _prune(root, cfg.checkpoint.keep_last)
+    _barrier()
+    return root / tag
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
+    for old in tags[:-keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def latest_tag(root: str | Path) -> str | None:
+    """Tag named by `latest`, or None when the directory holds no checkpoint yet."""
+    pointer = Path(root) / LATEST
+    return pointer.read_text().strip() if pointer.is_file() else None
+
+
+def read_meta(tag_dir: Path) -> dict[str, Any]:
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"checkpoint {tag_dir} does not exist")
+    if not (tag_dir / META).is_file():
+        raise CheckpointError(
+            f"checkpoint {tag_dir} is partial ({META} missing): it was interrupted while saving"
+        )
+    return json.loads((tag_dir / META).read_text())
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
+    """['model.dim: checkpoint 32, this run 64', ...] for every differing key."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{prefix}.{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {current.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, where: Path) -> None:
+    """Model config, world size, ep_size and ZeRO stage must match to resume a DeepSpeed checkpoint."""
+    problems = config_diff(meta["config"]["model"], to_dict(cfg.model), "model")
+    saved_par = meta["config"]["parallel"]
+    problems += [
+        line
+        for line in config_diff(saved_par, to_dict(cfg.parallel), "parallel")
+        if line.split(":")[0] in ("parallel.ep_size", "parallel.zero_stage")
+    ]
+    if meta["world_size"] != world_size:
+        problems.append(f"world size: checkpoint {meta['world_size']}, this run {world_size}")
+    if problems:
+        raise CheckpointError(
+            f"cannot resume from {where}: it does not match this run:\n  "
+            + "\n  ".join(problems)
+            + "\n(to change world size or ep_size, export the checkpoint and start from the exported weights)"
+        )
+
+
+def resume(engine: Any, cfg: Config) -> tuple[int, dict[str, Any] | None]:
+    """Load `latest` into the engine; returns (step to continue from, data-loader state).
+
+    (0, None) when the directory holds no checkpoint.
+    """
+    root = Path(cfg.checkpoint.dir)
+    tag = latest_tag(root)
+    if tag is None:
+        return 0, None
+    tag_dir = root / tag
+    meta = read_meta(tag_dir)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    check_compatible(meta, cfg, world, tag_dir)
+    extra_path = tag_dir / f"extra_rank{_rank()}.pt"
+    if not extra_path.is_file():
+        raise CheckpointError(f"checkpoint {tag_dir} is partial: {extra_path.name} missing")
+    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
+    extra = torch.load(extra_path, map_location="cpu", weights_only=False)
+    set_rng_state(extra["rng"])
+    return int(extra["step"]), extra["data"]
+
+
+# --------------------------------------------------------------------------- export / import
+
+
+def _moe_prefixes(model_cfg: ModelConfig) -> list[str]:
+    with torch.device("meta"):
+        model = RDT(model_cfg)
+    return [name for name, m in model.named_modules() if isinstance(m, MoEFFN)]
+
+
+def _plain_key(key: str, moe_prefixes: list[str]) -> str:
+    """DeepSpeed-view key of the wrapped model -> key of the plain RDT."""
+    for p in moe_prefixes:
+        if key.startswith(f"{p}.layer."):
+            key = f"{p}.{key[len(p) + 7 :]}"
+            return key.replace(".router.balance_bias", ".router.expert_bias")
+    return key
+
+
+def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
+    """Consolidate a DeepSpeed checkpoint (a checkpoint dir with `latest`, or one step_* dir) into
+    out_dir/model.safetensors + config.json. Runs in one CPU process, whatever world/ep size wrote it:
+    DeepSpeed stores the dense weights once and each routed expert in its own file by global id.
+    """
+    src = Path(checkpoint)
+    if not (src / META).exists() and latest_tag(src) is not None:
+        src = src / latest_tag(src)
+    meta = read_meta(src)
+    model_cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
+    prefixes = _moe_prefixes(model_cfg)
+    dense_file = src / "mp_rank_00_model_states.pt"
+    if not dense_file.is_file():
+        raise CheckpointError(f"checkpoint {src} is partial: {dense_file.name} missing")
+    module = torch.load(dense_file, map_location="cpu", weights_only=False)["module"]
+    state = {_plain_key(k, prefixes): v for k, v in module.items()}
+    for f in sorted(src.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
+        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+            m = _DS_EXPERT_KEY.match(k)
+            if m is None:
+                raise CheckpointError(f"{f.name}: unexpected key {k}")
+            state[f"{m.group(1)}.experts.{m.group(2)}.{m.group(3)}"] = v
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous() for k, v in state.items()}
+    _check_keys(_expected_export_shapes(model_cfg), {k: tuple(v.shape) for k, v in tensors.items()}, src)
+    save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": EXPORT_FORMAT})
+    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
+    config = {"format": EXPORT_FORMAT, "step": meta["step"], "model": meta["config"]["model"]}
+    _write_atomic(out / "config.json", json.dumps(config, indent=1))
+    return out
+
+
+def _expected_export_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
+    with torch.device("meta"):
+        model = RDT(model_cfg)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for k, v in model.state_dict().items():
+        prefix, _, name = k.rpartition(".experts.")
+        single = dict(_EXPERT_WEIGHTS).get(name)
+        if prefix and single:
+            for g in range(v.shape[0]):
+                shapes[f"{prefix}.experts.{g}.{single}"] = tuple(v.shape[1:])
+        else:
+            shapes[k] = tuple(v.shape)
+    return shapes
+
+
+def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int, ...]], where: Any) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    wrong = sorted(k for k in set(expected) & set(found) if expected[k] != found[k])
+    if missing or unexpected or wrong:
+        lines = [f"missing: {k}" for k in missing] + [f"unexpected: {k}" for k in unexpected]
+        lines += [f"shape of {k}: file {found[k]}, model {expected[k]}" for k in wrong]
+        raise CheckpointError(f"{where} does not match the model config:\n  " + "\n  ".join(lines))
+
+
+def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT:
+    """Full RDT (all experts, CPU, eval mode) from an export directory; no DeepSpeed involved.
+
+    model_cfg: when given, must equal the exported config (mismatched fields are listed).
+    Apply `mythos_dist.parallel.parallelize` afterwards to shard it for any ep_size.
+    """
+    d = Path(path)
+    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
+        raise CheckpointError(f"{d} is not an export directory (needs config.json and model.safetensors)")
+    saved = json.loads((d / "config.json").read_text())
+    if saved.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{d}: unknown export format {saved.get('format')!r}, expected {EXPORT_FORMAT}")
+    if model_cfg is not None:
+        diff = config_diff(saved["model"], to_dict(model_cfg), "model")
+        if diff:
+            raise CheckpointError(f"{d} was exported with another model config:\n  " + "\n  ".join(diff))
+    cfg = from_dict(ModelConfig, saved["model"], "model")
+    tensors = load_file(str(d / "model.safetensors"))
+    _check_keys(_expected_export_shapes(cfg), {k: tuple(v.shape) for k, v in tensors.items()}, d)
+    model = RDT(cfg)
+    for name, m in model.named_modules():
+        if isinstance(m, MoEFFN):
+            for stacked, single in _EXPERT_WEIGHTS:
+                keys = [f"{name}.experts.{g}.{single}" for g in range(m.n_experts)]
+                tensors[f"{name}.experts.{stacked}"] = torch.stack([tensors.pop(k) for k in keys])
+    model.load_state_dict(tensors, strict=True)
+    return model.eval()

@@ -1,0 +1,509 @@
+"""Loop-sweep evaluation: accuracy per split × loop count in one forward per batch, on N ranks.
+
+Flow (`run_eval`): validate input → rank 0 creates a versioned zarr v3 store (`<out>/eval-K/`) with
+every array sized for all samples → barrier → each rank evaluates its own contiguous range of
+sample indices and writes exactly the chunks of that range (no gather of predictions) → barrier →
+rank 0 reads the store back and writes the summary table (stdout, CSV, JSON), plots, a spectral
+report and the MLflow run.
+
+Sample i of a split is the same on any number of ranks (`data_pipeline.digit_chain.generate` is a
+pure function of the index), and every rank's range starts on a multiple of the batch size, so the
+batches — and therefore the predictions — are identical for any world size.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mythos_dist.config import Config, ConfigError, load_config, to_dict
+from mythos_dist.model.rdt import RDT
+
+Batch = dict[str, torch.Tensor]
+STORE_NAME = "results.zarr"
+
+
+# ------------------------------------------------------------------------------------ validation
+
+
+def parse_loops(spec: str | Sequence[Any]) -> tuple[int, ...]:
+    """'1,2,4' or a sequence -> sorted unique loop counts; each must be an integer ≥ 1."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out = []
+    for item in items:
+        text = item.strip() if isinstance(item, str) else None
+        if text is not None and text.isascii() and text.isdigit():
+            item = int(text)
+        if isinstance(item, bool) or not isinstance(item, int) or item < 1:
+            raise ValueError(f"loop counts must be integers ≥ 1, got {item!r}")
+        out.append(item)
+    if not out:
+        raise ValueError("need at least one loop count")
+    return tuple(sorted(set(out)))
+
+
+def check_splits(cfg: Config, splits: Sequence[str]) -> tuple[str, ...]:
+    known = cfg.data.task.eval_splits
+    unknown = [s for s in splits if s not in known]
+    if unknown or not splits:
+        raise ConfigError(f"eval splits: unknown {unknown or '(none given)'}; configured: {sorted(known)}")
+    return tuple(dict.fromkeys(splits))
+
+
+# ------------------------------------------------------------------------------------- batches
+
+
+def chain_batches(cfg: Config, split: str, start: int, stop: int, batch_size: int) -> Iterator[Batch]:
+    """Samples [start, stop) of `split` in the loader's batch format, batch starts on multiples of
+    batch_size (relative to `start`); the width is the split's longest input, for every batch."""
+    from data_pipeline.digit_chain import generate
+
+    for lo in range(start, stop, batch_size):
+        c = generate(cfg.data.task, split, lo, min(lo + batch_size, stop))
+        ids_BT = torch.from_numpy(c.inputs.astype(np.int64))
+        length_B = torch.from_numpy(c.lengths)
+        yield {
+            "input_ids": ids_BT,
+            "loss_mask": torch.arange(ids_BT.shape[1])[None, :] == length_B[:, None],
+            "answer": torch.from_numpy(c.answers),
+            "length": length_B,
+            "sample_id": torch.from_numpy(c.sample_ids),
+        }
+
+
+def _valid(batch: Batch) -> torch.Tensor:
+    """(B, T) True up to and including EQ: the tokens whose outputs can matter (causal model)."""
+    return torch.arange(batch["input_ids"].shape[1])[None, :] <= batch["length"][:, None]
+
+
+# ------------------------------------------------------------------------------------ the sweep
+
+
+@dataclass
+class SweepResult:
+    """Per-sample results, rows in batch order."""
+
+    prediction_NL: np.ndarray  # argmax token at the EQ position, per loop count in `loops`
+    correct_NL: np.ndarray  # bool
+    length_N: np.ndarray
+    answer_N: np.ndarray
+    sample_id_N: np.ndarray
+    delta_NM: np.ndarray  # ‖h_t − h_{t−1}‖ at the EQ position for t = 1..max(loops)
+
+
+@torch.no_grad()
+def sweep(model: RDT, batches: Iterable[Batch], loops: Sequence[int]) -> SweepResult:
+    """All loop counts from ONE forward per batch (the recurrence runs max(loops) times and the coda
+    is applied to the state after each requested count), predictions read at the EQ position."""
+    loops = sorted(loops)
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    parts: list[tuple[np.ndarray, ...]] = []
+    try:
+        for b in batches:
+            ids_BT = b["input_ids"].to(device)
+            mask_BT = b["loss_mask"].to(device)
+            if not bool((mask_BT.sum(1) == 1).all()):
+                raise ValueError("each sample's loss_mask must mark exactly one (the EQ) position")
+            pos_B = mask_BT.int().argmax(1)
+            rows_B = torch.arange(ids_BT.shape[0], device=device)
+            # Causal attention: padding after EQ never reaches it, so its FFN/MoE work is skipped,
+            # and the coda's last FFN and the head run at the EQ position only.
+            valid_BT = torch.arange(ids_BT.shape[1], device=device)[None, :] <= pos_B[:, None]
+            out = model(
+                ids_BT,
+                n_loops=loops[-1],
+                loops_out=loops,
+                track_deltas=True,
+                valid_BT=valid_BT,
+                logits_at_B=pos_B,
+            )
+            pred_BL = torch.stack([out.loop_logits[n].argmax(-1) for n in loops], 1)
+            delta_BM = torch.stack([d[rows_B, pos_B] for d in out.delta_norms], 1)
+            answer_B = b["answer"].to(device)
+            fields = (pred_BL, pred_BL == answer_B[:, None], b["length"], answer_B, b["sample_id"], delta_BM)
+            parts.append(tuple(t.cpu().numpy() for t in fields))
+    finally:
+        model.train(was_training)
+    if not parts:
+        raise ValueError("sweep got no batches")
+    cols = [np.concatenate(c) for c in zip(*parts)]
+    return SweepResult(cols[0].astype(np.int16), cols[1], *cols[2:5], cols[5].astype(np.float32))
+
+
+# ------------------------------------------------------------------------------------ the store
+
+
+def rank_region(n: int, world: int, rank: int, batch_size: int) -> tuple[int, int, int]:
+    """(start, stop, chunk rows): contiguous sample ranges, one zarr chunk per rank, each a whole
+    number of batches so that batches (hence results) are the same for every world size."""
+    chunk = max(batch_size, math.ceil(math.ceil(n / world) / batch_size) * batch_size)
+    return min(rank * chunk, n), min((rank + 1) * chunk, n), chunk
+
+
+def next_version_dir(out_dir: Path) -> Path:
+    """out_dir/eval-K with K one above the highest existing: an old result is never overwritten."""
+    taken = [int(p.name[5:]) for p in out_dir.glob("eval-*") if p.name[5:].isdigit()]
+    return out_dir / f"eval-{max(taken, default=0) + 1}"
+
+
+def _git_commit() -> str:
+    """HEAD of the source tree, with '-dirty' when it has uncommitted changes; 'unknown' outside git."""
+    cwd = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if git("status", "--porcelain").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def create_store(
+    path: Path,
+    cfg: Config,
+    splits: Sequence[str],
+    loops: Sequence[int],
+    n_samples: int,
+    world: int,
+    batch_size: int,
+    checkpoint: str | None,
+) -> None:
+    """Rank 0: the group, its attributes and every array at full size (no data written yet)."""
+    import zarr
+
+    from data_pipeline.digit_chain import task_spec
+
+    if path.exists():
+        raise FileExistsError(f"eval store {path} already exists; refusing to overwrite it")
+    root = zarr.open_group(str(path), mode="w-", zarr_format=3)
+    root.attrs.update(
+        {
+            "checkpoint": checkpoint or "",
+            "config": to_dict(cfg),
+            "task_spec": task_spec(cfg.data.task),
+            "git_commit": _git_commit(),
+            "loops": list(loops),
+            "splits": list(splits),
+            "n_samples": n_samples,
+            "world_size": world,
+            "batch_size": batch_size,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+    )
+    L, M = len(loops), max(loops)
+    _, _, chunk = rank_region(n_samples, world, 0, batch_size)
+    for split in splits:
+        g = root.create_group(split)
+        g.attrs["length_range"] = list(cfg.data.task.eval_splits[split])
+        for name, shape, dtype, fill in [
+            ("prediction", (n_samples, L), "int16", -1),
+            ("correct", (n_samples, L), "bool", False),
+            ("length", (n_samples,), "int32", -1),
+            ("answer", (n_samples,), "int16", -1),
+            ("sample_id", (n_samples,), "int64", -1),
+            ("delta_norm", (n_samples, M), "float32", float("nan")),
+        ]:
+            g.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), fill_value=fill)
+
+
+def write_region(path: Path, split: str, start: int, res: SweepResult) -> None:
+    """Write rows [start, start + len) of every array of `split` (a whole chunk per rank)."""
+    import zarr
+
+    g = zarr.open_group(str(path), mode="r+")[split]
+    stop = start + len(res.length_N)
+    g["prediction"][start:stop] = res.prediction_NL
+    g["correct"][start:stop] = res.correct_NL
+    g["length"][start:stop] = res.length_N.astype(np.int32)
+    g["answer"][start:stop] = res.answer_N.astype(np.int16)
+    g["sample_id"][start:stop] = res.sample_id_N
+    g["delta_norm"][start:stop] = res.delta_NM
+
+
+# ------------------------------------------------------------------------------------ summaries
+
+
+def summarize(path: Path) -> dict[str, Any]:
+    """Accuracy per split × loop count, per chain length × loop count, and mean ‖Δh‖ per loop."""
+    import zarr
+
+    root = zarr.open_group(str(path), mode="r")
+    loops = list(root.attrs["loops"])
+    out: dict[str, Any] = {"loops": loops, "store": str(path), "splits": {}}
+    for split in root.attrs["splits"]:
+        g = root[split]
+        correct_NL, length_N, delta_NM = g["correct"][:], g["length"][:], g["delta_norm"][:]
+        if (length_N < 0).any():
+            raise RuntimeError(f"{path}/{split}: {int((length_N < 0).sum())} sample rows were never written")
+        by_len = {
+            int(n): correct_NL[length_N == n].mean(0).tolist() for n in np.unique(length_N)
+        }  # chain length -> accuracy per loop count
+        out["splits"][split] = {
+            "n": len(length_N),
+            "acc": correct_NL.mean(0).tolist(),
+            "acc_by_length": by_len,
+            "delta_norm_mean": delta_NM.mean(0).tolist(),
+        }
+    return out
+
+
+def format_table(summary: dict[str, Any]) -> str:
+    loops = summary["loops"]
+    head = f"{'split':<10}{'n':>7}" + "".join(f"{'@' + str(n):>8}" for n in loops)
+    rows = [
+        f"{s:<10}{d['n']:>7}" + "".join(f"{a:>8.3f}" for a in d["acc"]) for s, d in summary["splits"].items()
+    ]
+    return "\n".join([head, *rows])
+
+
+def write_summary(summary: dict[str, Any], out_dir: Path) -> list[Path]:
+    loops = summary["loops"]
+    csv = out_dir / "accuracy.csv"
+    lines = ["split,n," + ",".join(f"acc@{n}" for n in loops)]
+    lines += [f"{s},{d['n']}," + ",".join(f"{a:.6f}" for a in d["acc"]) for s, d in summary["splits"].items()]
+    csv.write_text("\n".join(lines) + "\n")
+    by_len = out_dir / "accuracy_by_length.csv"
+    lines = ["split,length," + ",".join(f"acc@{n}" for n in loops)]
+    for s, d in summary["splits"].items():
+        lines += [f"{s},{n}," + ",".join(f"{a:.6f}" for a in accs) for n, accs in d["acc_by_length"].items()]
+    by_len.write_text("\n".join(lines) + "\n")
+    js = out_dir / "summary.json"
+    js.write_text(json.dumps(summary, indent=2))
+    return [csv, by_len, js]
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
+    """The model to evaluate, in eval mode on CPU; `cfg.model` is replaced by the model's own config.
+
+    checkpoint: an export directory (model.safetensors + config.json), or a DeepSpeed checkpoint
+    directory (a run's checkpoint dir with `latest`, or one step_* dir), consolidated into a
+    temporary export first. None: a freshly initialised model from cfg.model and cfg.train.seed.
+    """
+    import tempfile
+
+    from mythos_dist import checkpoint as ckpt
+
+    if checkpoint is None:
+        torch.manual_seed(cfg.train.seed)
+        return RDT(cfg.model).eval()
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        if (path / "config.json").is_file():
+            model = ckpt.load_exported(path)
+        else:
+            with tempfile.TemporaryDirectory(prefix="mythos-export-") as tmp:
+                model = ckpt.load_exported(ckpt.export(path, tmp))
+    except ckpt.CheckpointError as e:
+        raise ValueError(str(e)) from e
+    longest = cfg.data.task.max_length() + 1
+    if model.cfg.max_seq_len < longest:
+        raise ConfigError(
+            f"{path}: model.max_seq_len={model.cfg.max_seq_len} < longest eval input ({longest})"
+        )
+    cfg.model = model.cfg
+    return model
+
+
+def main_eval(
+    config: str | None,
+    overrides: list[str],
+    checkpoint: str | None,
+    loops: str | None,
+    splits: str | None,
+    n_samples: int | None,
+    out_dir: str | None,
+    parent_run_id: str | None,
+) -> int:
+    """`mythos eval`: validates every argument first, joins the process group under torchrun."""
+    cfg = load_config(config, overrides)
+    loops_t = parse_loops(loops) if loops is not None else None
+    splits_t = check_splits(cfg, [s.strip() for s in splits.split(",")]) if splits is not None else None
+    model = load_model(checkpoint, cfg)
+    distributed = "RANK" in os.environ  # launched by torchrun / deepspeed: a share of samples per rank
+    if distributed:
+        from mythos_dist.parallel import init_distributed
+
+        model = model.to(init_distributed(cfg.parallel.timeout_s).device)
+    if checkpoint is None and _dist()[0] == 0:
+        print("note: no --checkpoint, evaluating a freshly initialised model", file=sys.stderr)
+    try:
+        res = run_eval(model, cfg, loops_t, splits_t, n_samples, out_dir, checkpoint, parent_run_id)
+        if res is not None:
+            print(f"results: {res.out_dir}" + (f"  (MLflow run {res.run_id})" if res.run_id else ""))
+        _barrier()  # ranks leave together; one exiting with a live process group can stall the others
+    finally:
+        if distributed:
+            dist.destroy_process_group()
+    return 0
+
+
+def main_spectral(
+    config: str | None, overrides: list[str], checkpoint: str | None, n_loops: int | None
+) -> int:
+    """`mythos spectral`: ρ(A), Jacobian radius and contraction ratios on real eval inputs."""
+    from mythos_dist.stability import spectral_report
+
+    cfg = load_config(config, overrides)
+    n = cfg.train.loops.n_loops if n_loops is None else parse_loops([n_loops])[0]
+    model = load_model(checkpoint, cfg)
+    split = cfg.eval.splits[0]
+    batch = next(chain_batches(cfg, split, 0, min(64, cfg.data.task.n_eval), 64))
+    rep = spectral_report(model, batch["input_ids"], n, _valid(batch))
+    print(f"checkpoint:         {checkpoint or '(fresh init)'}  inputs: {split}, n_loops={n}")
+    print(f"rho(A):             {rep['rho_A']:.6f}")
+    print(f"Jacobian radius:    {rep['jacobian_radius']:.6f}  (Rayleigh {rep['jacobian_rayleigh']:+.6f})")
+    print("contraction ratios: " + " ".join(f"{r:.3f}" for r in rep["contraction_ratios"]))
+    return 0
+
+
+# ------------------------------------------------------------------------------------ the driver
+
+
+@dataclass
+class EvalResult:
+    out_dir: Path
+    store: Path
+    summary: dict[str, Any]
+    spectral: dict[str, Any]
+    files: list[Path]
+    run_id: str | None
+
+
+def _dist() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def run_eval(
+    model: RDT,
+    cfg: Config,
+    loops: Sequence[Any] | str | None = None,
+    splits: Sequence[str] | None = None,
+    n_samples: int | None = None,
+    out_dir: str | Path | None = None,
+    checkpoint: str | None = None,
+    parent_run_id: str | None = None,
+    batch_size: int | None = None,
+) -> EvalResult | None:
+    """Evaluate `model` on every rank of the current process group (or alone); see module doc.
+
+    Returns the result on rank 0 and None elsewhere. Arguments left None come from cfg.eval.
+    """
+    from mythos_dist.plots import write_plots
+    from mythos_dist.stability import spectral_report
+
+    loops = parse_loops(cfg.eval.loops if loops is None else loops)
+    splits = check_splits(cfg, cfg.eval.splits if splits is None else splits)
+    n = cfg.eval.n_samples if n_samples is None else n_samples
+    bs = cfg.eval.batch_size if batch_size is None else batch_size
+    if not isinstance(n, int) or not 1 <= n <= cfg.data.task.n_eval:
+        raise ValueError(
+            f"n_samples must be an integer in [1, data.task.n_eval={cfg.data.task.n_eval}], got {n!r}"
+        )
+    if not isinstance(bs, int) or bs < 1:
+        raise ValueError(f"batch_size must be an integer ≥ 1, got {bs!r}")
+    rank, world = _dist()
+
+    # Rank 0 picks the version directory and creates the store; the others learn its name.
+    holder: list[Any] = [None]
+    if rank == 0:
+        try:
+            version_dir = next_version_dir(Path(out_dir or cfg.eval.out_dir))
+            version_dir.mkdir(parents=True)
+            create_store(version_dir / STORE_NAME, cfg, splits, loops, n, world, bs, checkpoint)
+            holder[0] = str(version_dir)
+        except Exception as e:  # the other ranks must not wait at the barrier for a store that never comes
+            holder[0] = e
+    if world > 1:
+        dist.broadcast_object_list(holder, src=0)
+    if isinstance(holder[0], Exception):
+        raise holder[0]
+    version_dir = Path(holder[0])
+    store = version_dir / STORE_NAME
+
+    start, stop, _ = rank_region(n, world, rank, bs)
+    for split in splits:
+        if start < stop:
+            res = sweep(model, chain_batches(cfg, split, start, stop, bs), loops)
+            write_region(store, split, start, res)
+    _barrier()
+    if rank != 0:
+        return None
+
+    summary = summarize(store)
+    print(format_table(summary))
+    files = write_summary(summary, version_dir)
+    first = next(chain_batches(cfg, splits[0], 0, min(n, 64), 64))
+    device = next(model.parameters()).device
+    spectral = spectral_report(model, first["input_ids"].to(device), max(loops), _valid(first).to(device))
+    (version_dir / "spectral.json").write_text(json.dumps(spectral, indent=2))
+    files += [version_dir / "spectral.json", *write_plots(summary, spectral, version_dir)]
+
+    run_id = _track(cfg, version_dir, store, summary, spectral, files, checkpoint, parent_run_id)
+    return EvalResult(version_dir, store, summary, spectral, files, run_id)
+
+
+def acc_metric(split: str, n_loops: int) -> str:
+    """MLflow name of a split's accuracy after n loops; MLflow refuses '@' in names."""
+    return f"eval/{split}/acc_at_{n_loops}"
+
+
+def _track(
+    cfg: Config,
+    version_dir: Path,
+    store: Path,
+    summary: dict[str, Any],
+    spectral: dict[str, Any],
+    files: list[Path],
+    checkpoint: str | None,
+    parent_run_id: str | None,
+) -> str | None:
+    from mythos_dist.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, enabled_on_this_rank=True)
+    # The config as a training run logs it, plus what this evaluation actually ran (CLI overrides).
+    run = {k: summary[k] for k in ("loops", "store")} | {"splits": list(summary["splits"])}
+    params = to_dict(cfg) | {"eval_run": run | {"checkpoint": checkpoint or ""}}
+    name = f"{Path(checkpoint).name if checkpoint else 'init'}/{version_dir.name}"
+    tracker.start(name, params, parent_run_id=parent_run_id, tags={"kind": "eval"})
+    metrics = {"spectral/rho_A": spectral["rho_A"], "spectral/jacobian_radius": spectral["jacobian_radius"]}
+    for split, d in summary["splits"].items():
+        metrics |= {acc_metric(split, n): a for n, a in zip(summary["loops"], d["acc"])}
+    tracker.log_metrics(metrics, step=0)
+    for split, d in summary["splits"].items():  # the same numbers as curves over loop count
+        for n, a in zip(summary["loops"], d["acc"]):
+            tracker.log_metrics({f"eval/{split}/acc": a}, step=n)
+    for f in files:
+        tracker.log_artifact(f, "summary" if f.suffix in (".csv", ".json") else "plots")
+    tracker.log_artifact(store)
+    tracker.finish()
+    return tracker.run_id

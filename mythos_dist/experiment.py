@@ -1,0 +1,85 @@
+"""`mythos experiment`: the digit-chain loop-scaling experiment, end to end, on this machine.
+
+shards (`mythos data build`) → training on N local processes (`mythos train` under torchrun:
+DeepSpeed ZeRO + expert parallelism as the config says) → loop-sweep evaluation of the exported
+model on every eval split, logged as an MLflow run nested under the training run → the accuracy
+table, plots and where to look. On a cluster run the same three subcommands with the launchers in
+launch/; nothing here is specific to one machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from mythos_dist.config import ConfigError, load_config
+
+SUMMARY_FILE = "train_summary.json"  # written by `mythos train` on rank 0 next to the checkpoints
+
+
+def _check_writable(path: Path, what: str) -> None:
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / f".write-test-{os.getpid()}"
+    try:
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"{what} {path} is not writable: {e}") from e
+
+
+def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
+    from data_pipeline import shards
+    from mythos_dist.evaluate import format_table, load_model, run_eval
+    from mythos_dist.tracking import resolve_uri
+
+    cfg = load_config(config, overrides)
+    cfg.validate(world_size=nproc)  # every config error before any process, file or shard
+    ckpt_dir = Path(cfg.checkpoint.dir)
+    for path, what in [(ckpt_dir, "checkpoint.dir"), (Path(cfg.eval.out_dir), "eval.out_dir")]:
+        _check_writable(path, what)
+    t0 = time.perf_counter()
+
+    print(f"[1/3] shards: {cfg.data.remote}", flush=True)
+    built = shards.build(cfg.data)
+    print(f"      {'built' if built.rebuilt else 'reusing verified'} {built.n_shards} shards {built.counts}")
+
+    print(
+        f"[2/3] training on {nproc} local processes (ZeRO-{cfg.parallel.zero_stage}, EP={cfg.parallel.ep_size})"
+    )
+    summary_path = ckpt_dir / SUMMARY_FILE
+    summary_path.unlink(missing_ok=True)
+    set_args = [a for kv in overrides for a in ("--set", kv)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "-m", "mythos_dist.cli", "train", "--config", config, *set_args]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    rc = subprocess.run(cmd, env=env).returncode
+    # A rank can rarely abort at exit after finishing: judge by the summary rank 0 writes last.
+    if not summary_path.is_file():
+        print(f"training failed (exit code {rc}); checkpoints so far are in {ckpt_dir}", file=sys.stderr)
+        return rc or 1
+    train_summary = json.loads(summary_path.read_text())
+    train_s = time.perf_counter() - t0
+
+    print(f"[3/3] loop-sweep evaluation of {train_summary['export']}", flush=True)
+    model = load_model(train_summary["export"], cfg)
+    res = run_eval(model, cfg, checkpoint=train_summary["export"], parent_run_id=train_summary["run_id"])
+    assert res is not None  # single process: rank 0
+
+    print(f"\naccuracy (split × loops), trained at {cfg.train.loops.kind} {cfg.train.loops.n_loops} loops:")
+    print(format_table(res.summary))
+    print(f"\ntraining: {train_summary['end_step']} steps, {train_summary['wall_s']:.0f} s, "
+          f"final batch acc {train_summary['final_acc']:.3f}; whole job {time.perf_counter() - t0:.0f} s "
+          f"(train+data {train_s:.0f} s)")  # fmt: skip
+    print(f"results and plots: {res.out_dir}")
+    for f in res.files:
+        if f.suffix == ".png":
+            print(f"  {f}")
+    uri = resolve_uri(cfg.tracking)
+    print(f"MLflow: {uri}  training run {train_summary['run_id']}, eval run {res.run_id}")
+    if uri.startswith("sqlite:"):
+        print(f"  open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+    return 0

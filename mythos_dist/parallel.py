@@ -1,0 +1,277 @@
+"""Parallelism applied to a finished model from outside (torchtitan style).
+
+`init_distributed` starts the process group (gloo on CPU, NCCL on CUDA) with our collective timeout.
+`parallelize` turns a full RDT — built with a seed on every rank, so every expert is initialised
+by its global id — into its expert-parallel shard: each MoEFFN keeps only its local experts' slice,
+gets the all-to-all dispatcher and is wrapped in `ExpertParallelMoE`, a subclass of DeepSpeed's MoE
+layer. DeepSpeed recognises MoE only through that class: it then reduces expert gradients over the
+expert-data-parallel group only, puts expert params in their own optimizer groups and writes one
+checkpoint file per global expert id. `deepspeed_config` derives DeepSpeed's JSON from our config.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+# DeepSpeed picks its accelerator at import time; CPU-only hosts need it set before that.
+os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+import deepspeed
+import torch.distributed as dist
+from deepspeed.moe.layer import MoE
+from deepspeed.utils import groups
+from torch import nn
+
+from mythos_dist.config import Config
+from mythos_dist.model.dispatch import AllToAllDispatcher
+from mythos_dist.model.moe import MoEFFN
+
+# DeepSpeed's expert checkpoint code finds experts by this key segment and renumbers the index
+# after it from local to global ids; it treats any other key containing "expert" as an expert too.
+DS_EXPERT_SEGMENT = "deepspeed_moe.experts.deepspeed_experts."
+ROUTER_BIAS_DS_KEY = "layer.router.balance_bias"  # `expert_bias` renamed so DeepSpeed keeps it dense
+EXPERT_WEIGHTS = (("w_in_EDH", "w_in_DH"), ("w_out_EHD", "w_out_HD"))  # stacked name, per-expert name
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: float) -> DistInfo:
+    """Join (or, for a plain `python` run, create) the process group. Idempotent."""
+    if "RANK" not in os.environ:  # single process without a launcher
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    # The deepspeed launcher exports LOCAL_SIZE; torchrun and mosaicml-streaming use LOCAL_WORLD_SIZE.
+    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
+        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
+    cuda = torch.cuda.is_available()
+    if not dist.is_initialized():
+        deepspeed.init_distributed(
+            dist_backend="nccl" if cuda else "gloo",
+            auto_mpi_discovery=False,
+            timeout=timedelta(seconds=timeout_s),
+        )
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+
+class ExpertParallelMoE(MoE):
+    """Our MoEFFN (router → dispatcher → grouped experts, plus shared experts) as a DeepSpeed MoE.
+
+    DeepSpeed's MoE.__init__ would build its own gate and expert list, so it is bypassed; this sets
+    the attributes the engine reads (num_experts, ep_size, expert_group_name, num_local_experts) and
+    marks the routed expert params `allreduce=False` with their `group_name`. The state dict shows
+    DeepSpeed one entry per local expert (`…deepspeed_experts.<l>.w_in_DH`), which its checkpoint
+    code renames to the global id; hooks convert to and from our stacked weights.
+    """
+
+    def __init__(self, layer: MoEFFN, ep_size: int):
+        nn.Module.__init__(self)
+        self.layer = layer
+        self.ep_size = ep_size
+        self.num_experts = layer.n_experts
+        self.num_local_experts = layer.n_experts // ep_size
+        self.expert_group_name = f"ep_size_{ep_size}"
+        self.use_residual = False
+        self.enable_expert_tensor_parallelism = False
+        for p in layer.experts.parameters():
+            p.allreduce = False
+            p.group_name = self.expert_group_name
+        self.register_state_dict_post_hook(_to_deepspeed_view)
+        self.register_load_state_dict_pre_hook(_from_deepspeed_view)
+
+    def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
+        """Create the EP / expert-DP groups (once per ep_size) and route tokens through the EP group."""
+        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
+            groups._create_expert_and_data_parallel(
+                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
+            )
+        if self.ep_size > 1 and not isinstance(self.layer.dispatcher, AllToAllDispatcher):
+            group = groups._get_expert_parallel_group(self.expert_group_name)
+            self.layer.dispatcher = AllToAllDispatcher(self.num_experts, group)
+
+    @property
+    def ep_rank(self) -> int:
+        return groups._get_expert_parallel_rank(self.expert_group_name)
+
+    def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        return self.layer(x_BTD)
+
+
+def _to_deepspeed_view(module: ExpertParallelMoE, state: dict, prefix: str, _meta: Any) -> None:
+    experts = f"{prefix}layer.experts."
+    for stacked, single in EXPERT_WEIGHTS:
+        w_L = state.pop(experts + stacked)
+        for i in range(w_L.shape[0]):
+            state[f"{prefix}{DS_EXPERT_SEGMENT}{i}.{single}"] = w_L[i]
+    state[prefix + ROUTER_BIAS_DS_KEY] = state.pop(f"{prefix}layer.router.expert_bias")
+
+
+def _from_deepspeed_view(module: ExpertParallelMoE, state: dict, prefix: str, *_: Any) -> None:
+    if prefix + ROUTER_BIAS_DS_KEY in state:
+        state[f"{prefix}layer.router.expert_bias"] = state.pop(prefix + ROUTER_BIAS_DS_KEY)
+    for stacked, single in EXPERT_WEIGHTS:
+        keys = [f"{prefix}{DS_EXPERT_SEGMENT}{i}.{single}" for i in range(module.num_local_experts)]
+        if all(k in state for k in keys):
+            state[f"{prefix}layer.experts.{stacked}"] = torch.stack([state.pop(k) for k in keys])
+
+
+def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
+    """In place: wrap every MoEFFN for DeepSpeed and keep only this rank's experts [r·L, (r+1)·L).
+
+    The model must be the full model, identical on every rank (same seed), so slicing keeps each
+    expert's initialisation tied to its global id whatever ep_size is.
+    """
+    for name, module in list(model.named_modules()):
+        if not isinstance(module, MoEFFN):
+            continue
+        wrapper = ExpertParallelMoE(module, ep_size)
+        wrapper.set_deepspeed_parallelism()
+        n_local = wrapper.num_local_experts
+        first = wrapper.ep_rank * n_local
+        experts = module.experts
+        with torch.no_grad():
+            for stacked, _ in EXPERT_WEIGHTS:
+                full = getattr(experts, stacked)
+                local = nn.Parameter(full[first : first + n_local].clone())
+                local.allreduce, local.group_name = False, wrapper.expert_group_name
+                setattr(experts, stacked, local)
+        experts.n_local, experts.first_expert_id = n_local, first
+        parent_name, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
+    return model
+
+
+def sync_router_biases(model: nn.Module) -> list[torch.Tensor]:
+    """Balancing step from the load summed over all ranks, so biases stay identical everywhere.
+
+    Returns that global load (assignments per expert since the last step) per MoE layer.
+    """
+    loads = []
+    for moe in model.moe_layers():
+        load_E = moe.router.load_E.clone()
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dist.all_reduce(load_E)
+        loads.append(moe.router.update_bias(load_E))
+    return loads
+
+
+# --------------------------------------------------------------------------- DeepSpeed engine
+
+
+def deepspeed_config(cfg: Config, world_size: int) -> dict[str, Any]:
+    """DeepSpeed's JSON, derived from our config (before `parallel.ds_config_override`)."""
+    t = cfg.train
+    return {
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * world_size,
+        "gradient_clipping": t.grad_clip,  # explicit: DeepSpeed's default is 1.0
+        "optimizer": {
+            "type": "AdamW",
+            "params": {
+                "lr": t.lr,
+                "betas": list(t.betas),
+                "eps": 1e-8,
+                "weight_decay": t.weight_decay,
+                "torch_adam": True,  # plain torch AdamW: no fused-kernel JIT build, works on CPU
+            },
+        },
+        "zero_optimization": {"stage": cfg.parallel.zero_stage},
+        "bf16": {"enabled": use_bf16(cfg)},
+        "steps_per_print": 1 << 30,  # our loop prints progress
+        "wall_clock_breakdown": False,
+    }
+
+
+def use_bf16(cfg: Config) -> bool:
+    """bf16 only where it is supported (CUDA); CPU trains in fp32."""
+    return cfg.train.dtype == "bf16" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def merge_override(base: dict[str, Any], override: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """Deep-merge `override` into a copy of `base`; returns (merged, ['key: old -> new', ...])."""
+    merged = copy.deepcopy(base)
+    diff: list[str] = []
+
+    def merge(dst: dict[str, Any], src: dict[str, Any], path: str) -> None:
+        for k, v in src.items():
+            key = f"{path}{k}"
+            if isinstance(v, dict) and isinstance(dst.get(k), dict):
+                merge(dst[k], v, key + ".")
+            elif dst.get(k, "<unset>") != v:
+                diff.append(f"{key}: {dst.get(k, '<unset>')!r} -> {v!r}")
+                dst[k] = copy.deepcopy(v)
+
+    merge(merged, override, "")
+    return merged, diff
+
+
+def lr_ratio(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1 over warmup_steps, then cosine decay to min_lr_ratio at total_steps."""
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module) -> list[dict[str, Any]]:
+    """Weight decay on matrices only (not norms, biases, LTI / loop-scale vectors)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 and not name.endswith("lora.scale") else no_decay).append(p)
+    return [
+        {"params": decay, "name": "decay"},
+        {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
+    ]
+
+
+def build_engine(
+    model: nn.Module, cfg: Config, world_size: int, log: Any = print
+) -> tuple[deepspeed.runtime.engine.DeepSpeedEngine, dict[str, Any]]:
+    """DeepSpeed engine with AdamW (expert params in their own MoE groups) and our LR schedule.
+
+    Returns (engine, the DeepSpeed config it was built with); override differences go to `log`.
+    """
+    ds_cfg, diff = merge_override(deepspeed_config(cfg, world_size), cfg.parallel.ds_config_override)
+    for line in diff:
+        log(f"ds_config_override: {line}")
+    if cfg.train.dtype == "bf16" and not use_bf16(cfg):
+        log("train.dtype=bf16 is not supported on this device; training in fp32")
+    t = cfg.train
+
+    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
+        return torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_ratio(s, t.warmup_steps, t.steps, t.min_lr_ratio)
+        )
+
+    engine, *_ = deepspeed.initialize(
+        model=model, model_parameters=param_groups(model), config=ds_cfg, lr_scheduler=schedule
+    )
+    return engine, ds_cfg

@@ -1,0 +1,90 @@
+"""Evaluation figures (PNG, headless): accuracy vs loops, length × loops heatmap, convergence of
+‖h_t − h_{t−1}‖ and the stability figure. Inputs are `evaluate.summarize` / `spectral_report` dicts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on cluster nodes; must precede pyplot
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def accuracy_vs_loops(summary: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for split, d in summary["splits"].items():
+        ax.plot(summary["loops"], d["acc"], marker="o", label=f"{split} (n={d['n']})")
+    ax.set(xlabel="loops", ylabel="accuracy", ylim=(-0.02, 1.02), title="Accuracy vs loop count")
+    ax.set_xticks(summary["loops"])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
+def accuracy_heatmap(summary: dict[str, Any], path: Path) -> Path:
+    """Chain length (rows, all splits together: their length ranges are disjoint) × loop count."""
+    rows = sorted((n, acc) for d in summary["splits"].values() for n, acc in d["acc_by_length"].items())
+    lengths = [int(n) for n, _ in rows]
+    acc_RL = np.array([acc for _, acc in rows])
+    fig, ax = plt.subplots(figsize=(1.2 + 0.5 * len(summary["loops"]), 1.5 + 0.18 * len(lengths)))
+    im = ax.imshow(acc_RL, aspect="auto", vmin=0, vmax=1, cmap="viridis", origin="lower")
+    ax.set_xticks(range(len(summary["loops"])), summary["loops"])
+    step = max(1, len(lengths) // 20)
+    ax.set_yticks(range(0, len(lengths), step), lengths[::step])
+    ax.set(xlabel="loops", ylabel="chain length", title="Accuracy by length × loops")
+    fig.colorbar(im, ax=ax, label="accuracy")
+    return _save(fig, path)
+
+
+def convergence(summary: dict[str, Any], path: Path) -> Path:
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for split, d in summary["splits"].items():
+        y = np.asarray(d["delta_norm_mean"])
+        ax.plot(np.arange(1, len(y) + 1), y, marker=".", label=split)
+    ax.set(xlabel="loop t", ylabel="mean ‖h_t − h_{t−1}‖ at EQ", title="Convergence of the recurrence")
+    ax.set_yscale("log")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    return _save(fig, path)
+
+
+def stability(spectral: dict[str, Any], path: Path) -> Path:
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(8, 3.5))
+    names = ["ρ(A)", "Jacobian radius"]
+    values = [spectral["rho_A"], spectral["jacobian_radius"]]
+    ax0.bar(names, values, color=["tab:blue", "tab:orange"])
+    ax0.axhline(1.0, color="k", ls="--", lw=1)
+    ax0.set(title=f"Spectral radii (after {spectral['n_loops']} loops)")
+    ratios = spectral["contraction_ratios"]
+    ax1.plot(range(2, len(ratios) + 2), ratios, marker="o", label="‖Δh_{t}‖ / ‖Δh_{t−1}‖")
+    ax1.plot(
+        range(1, len(spectral["jacobian_norm_ratios"]) + 1),
+        spectral["jacobian_norm_ratios"],
+        alpha=0.5,
+        label="power-iteration ‖Jv‖",
+    )
+    ax1.axhline(1.0, color="k", ls="--", lw=1)
+    ax1.set(xlabel="loop t / iteration", ylabel="ratio", title="Contraction")
+    ax1.grid(alpha=0.3)
+    ax1.legend()
+    return _save(fig, path)
+
+
+def write_plots(summary: dict[str, Any], spectral: dict[str, Any], out_dir: Path) -> list[Path]:
+    return [
+        accuracy_vs_loops(summary, out_dir / "accuracy_vs_loops.png"),
+        accuracy_heatmap(summary, out_dir / "accuracy_heatmap.png"),
+        convergence(summary, out_dir / "convergence.png"),
+        stability(spectral, out_dir / "stability.png"),
+    ]

@@ -1,0 +1,153 @@
+"""Stability diagnostics of the recurrence h_{t+1} = f(h_t, e).
+
+Three numbers, from cheapest to most informative:
+- ρ(A): spectral radius of the LTI injection's diagonal A (exact: max |A_ii|). ρ(A) < 1 makes the
+  linear part contractive, but says nothing about the block added on top of it.
+- Jacobian radius: an estimate of ρ(∂f/∂h) of the WHOLE loop map at a given state, by power
+  iteration on Jacobian-vector products (see `jacobian_spectral_radius`).
+- contraction ratios ‖h_{t+1} − h_t‖ / ‖h_t − h_{t−1}‖ per loop, measured on the actual trajectory.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mythos_dist.model.rdt import RDT
+
+
+def injection_radius(model: RDT) -> float:
+    """ρ(A) of the injection: A is diagonal, so its spectral radius is exactly max |A_ii|."""
+    return model.recurrent.injection.A().abs().max().item()
+
+
+@dataclass
+class RadiusEstimate:
+    radius: float  # geometric-mean growth rate ‖J^k v‖^{1/k} over the trailing iterations
+    rayleigh: float  # <v, Jv> for the last unit iterate v: signed λ when the dominant one is real
+    norm_ratios: list[float]  # ‖J v_k‖ for each unit iterate v_k, in order
+
+
+def jacobian_spectral_radius(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    n_iters: int = 30,
+    seed: int = 0,
+    mask: torch.Tensor | None = None,
+) -> RadiusEstimate:
+    """Estimate ρ(J), J = ∂f/∂x at `x`, by power iteration on Jacobian-vector products.
+
+    f maps a tensor to a tensor of the same shape (J is square over all its entries). Iterates are
+    normalised every step; ‖J v_k‖ is the one-step growth. The estimate is the geometric mean of the
+    growths over the second half of the iterations, i.e. (‖J^m v‖/‖v‖)^{1/m} after a burn-in, which
+    tends to ρ(J) by Gelfand's formula for any J (also a complex-conjugate dominant pair, where the
+    single-step ratio oscillates).
+
+    mask (broadcastable to x, 0/1): iterate on the masked operator v ↦ mask ⊙ J(mask ⊙ v), i.e. the
+    Jacobian restricted to the selected entries. With causal attention, padding after a sequence
+    never feeds back into it (J is block-triangular), so masking the padding out gives exactly the
+    radius of the part that matters, not of the padding's own dynamics.
+
+    Limits: convergence is geometric in |λ_2|/|λ_1| and slow when the leading moduli are close.
+    For non-normal J (the usual case: attention, MoE), single-step ratios can exceed ρ(J) — they are
+    bounded by σ_max(J), not ρ(J) — and the transient growth decays only like O(log κ / m) in the
+    exponent, so with few iterations the estimate is biased towards σ_max. It is the radius of the
+    linearisation at this one state: discrete MoE routing is held fixed (the map is piecewise
+    smooth), and a radius < 1 here implies local, not global, contraction.
+
+    JVPs use the double-vjp trick on one recorded forward (u ↦ Jᵀu is linear, and its vjp is J v),
+    which works through custom autograd Functions (the grouped expert GEMM) that lack a forward-mode
+    rule. Attention runs on the math SDPA backend here: the fused kernels' backward is not itself
+    differentiable.
+    """
+    if n_iters < 2:
+        raise ValueError(f"n_iters must be ≥ 2, got {n_iters}")
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        x = x.detach().requires_grad_(True)
+        y = f(x)
+        if y.shape != x.shape:
+            raise ValueError(f"f must map a shape to itself for a square Jacobian: {x.shape} -> {y.shape}")
+        u = torch.zeros_like(y, requires_grad=True)
+        (jt_u,) = torch.autograd.grad(y, x, u, create_graph=True)  # Jᵀu, linear in u
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        m = torch.ones_like(x) if mask is None else mask.to(x).expand_as(x)
+        v = torch.randn(x.shape, generator=gen, dtype=torch.float32).to(x) * m
+        v = v / v.norm()
+        ratios: list[float] = []
+        rayleigh = float("nan")
+        for _ in range(n_iters):
+            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
+            jv = jv * m
+            growth = jv.norm().item()
+            ratios.append(growth)
+            rayleigh = (v.flatten() @ jv.flatten()).item()
+            if growth == 0 or not math.isfinite(growth):
+                break
+            v = (jv / growth).detach()
+    tail = ratios[len(ratios) // 2 :]
+    radius = 0.0 if min(tail) == 0 else math.exp(sum(math.log(r) for r in tail) / len(tail))
+    return RadiusEstimate(radius, rayleigh, ratios)
+
+
+def contraction_ratios(delta_norms: list[torch.Tensor]) -> list[float]:
+    """‖h_{t+1} − h_t‖ / ‖h_t − h_{t−1}‖ for t = 1 .. n−1, norms over the whole state.
+
+    delta_norms: per loop, ‖h_t − h_{t−1}‖ per position (B, T) as RDTOutput.delta_norms gives them;
+    they are combined into one Frobenius norm per loop. Length n_loops − 1.
+    """
+    total = [d.float().square().sum().sqrt().item() for d in delta_norms]
+    return [b / a if a > 0 else float("inf") for a, b in itertools.pairwise(total)]
+
+
+@torch.no_grad()
+def loop_state(model: RDT, ids_BT: torch.Tensor, n_loops: int) -> tuple[torch.Tensor, torch.Tensor, list]:
+    """(h after n_loops, e, per-loop delta norms (B,T)) without ACT mixing: the raw recurrence."""
+    T = ids_BT.shape[1]
+    x = model.embed(ids_BT)
+    rope = model.rope(0, T, x.device, x.dtype)
+    for layer in model.prelude:
+        x, _ = layer(x, rope, None, "prelude")
+    h, deltas = x, []
+    for t in range(n_loops):
+        h_next, _ = model.recurrent.step(h, x, t, rope)
+        deltas.append((h_next - h).float().norm(dim=-1))
+        h = h_next
+    return h, x, deltas
+
+
+def spectral_report(
+    model: RDT, ids_BT: torch.Tensor, n_loops: int, valid_BT: torch.Tensor | None = None, n_iters: int = 30
+) -> dict:
+    """ρ(A), Jacobian radius of h ↦ f(h, e) at h_{n_loops} (map index t = n_loops, the next loop
+    to run: what governs extrapolation to more loops) and the per-loop contraction ratios.
+
+    valid_BT: positions that count (False for right padding); default all.
+    """
+    if n_loops < 1:
+        raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
+    was_training = model.training
+    model.eval()  # no dropout, no router load accounting
+    try:
+        h, e, deltas = loop_state(model, ids_BT, n_loops)
+        if valid_BT is not None:
+            deltas = [d * valid_BT for d in deltas]
+        mask = None if valid_BT is None else valid_BT[..., None]
+        rope = model.rope(0, ids_BT.shape[1], h.device, h.dtype)
+        f = lambda s: model.recurrent.step(s, e, n_loops, rope)[0]  # noqa: E731
+        est = jacobian_spectral_radius(f, h, n_iters, mask=mask)
+    finally:
+        model.train(was_training)
+    return {
+        "rho_A": injection_radius(model),
+        "jacobian_radius": est.radius,
+        "jacobian_rayleigh": est.rayleigh,
+        "jacobian_norm_ratios": est.norm_ratios,
+        "contraction_ratios": contraction_ratios(deltas),
+        "delta_norms": [d.square().sum().sqrt().item() for d in deltas],
+        "n_loops": n_loops,
+    }

@@ -1,0 +1,220 @@
+"""The training loop: `train(cfg) -> summary` (used by `mythos train` and experiment scripts).
+
+Per optimizer step: the loop policy picks (n_loops, backprop_loops) from the step alone, every rank
+runs grad_accum_steps micro batches through the DeepSpeed engine, the loss is the cross-entropy of
+the logits at the EQ position against the answer (+ MoE aux loss + weighted ACT ponder cost), then
+the router balancing biases move by the expert load summed over all ranks. Rank 0 prints progress
+and owns the tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from mythos_dist import checkpoint
+from mythos_dist.config import Config, TaskConfig, to_dict
+from mythos_dist.model import RDT, LoopPolicy
+from mythos_dist.objective import answer_forward, loss_and_metrics
+from mythos_dist.parallel import (
+    build_engine,
+    init_distributed,
+    parallelize,
+    sync_router_biases,
+)
+from mythos_dist.stability import injection_radius
+
+Batch = dict[str, torch.Tensor]
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a loader: endless-or-epoch iteration and an exact resume state."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ChainBatches:
+    """Micro batches straight from the task generator, no shards (tests, benchmarks, smoke runs).
+
+    Rank r's k-th micro batch holds train samples [(k·W + r)·B, (k·W + r + 1)·B) mod n_train, so the
+    samples of optimizer step s are the same for any world size W with W·grad_accum fixed.
+    """
+
+    def __init__(self, task: TaskConfig, micro_batch: int, rank: int, world_size: int):
+        self.task, self.micro_batch, self.rank, self.world_size = task, micro_batch, rank, world_size
+        self.consumed = 0
+
+    def batch(self, k: int) -> Batch:
+        from data_pipeline.digit_chain import TRAIN, generate
+
+        n, b = self.task.n_train, self.micro_batch
+        start = (k * self.world_size + self.rank) * b % n
+        parts = [generate(self.task, TRAIN, start, min(n, start + b))]
+        if start + b > n:  # wrap around the split
+            parts.append(generate(self.task, TRAIN, 0, start + b - n))
+        inputs = np.concatenate([p.inputs for p in parts])
+        lengths = torch.from_numpy(np.concatenate([p.lengths for p in parts]))
+        ids_BT = torch.from_numpy(inputs.astype(np.int64))
+        return {
+            "input_ids": ids_BT,
+            "loss_mask": torch.arange(ids_BT.shape[1]) == lengths[:, None],  # the EQ position
+            "answer": torch.from_numpy(np.concatenate([p.answers for p in parts])),
+            "length": lengths,
+            "sample_id": torch.from_numpy(np.concatenate([p.sample_ids for p in parts])),
+        }
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            k = self.consumed
+            self.consumed += 1  # before yielding: state_dict() then counts the batch handed out
+            yield self.batch(k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed = int(state["consumed"])
+
+
+def default_batches(cfg: Config) -> BatchSource:
+    """The streaming loader over the MDS shards in data.remote (`mythos data build` writes them)."""
+    from data_pipeline.digit_chain import TRAIN
+    from data_pipeline.loader import make_loader
+
+    return make_loader(cfg.data, TRAIN, cfg.train.micro_batch_size)
+
+
+def _fmt_time(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
+
+
+def train(
+    cfg: Config,
+    batches: BatchSource | None = None,
+    stop_after_steps: int | None = None,
+    log: Any = print,
+) -> dict[str, Any]:
+    """Train (resuming from checkpoint.dir/latest when enabled); returns a summary on every rank:
+    per-step losses, final loss/acc, tokens/s, checkpoint and export paths, MLflow run id, the
+    DeepSpeed config used, and `model`, the trained (expert-parallel) module for in-process use.
+
+    stop_after_steps: leave after that many steps of this call (after checkpointing), e.g. to fit
+    a job into a scheduler's time limit; the schedule still spans train.steps.
+    """
+    info = init_distributed(cfg.parallel.timeout_s)
+    cfg.validate(world_size=info.world_size)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    rank0 = info.rank == 0
+    say = log if rank0 else (lambda *_: None)
+    t = cfg.train
+
+    torch.manual_seed(t.seed)  # identical full model on every rank: experts initialised by global id
+    model = RDT(cfg.model)
+    parallelize(model, cfg.parallel.ep_size)
+    engine, ds_cfg = build_engine(model, cfg, info.world_size, say)
+    if batches is None:
+        batches = default_batches(cfg)
+    start, data_state = checkpoint.resume(engine, cfg) if cfg.checkpoint.resume else (0, None)
+    if data_state is not None:
+        batches.load_state_dict(data_state)
+    if start:
+        say(f"resumed from {cfg.checkpoint.dir} at step {start}")
+
+    from mythos_dist.tracking import Tracker
+
+    tracker = Tracker(cfg.tracking, enabled_on_this_rank=rank0)
+    tracker.start(cfg.tracking.run_name or f"train-w{info.world_size}-ep{cfg.parallel.ep_size}", to_dict(cfg))
+    policy = LoopPolicy(t.loops, t.seed)
+    end = t.steps if stop_after_steps is None else min(t.steps, start + stop_after_steps)
+    losses: list[float] = []
+    grad_norms: list[float] = []  # global, before clipping
+    stats_S = torch.zeros(4, dtype=torch.float64)
+    summary: dict[str, Any] = {"rank": info.rank, "start_step": start, "run_id": tracker.run_id}
+    summary["ds_config"] = ds_cfg
+    summary["model"] = engine.module
+    status = "FAILED"
+    try:
+        it = iter(batches)
+        t0, tokens = time.perf_counter(), 0.0
+        engine.train()
+        for step in range(start, end):
+            choice = policy(step)
+            stats_S.zero_()  # loss sum, ce sum, correct, samples (this rank)
+            for _ in range(t.grad_accum_steps):
+                try:
+                    batch = next(it)
+                except StopIteration:  # epoch end of a finite loader
+                    it = iter(batches)
+                    batch = next(it)
+                batch = {k: v.to(info.device) for k, v in batch.items()}
+                out = answer_forward(engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops)
+                loss, m = loss_and_metrics(out, batch, cfg.model)
+                engine.backward(loss)
+                engine.step()
+                n = len(batch["answer"])
+                stats_S += torch.tensor([loss.item(), m["ce"].item(), m["acc"].item() * n, n])
+                tokens += batch["input_ids"].numel()
+            loads = sync_router_biases(engine.module)
+            global_S = stats_S.clone()
+            dist.all_reduce(global_S)
+            n_micro = t.grad_accum_steps * info.world_size
+            step_loss = global_S[0].item() / n_micro
+            losses.append(step_loss)
+            grad_norms.append(float(engine.get_global_grad_norm()))
+            done = step + 1
+            if done % t.log_every == 0 or done == end:
+                elapsed = time.perf_counter() - t0
+                tok_s = tokens * info.world_size / elapsed
+                metrics = {
+                    "loss": step_loss,
+                    "ce": global_S[1].item() / n_micro,
+                    "acc": global_S[2].item() / global_S[3].item(),
+                    "lr": engine.get_lr()[0],
+                    "grad_norm": grad_norms[-1],
+                    "tokens_per_s": tok_s,
+                    "n_loops": choice.n_loops,
+                    "rho_A": injection_radius(engine.module),
+                }
+                for i, load_E in enumerate(loads):  # expert load balance per MoE layer
+                    load_E = load_E.double()
+                    metrics[f"moe{i}/load_max_over_mean"] = (load_E.max() / load_E.mean()).item()
+                    metrics[f"moe{i}/load_cv"] = (load_E.std() / load_E.mean()).item()
+                eta = elapsed / (done - start) * (end - done)
+                say(
+                    f"step {done}/{t.steps}  loss {metrics['loss']:.4f}  acc {metrics['acc']:.3f}  "
+                    f"lr {metrics['lr']:.2e}  gnorm {grad_norms[-1]:.3f}  loops {choice.n_loops}  tok/s {tok_s:,.0f}  eta {_fmt_time(eta)}"
+                )
+                tracker.log_metrics(metrics, step=done)
+                summary.update(final_acc=metrics["acc"], tokens_per_s=tok_s)
+            if done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                state = batches.state_dict() if hasattr(batches, "state_dict") else None
+                summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state))
+        if end == t.steps and "checkpoint" in summary:
+            export_dir = f"{cfg.checkpoint.dir}/export"
+            if rank0:
+                checkpoint.export(summary["checkpoint"], export_dir)
+                tracker.log_artifact(f"{export_dir}/config.json")
+            dist.barrier()
+            summary["export"] = export_dir
+        status = "FINISHED"
+    finally:
+        tracker.finish(status)
+    summary.update(
+        end_step=end,
+        losses=losses,
+        grad_norms=grad_norms,
+        final_loss=losses[-1] if losses else None,
+        wall_s=time.perf_counter() - t0 if end > start else 0.0,
+    )
+    return summary
