@@ -1,0 +1,116 @@
+"""The task definition: answers, determinism, train/eval disjointness, sample checks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from data_pipeline.digit_chain import (
+    EQ,
+    PAD,
+    TRAIN,
+    VOCAB_SIZE,
+    Chains,
+    DataError,
+    check_chains,
+    first_sample_ids,
+    generate,
+    make_input,
+    pad_rows,
+    split_lengths,
+)
+from mythos_dist.config import ConfigError, TaskConfig
+
+TASK = TaskConfig(n_train=6000, n_eval=2000)
+
+
+def _chains(c: Chains) -> set[tuple[int, ...]]:
+    return {tuple(c.tokens(i).tolist()) for i in range(len(c))}
+
+
+def test_vocabulary_constants() -> None:
+    assert (EQ, PAD, VOCAB_SIZE) == (10, 11, 12)
+    assert list(make_input([3, 0, 9])) == [3, 0, 9, EQ]
+    with pytest.raises(DataError):
+        make_input([1, 10])
+
+
+@pytest.mark.parametrize("split", [TRAIN, "id", "ood1", "ood2"])
+def test_samples_answer_lengths_and_ids(split: str) -> None:
+    c = generate(TASK, split, 0, 700)
+    lo, hi = split_lengths(TASK)[split]
+    for i in range(len(c)):
+        tokens = c.tokens(i).tolist()
+        n = int(c.lengths[i])
+        assert lo <= n <= hi and len(tokens) == n + 1 and tokens[-1] == EQ
+        assert all(0 <= t <= 9 for t in tokens[:-1])
+        assert c.answers[i] == sum(tokens[:-1]) % TASK.modulus
+        assert (c.inputs[i, n + 1 :] == PAD).all()
+    assert c.sample_ids.tolist() == list(
+        range(first_sample_ids(TASK)[split], first_sample_ids(TASK)[split] + 700)
+    )
+    assert set(c.lengths.tolist()) == set(range(lo, hi + 1))  # every length drawn
+
+
+def test_generation_is_deterministic_and_independent_of_ranges() -> None:
+    full = generate(TASK, TRAIN)
+    again = generate(TASK, TRAIN)
+    part = generate(TASK, TRAIN, 4000, 4500)  # crosses an RNG block boundary (4096)
+    assert np.array_equal(full.inputs, again.inputs) and np.array_equal(full.answers, again.answers)
+    assert np.array_equal(part.inputs, full.inputs[4000:4500, : part.inputs.shape[1]])
+    bigger = generate(dataclasses.replace(TASK, n_train=9000), TRAIN, 0, 6000)
+    assert np.array_equal(bigger.inputs, full.inputs)  # a sample does not depend on the split's size
+    other = generate(dataclasses.replace(TASK, seed=TASK.seed + 1), TRAIN, 0, 100)
+    assert not np.array_equal(other.inputs, full.inputs[:100])
+
+
+def test_train_shares_no_chain_with_any_eval_split() -> None:
+    train = _chains(generate(TASK, TRAIN))
+    evals = set().union(*(_chains(generate(TASK, s)) for s in TASK.eval_splits))
+    assert not train & evals
+    # the exclusion matters: the id split takes most of the 100 two-digit chains
+    two_digit_eval = {c for c in evals if len(c) == 3}
+    assert len(two_digit_eval) > 50
+    assert any(len(c) == 3 for c in train)
+
+
+def test_train_lengths_exhausted_by_eval_raise() -> None:
+    task = TaskConfig(train_lengths=(1, 1), eval_splits={"id": (1, 1)}, n_train=10, n_eval=500)
+    with pytest.raises(DataError, match="taken by the eval splits"):
+        generate(task, TRAIN)
+
+
+def test_check_chains_names_the_bad_sample() -> None:
+    good = generate(TASK, "id", 0, 50)
+    check_chains(good, TASK, "id", "here")
+    oov = good.inputs.copy()
+    oov[3, 0] = 12
+    with pytest.raises(DataError, match=r"here: sample_id \d+: token id 12 outside the vocabulary"):
+        check_chains(dataclasses.replace(good, inputs=oov), TASK, "id", "here")
+    wrong = good.answers.copy()
+    wrong[7] = (wrong[7] + 1) % TASK.modulus
+    with pytest.raises(DataError, match="answer"):
+        check_chains(dataclasses.replace(good, answers=wrong), TASK, "id", "here")
+    no_eq = good.inputs.copy()
+    no_eq[1, good.lengths[1]] = 4
+    with pytest.raises(DataError, match="no EQ"):
+        check_chains(dataclasses.replace(good, inputs=no_eq), TASK, "id", "here")
+    with pytest.raises(DataError, match="length"):
+        check_chains(good, TASK, "ood2", "here")  # id lengths lie outside ood2's range
+    with pytest.raises(DataError, match="empty"):
+        check_chains(generate(TASK, "id", 0, 0), TASK, "id", "here")
+
+
+def test_pad_rows() -> None:
+    out = pad_rows([bytes([1, 2, EQ]), np.array([3, EQ], np.uint8)])
+    assert out.dtype == np.uint8
+    assert out.tolist() == [[1, 2, EQ], [3, EQ, PAD]]
+
+
+def test_split_names_validated() -> None:
+    with pytest.raises(ConfigError, match=r"eval_splits\.train"):
+        TaskConfig(eval_splits={"train": (2, 3)}).validate()
+    with pytest.raises(ConfigError, match="eval_splits"):
+        TaskConfig(eval_splits={"a/b": (2, 3)}).validate()

@@ -1,0 +1,223 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+import zarr
+
+from mythos_dist.config import Config, ConfigError, load_config, to_dict
+from mythos_dist.evaluate import (
+    chain_batches,
+    check_splits,
+    create_store,
+    next_version_dir,
+    parse_loops,
+    rank_region,
+    run_eval,
+    sweep,
+)
+from mythos_dist.model import RDT
+
+SMALL = [
+    "model.dim=32",
+    "model.n_heads=4",
+    "model.n_kv_heads=2",
+    "model.expert_dim=16",
+    "model.n_experts=4",
+    "model.max_seq_len=16",
+    "data.task.train_lengths=[2, 6]",
+    "data.task.eval_splits={id: [2, 6], ood1: [7, 12]}",
+    "data.task.n_eval=48",
+    "eval.splits=[id, ood1]",
+    "eval.loops=[1, 2, 3, 5]",
+    "eval.n_samples=40",
+    "eval.batch_size=16",
+]
+
+
+def small_cfg(tmp_path, *extra: str) -> Config:
+    return load_config(None, [*SMALL, f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", *extra])
+
+
+def small_model(cfg: Config) -> RDT:
+    torch.manual_seed(0)
+    return RDT(cfg.model)
+
+
+@pytest.mark.parametrize("act", [False, True])
+def test_sweep_in_one_pass_equals_separate_forwards(tmp_path, act):
+    cfg = small_cfg(tmp_path, f"model.act_enabled={str(act).lower()}")
+    model = small_model(cfg).eval()
+    if act:  # halting probabilities well inside (0, 1), so ACT mixing actually happens
+        torch.nn.init.normal_(model.recurrent.halt.weight, std=0.5)
+        torch.nn.init.constant_(model.recurrent.halt.bias, -0.5)
+    loops = (1, 2, 3, 5)
+    batches = list(chain_batches(cfg, "ood1", 0, 32, 16))
+    res = sweep(model, batches, loops)
+    with torch.no_grad():
+        for b, rows in zip(batches, (slice(0, 16), slice(16, 32))):
+            ids_BT = b["input_ids"]
+            one = model(ids_BT, n_loops=5, loops_out=loops, track_deltas=True)
+            pos_B = b["length"]
+            for j, n in enumerate(loops):
+                sep_BTV = model(ids_BT, n_loops=n).logits
+                torch.testing.assert_close(one.loop_logits[n], sep_BTV, rtol=1e-5, atol=1e-5)
+                pred_B = sep_BTV[torch.arange(16), pos_B].argmax(-1).numpy()
+                np.testing.assert_array_equal(res.prediction_NL[rows, j], pred_B)
+    np.testing.assert_array_equal(res.correct_NL, res.prediction_NL == res.answer_N[:, None])
+    assert res.delta_NM.shape == (32, 5) and np.isfinite(res.delta_NM).all()
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 7])
+def test_rank_regions_tile_samples_on_batch_boundaries(world):
+    n, bs = 100, 16
+    regions = [rank_region(n, world, r, bs) for r in range(world)]
+    covered = [i for lo, hi, _ in regions for i in range(lo, hi)]
+    assert covered == list(range(n))
+    assert all(lo % bs == 0 and lo % chunk == 0 for lo, _, chunk in regions)
+
+
+def test_run_eval_store_summary_and_plots(tmp_path, capsys):
+    cfg = small_cfg(tmp_path, "tracking.enabled=false")  # MLflow: test_tracking.py, against a server
+    model = small_model(cfg)
+    res = run_eval(model, cfg, out_dir=tmp_path / "eval", checkpoint="ckpt/step-7")
+    assert res is not None and res.out_dir.name == "eval-1" and res.run_id is None
+
+    root = zarr.open_group(str(res.store), mode="r")
+    assert root.attrs["checkpoint"] == "ckpt/step-7"
+    assert root.attrs["config"] == json.loads(json.dumps(to_dict(cfg)))
+    assert root.attrs["task_spec"]["modulus"] == cfg.data.task.modulus
+    assert root.attrs["git_commit"]
+    ref = sweep(model, chain_batches(cfg, "ood1", 0, 40, 16), (1, 2, 3, 5))
+    g = root["ood1"]
+    np.testing.assert_array_equal(g["prediction"][:], ref.prediction_NL)
+    np.testing.assert_array_equal(g["sample_id"][:], ref.sample_id_N)
+    assert g["delta_norm"].shape == (40, 5)
+    np.testing.assert_allclose(res.summary["splits"]["ood1"]["acc"], ref.correct_NL.mean(0))
+    assert 0 < res.spectral["rho_A"] < 1
+
+    out = capsys.readouterr().out
+    assert "ood1" in out and "@5" in out
+    header = (res.out_dir / "accuracy.csv").read_text().splitlines()[0]
+    assert header == "split,n,acc@1,acc@2,acc@3,acc@5"
+    assert json.loads((res.out_dir / "summary.json").read_text())["loops"] == [1, 2, 3, 5]
+    for name in ["accuracy_vs_loops.png", "accuracy_heatmap.png", "convergence.png", "stability.png"]:
+        png = (res.out_dir / name).read_bytes()
+        assert png.startswith(b"\x89PNG") and len(png) > 1000
+
+
+def test_versions_are_never_overwritten(tmp_path):
+    assert next_version_dir(tmp_path).name == "eval-1"
+    for name in ["eval-1", "eval-3", "eval-x", "other"]:
+        (tmp_path / name).mkdir()
+    assert next_version_dir(tmp_path).name == "eval-4"
+
+
+def test_existing_store_is_refused(tmp_path):
+    cfg = small_cfg(tmp_path)
+    (tmp_path / "s.zarr").mkdir()
+    with pytest.raises(FileExistsError, match=r"s\.zarr"):
+        create_store(tmp_path / "s.zarr", cfg, ["id"], [1], 8, 1, 8, None)
+
+
+@pytest.mark.parametrize("bad", ["0", "1,-2", "2.5", "x", "", [1.5], [True], [0]])
+def test_bad_loop_counts(bad):
+    with pytest.raises(ValueError, match="loop count"):
+        parse_loops(bad)
+
+
+def test_parse_loops_sorts_and_dedups():
+    assert parse_loops(" 4,1,2,2 ") == (1, 2, 4)
+
+
+def test_unknown_split_and_too_many_samples(tmp_path):
+    cfg = small_cfg(tmp_path, "tracking.enabled=false")
+    with pytest.raises(ConfigError, match=r"unknown.*ood7"):
+        check_splits(cfg, ["id", "ood7"])
+    with pytest.raises(ValueError, match="n_samples"):
+        run_eval(small_model(cfg), cfg, n_samples=10_000, out_dir=tmp_path / "e")
+    assert not (tmp_path / "e").exists()  # validated before anything is written
+
+
+def test_cli_eval_and_spectral(tmp_path, capsys):
+    from mythos_dist.cli import main
+
+    raw = {}
+    for item in SMALL:
+        key, value = item.split("=", 1)
+        section, *rest = key.split(".")
+        node = raw.setdefault(section, {})
+        for k in rest[:-1]:
+            node = node.setdefault(k, {})
+        node[rest[-1]] = yaml.safe_load(value)
+    raw["tracking"] = {"enabled": False}
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    assert main(["eval", "--config", str(path), "--loops", "0,2"]) == 2
+    assert "loop counts must be integers ≥ 1" in capsys.readouterr().err
+    assert main(["eval", "--config", str(path), "--splits", "id,nope"]) == 2
+    assert "nope" in capsys.readouterr().err
+    out_dir = tmp_path / "cli"
+    (out_dir / "eval-1").mkdir(parents=True)  # an earlier result: the CLI must write eval-2
+    rc = main(
+        [
+            "eval",
+            "--config",
+            str(path),
+            "--loops",
+            "1,3",
+            "--splits",
+            "id",
+            "--n-samples",
+            "16",
+            "--out",
+            str(out_dir),
+        ]
+    )
+    assert rc == 0 and (out_dir / "eval-2" / "results.zarr" / "id" / "correct").is_dir()
+    assert not any((out_dir / "eval-1").iterdir())
+    assert main(["spectral", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "rho(A)" in out and "Jacobian radius" in out
+
+
+def _write_export(model: RDT, out) -> None:
+    """The export format of mythos_dist.checkpoint: experts unstacked by global id + config.json."""
+    from safetensors.torch import save_file
+
+    from mythos_dist.checkpoint import EXPORT_FORMAT
+
+    tensors = {}
+    for k, v in model.state_dict().items():
+        prefix, _, name = k.rpartition(".experts.")
+        single = {"w_in_EDH": "w_in_DH", "w_out_EHD": "w_out_HD"}.get(name)
+        if prefix and single:
+            tensors |= {f"{prefix}.experts.{g}.{single}": w.contiguous() for g, w in enumerate(v)}
+        else:
+            tensors[k] = v.contiguous()
+    out.mkdir()
+    save_file(tensors, str(out / "model.safetensors"))
+    (out / "config.json").write_text(
+        json.dumps({"format": EXPORT_FORMAT, "step": 3, "model": to_dict(model.cfg)})
+    )
+
+
+def test_load_model_from_export_and_bad_checkpoints(tmp_path):
+    from mythos_dist.evaluate import load_model
+
+    cfg = small_cfg(tmp_path)
+    model = small_model(cfg)
+    with torch.no_grad():
+        model.recurrent.injection.log_A.fill_(0.5)  # differs from any fresh init
+    _write_export(model, tmp_path / "export")
+    loaded = load_model(tmp_path / "export", cfg)
+    batches = list(chain_batches(cfg, "id", 0, 16, 16))
+    np.testing.assert_array_equal(
+        sweep(loaded, batches, (1, 3)).prediction_NL, sweep(model, batches, (1, 3)).prediction_NL
+    )
+    with pytest.raises(FileNotFoundError, match="nope"):
+        load_model(tmp_path / "nope", cfg)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="empty"):
+        load_model(tmp_path / "empty", cfg)

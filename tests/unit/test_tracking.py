@@ -1,0 +1,196 @@
+"""Tracker against a real `mlflow server` (sqlite store) on 127.0.0.1, checked through its REST API."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import warnings
+from pathlib import Path
+
+import pytest
+
+from mythos_dist.config import Config, TrackingConfig, flatten, to_dict
+from mythos_dist.tracking import Tracker, TrackingWarning, resolve_uri
+
+MLFLOW = str(Path(sys.executable).parent / "mlflow")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    def __init__(self, root: Path, port: int):
+        self.root, self.port, self.proc = root, port, None
+        self.url = f"http://127.0.0.1:{port}"
+
+    def start(self) -> None:
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+        cmd = [MLFLOW, "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(self.port)]
+        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
+        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
+        self.proc = subprocess.Popen(
+            cmd, cwd=self.root, env=env, stdout=log, stderr=log, start_new_session=True
+        )
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                urllib.request.urlopen(f"{self.url}/health", timeout=1)
+                return
+            except (urllib.error.URLError, OSError):
+                assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
+                time.sleep(0.3)
+        raise TimeoutError("mlflow server did not come up")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: gunicorn/uvicorn workers too
+            self.proc.wait()
+        self.proc = None
+
+    def get(self, endpoint: str, **params) -> dict:
+        q = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{endpoint}?{q}", timeout=10) as r:
+            return json.loads(r.read())
+
+    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
+        hist = self.get("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
+        return sorted((m["step"], m["value"]) for m in hist)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    srv = Server(tmp_path_factory.mktemp("mlflow"), _free_port())
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def test_run_params_metrics_artifacts_via_rest(server, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    cfg = Config()
+    cfg.train.loops.sigma = 0.25
+    tracker = Tracker(TrackingConfig(experiment="t-basic"), enabled_on_this_rank=True)
+    long_value = "x" * 10_000
+    run_id = tracker.start("basic", to_dict(cfg) | {"note": long_value}, tags={"kind": "test"})
+    assert run_id
+    for step in range(3):
+        tracker.log_metrics({"train/loss": 1.0 / (step + 1), "lr": 0.1}, step=step)
+    (tmp_path / "table.csv").write_text("a,b\n1,2\n")
+    (tmp_path / "store").mkdir()
+    (tmp_path / "store" / "zarr.json").write_text("{}")
+    tracker.log_artifact(tmp_path / "table.csv")
+    tracker.log_artifact(tmp_path / "store", artifact_path="eval")
+    tracker.log_dict({"x": 1}, "summary.json")
+    tracker.finish()
+
+    run = server.get("runs/get", run_id=run_id)["run"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    flat = flatten(to_dict(cfg))
+    assert params["train.loops.sigma"] == "0.25"
+    assert params["data.task.eval_splits.id"] == "[2, 12]"
+    assert set(flat) <= set(params)
+    assert params["note"].endswith("...") and len(params["note"]) <= 6000
+    assert {t["key"]: t["value"] for t in run["data"]["tags"]}["kind"] == "test"
+    assert server.metric_history(run_id, "train/loss") == [(0, 1.0), (1, 0.5), (2, pytest.approx(1 / 3))]
+    top = {f["path"]: f for f in server.get("artifacts/list", run_id=run_id).get("files", [])}
+    assert {"table.csv", "summary.json", "eval"} <= set(top)
+    assert int(top["table.csv"]["file_size"]) > 0
+    nested = server.get("artifacts/list", run_id=run_id, path="eval/store")["files"]
+    assert [f["path"] for f in nested] == ["eval/store/zarr.json"]
+
+
+def test_eval_run_nested_under_training_run(server, tmp_path, monkeypatch):
+    """An evaluation logs metrics, table, plots and the zarr store under the training run."""
+    import torch
+
+    from mythos_dist.config import load_config
+    from mythos_dist.evaluate import acc_metric, run_eval
+    from mythos_dist.model import RDT
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    overrides = ["model.dim=32", "model.n_heads=4", "model.n_kv_heads=2", "model.expert_dim=16"]
+    overrides += ["model.n_experts=4", "data.task.n_eval=16", "tracking.experiment=t-eval"]
+    cfg = load_config(None, overrides)
+    train = Tracker(cfg.tracking, True)
+    parent_id = train.start("train", {"a": 1})
+    torch.manual_seed(0)
+    res = run_eval(
+        RDT(cfg.model), cfg, "1,2", ["id"], 16, tmp_path / "eval", parent_run_id=parent_id, batch_size=8
+    )
+    train.finish()
+
+    run = server.get("runs/get", run_id=res.run_id)["run"]
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["mlflow.parentRunId"] == parent_id
+    metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+    assert metrics[acc_metric("id", 2)] == pytest.approx(res.summary["splits"]["id"]["acc"][1])
+    assert 0 < metrics["spectral/rho_A"] < 1 and metrics["spectral/jacobian_radius"] > 0
+    assert server.metric_history(res.run_id, "eval/id/acc") == [
+        (n, pytest.approx(a)) for n, a in zip((1, 2), res.summary["splits"]["id"]["acc"])
+    ]
+
+    def files(path: str) -> dict[str, int]:
+        listing = server.get("artifacts/list", run_id=res.run_id, path=path).get("files", [])
+        return {f["path"]: int(f.get("file_size", -1)) for f in listing}
+
+    assert set(files("")) >= {"plots", "summary", "results.zarr"}
+    plots = files("plots")
+    assert {
+        f"plots/{n}.png" for n in ("accuracy_vs_loops", "accuracy_heatmap", "convergence", "stability")
+    } <= set(plots)
+    assert all(size > 0 for size in plots.values())
+    assert files("summary")["summary/accuracy.csv"] > 0
+    assert "results.zarr/id/correct" in files("results.zarr/id")
+
+
+def test_disabled_tracker_is_a_no_op(tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/never/mlflow.db")
+    for cfg, rank_ok in [(TrackingConfig(enabled=False), True), (TrackingConfig(), False)]:
+        tracker = Tracker(cfg, rank_ok)
+        assert tracker.start("x", {"a": 1}) is None
+        tracker.log_metrics({"m": 1.0}, step=0)
+        tracker.finish()
+    assert not (tmp_path / "never").exists()
+
+
+def test_sqlite_uri_creates_parent_and_env_overrides(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    uri = f"sqlite:///{tmp_path}/a/b/mlflow.db"
+    assert resolve_uri(TrackingConfig(uri=uri)) == uri
+    assert (tmp_path / "a" / "b").is_dir()
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://example.invalid:1")
+    assert resolve_uri(TrackingConfig(uri=uri)) == "http://example.invalid:1"
+
+
+def test_server_outage_warns_once_and_buffered_metrics_arrive(server, monkeypatch):
+    """Last in the module: it kills the shared server and restarts it on the same port and store."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    tracker = Tracker(TrackingConfig(experiment="t-outage"), True, retry_interval_s=0.0)
+    run_id = tracker.start("outage", {"a": 1})
+    tracker.log_metrics({"loss": 0.0}, step=0)
+    server.stop()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(1, 5):  # "training" goes on while the server is down
+            tracker.log_metrics({"loss": float(step)}, step=step)
+    outage = [w for w in caught if issubclass(w.category, TrackingWarning)]
+    assert len(outage) == 1, [str(w.message) for w in caught]
+    assert tracker.pending == 4
+    server.start()
+    tracker.log_metrics({"loss": 5.0}, step=5)
+    assert tracker.pending == 0
+    tracker.finish()
+    assert server.metric_history(run_id, "loss") == [(s, float(s)) for s in range(6)]
+    assert server.get("runs/get", run_id=run_id)["run"]["info"]["status"] == "FINISHED"
