@@ -30,6 +30,7 @@ import torch.distributed as dist
 
 from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.model.rdt import RDT
+from mythos_dist.objective import answer_forward, answer_positions, valid_positions
 
 Batch = dict[str, torch.Tensor]
 STORE_NAME = "results.zarr"
@@ -83,11 +84,6 @@ def chain_batches(cfg: Config, split: str, start: int, stop: int, batch_size: in
         }
 
 
-def _valid(batch: Batch) -> torch.Tensor:
-    """(B, T) True up to and including EQ: the tokens whose outputs can matter (causal model)."""
-    return torch.arange(batch["input_ids"].shape[1])[None, :] <= batch["length"][:, None]
-
-
 # ------------------------------------------------------------------------------------ the sweep
 
 
@@ -114,26 +110,15 @@ def sweep(model: RDT, batches: Iterable[Batch], loops: Sequence[int]) -> SweepRe
     parts: list[tuple[np.ndarray, ...]] = []
     try:
         for b in batches:
-            ids_BT = b["input_ids"].to(device)
-            mask_BT = b["loss_mask"].to(device)
-            if not bool((mask_BT.sum(1) == 1).all()):
+            b = {k: v.to(device) for k, v in b.items()}
+            if not bool((b["loss_mask"].sum(1) == 1).all()):
                 raise ValueError("each sample's loss_mask must mark exactly one (the EQ) position")
-            pos_B = mask_BT.int().argmax(1)
-            rows_B = torch.arange(ids_BT.shape[0], device=device)
-            # Causal attention: padding after EQ never reaches it, so its FFN/MoE work is skipped,
-            # and the coda's last FFN and the head run at the EQ position only.
-            valid_BT = torch.arange(ids_BT.shape[1], device=device)[None, :] <= pos_B[:, None]
-            out = model(
-                ids_BT,
-                n_loops=loops[-1],
-                loops_out=loops,
-                track_deltas=True,
-                valid_BT=valid_BT,
-                logits_at_B=pos_B,
-            )
+            pos_B = answer_positions(b["loss_mask"])
+            rows_B = torch.arange(len(pos_B), device=device)
+            out = answer_forward(model, b, loops[-1], loops_out=loops, track_deltas=True)
             pred_BL = torch.stack([out.loop_logits[n].argmax(-1) for n in loops], 1)
             delta_BM = torch.stack([d[rows_B, pos_B] for d in out.delta_norms], 1)
-            answer_B = b["answer"].to(device)
+            answer_B = b["answer"]
             fields = (pred_BL, pred_BL == answer_B[:, None], b["length"], answer_B, b["sample_id"], delta_BM)
             parts.append(tuple(t.cpu().numpy() for t in fields))
     finally:
@@ -371,7 +356,7 @@ def main_spectral(
     model = load_model(checkpoint, cfg)
     split = cfg.eval.splits[0]
     batch = next(chain_batches(cfg, split, 0, min(64, cfg.data.task.n_eval), 64))
-    rep = spectral_report(model, batch["input_ids"], n, _valid(batch))
+    rep = spectral_report(model, batch["input_ids"], n, valid_positions(batch["loss_mask"]))
     print(f"checkpoint:         {checkpoint or '(fresh init)'}  inputs: {split}, n_loops={n}")
     print(f"rho(A):             {rep['rho_A']:.6f}")
     print(f"Jacobian radius:    {rep['jacobian_radius']:.6f}  (Rayleigh {rep['jacobian_rayleigh']:+.6f})")
@@ -460,11 +445,12 @@ def run_eval(
         return None
 
     summary = summarize(store)
-    print(format_table(summary))
     files = write_summary(summary, version_dir)
     first = next(chain_batches(cfg, splits[0], 0, min(n, 64), 64))
     device = next(model.parameters()).device
-    spectral = spectral_report(model, first["input_ids"].to(device), max(loops), _valid(first).to(device))
+    spectral = spectral_report(
+        model, first["input_ids"].to(device), max(loops), valid_positions(first["loss_mask"]).to(device)
+    )
     (version_dir / "spectral.json").write_text(json.dumps(spectral, indent=2))
     files += [version_dir / "spectral.json", *write_plots(summary, spectral, version_dir)]
 

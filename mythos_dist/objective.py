@@ -21,6 +21,13 @@ def answer_positions(loss_mask_BT: torch.Tensor) -> torch.Tensor:
     return loss_mask_BT.to(torch.uint8).argmax(dim=1)
 
 
+def valid_positions(loss_mask_BT: torch.Tensor) -> torch.Tensor:
+    """(B, T) True up to and including the answer position: the only tokens whose outputs can
+    matter to it (attention is causal, so right padding after EQ never feeds back)."""
+    pos_B = answer_positions(loss_mask_BT)
+    return torch.arange(loss_mask_BT.shape[1], device=loss_mask_BT.device)[None, :] <= pos_B[:, None]
+
+
 def answer_forward(
     model: RDT,
     batch: Mapping[str, torch.Tensor],
@@ -30,17 +37,14 @@ def answer_forward(
     track_deltas: bool = False,
 ) -> RDTOutput:
     """Forward whose `logits` / `loop_logits` are (B, V) at the answer position."""
-    ids = batch["input_ids"]
-    pos_B = answer_positions(batch["loss_mask"])
-    valid_BT = torch.arange(ids.shape[1], device=ids.device)[None, :] <= pos_B[:, None]
     return model(
-        ids,
+        batch["input_ids"],
         n_loops=n_loops,
         loops_out=loops_out,
         backprop_loops=backprop_loops,
         track_deltas=track_deltas,
-        valid_BT=valid_BT,
-        logits_at_B=pos_B,
+        valid_BT=valid_positions(batch["loss_mask"]),
+        logits_at_B=answer_positions(batch["loss_mask"]),
     )
 
 

@@ -11,6 +11,7 @@ from mythos_dist.evaluate import (
     chain_batches,
     check_splits,
     create_store,
+    format_table,
     next_version_dir,
     parse_loops,
     rank_region,
@@ -78,7 +79,7 @@ def test_rank_regions_tile_samples_on_batch_boundaries(world):
     assert all(lo % bs == 0 and lo % chunk == 0 for lo, _, chunk in regions)
 
 
-def test_run_eval_store_summary_and_plots(tmp_path, capsys):
+def test_run_eval_store_summary_and_plots(tmp_path):
     cfg = small_cfg(tmp_path, "tracking.enabled=false")  # MLflow: test_tracking.py, against a server
     model = small_model(cfg)
     res = run_eval(model, cfg, out_dir=tmp_path / "eval", checkpoint="ckpt/step-7")
@@ -97,8 +98,8 @@ def test_run_eval_store_summary_and_plots(tmp_path, capsys):
     np.testing.assert_allclose(res.summary["splits"]["ood1"]["acc"], ref.correct_NL.mean(0))
     assert 0 < res.spectral["rho_A"] < 1
 
-    out = capsys.readouterr().out
-    assert "ood1" in out and "@5" in out
+    table = format_table(res.summary)
+    assert "ood1" in table and "@5" in table
     header = (res.out_dir / "accuracy.csv").read_text().splitlines()[0]
     assert header == "split,n,acc@1,acc@2,acc@3,acc@5"
     assert json.loads((res.out_dir / "summary.json").read_text())["loops"] == [1, 2, 3, 5]
