@@ -65,6 +65,10 @@ def init_distributed(timeout_s: float) -> DistInfo:
         os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
     cuda = torch.cuda.is_available()
     if not dist.is_initialized():
+        if not cuda:
+            # DeepSpeed's CPU shared-memory allreduce op is JIT-loaded on every init (20-90 s here,
+            # even when cached) and only speeds up its inference allreduce; gloo does our collectives.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(
             dist_backend="nccl" if cuda else "gloo",
             auto_mpi_discovery=False,
