@@ -13,23 +13,28 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
+import socket
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from mythos_dist.config import Config, ModelConfig, from_dict, to_dict
-from mythos_dist.model import RDT
+from mythos_dist.model import RDT, count_params
 from mythos_dist.model.moe import MoEFFN
 
 LATEST = "latest"
 META = "mythos_meta.json"
+# Bytes on disk per parameter: fp32 weights + the optimizer's fp32 copy and two AdamW moments.
+CHECKPOINT_BYTES_PER_PARAM = 16
 EXPORT_FORMAT = "mythos-rdt/1"
 # Must match mythos_dist.parallel (kept literal so exporting needs neither DeepSpeed nor a process group).
 _DS_EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w_in_DH|w_out_HD)$")
@@ -77,19 +82,75 @@ def set_rng_state(state: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- save / resume
 
 
+def checkpoint_bytes(cfg: Config) -> int:
+    """Rough size of one checkpoint (all ranks together), from the parameter count alone."""
+    return count_params(cfg.model).total * CHECKPOINT_BYTES_PER_PARAM
+
+
+def preflight(cfg: Config) -> None:
+    """Fail before training when checkpoint.dir cannot take a checkpoint: not creatable or writable,
+    or less free space than one checkpoint needs. Needs no process group or model."""
+    root = Path(cfg.checkpoint.dir)
+    probe = root / f".write_probe_{socket.gethostname()}_{os.getpid()}"  # unique per rank and node
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"\0")
+        probe.unlink()
+    except OSError as e:
+        raise CheckpointError(f"checkpoint.dir={root} is not writable: {e}") from e
+    need, free = checkpoint_bytes(cfg), shutil.disk_usage(root).free
+    if free < need:
+        raise CheckpointError(
+            f"checkpoint.dir={root}: {free / 2**20:,.1f} MiB free, one checkpoint needs about "
+            f"{need / 2**20:,.1f} MiB ({CHECKPOINT_BYTES_PER_PARAM} bytes per parameter); free space or "
+            "point checkpoint.dir elsewhere"
+        )
+
+
+def _agree(error: OSError | None, root: Path, tag: str) -> None:
+    """Collective: when a write failed on any rank, every rank raises (none waits at a barrier for
+    a rank that gave up) and the partial tag directory is removed; `latest` was not touched."""
+    failed = torch.tensor([float(error is not None)])
+    if dist.is_initialized():
+        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if not failed.item():
+        return
+    if _rank() == 0 and latest_tag(root) != tag:
+        shutil.rmtree(root / tag, ignore_errors=True)
+    _barrier()
+    cause = str(error) if error is not None else "a write failed on another rank"
+    raise CheckpointError(
+        f"saving checkpoint {root / tag} failed ({cause}); removed the partial checkpoint, "
+        f"{LATEST} still names {latest_tag(root)}"
+    )
+
+
 def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None) -> Path:
-    """Collective: every rank writes its part; `latest` moves only once all parts are on disk."""
+    """Collective: every rank writes its part; `latest` moves only once all parts are on disk.
+
+    A write error on any rank (disk full, I/O error) raises CheckpointError on every rank and
+    leaves no partial directory; a killed save leaves one without META, which resume never reads.
+    """
     root = Path(cfg.checkpoint.dir)
     tag = tag_for(step)
-    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-    extra = {"step": step, "data": data_state, "rng": rng_state()}
-    torch.save(extra, root / tag / f"extra_rank{_rank()}.pt")
-    _barrier()
+    error = None
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+        extra = {"step": step, "data": data_state, "rng": rng_state()}
+        torch.save(extra, root / tag / f"extra_rank{_rank()}.pt")
+    except OSError as e:
+        error = e
+    _agree(error, root, tag)
     if _rank() == 0:
-        world = dist.get_world_size() if dist.is_initialized() else 1
-        meta = {"step": step, "world_size": world, "config": to_dict(cfg)}
-        _write_atomic(root / tag / META, json.dumps(meta, indent=1))
-        _write_atomic(root / LATEST, tag)
+        try:
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            meta = {"step": step, "world_size": world, "config": to_dict(cfg)}
+            _write_atomic(root / tag / META, json.dumps(meta, indent=1))
+            _write_atomic(root / LATEST, tag)
+        except OSError as e:
+            error = e
+    _agree(error, root, tag)
+    if _rank() == 0:
         _prune(root, cfg.checkpoint.keep_last)
     _barrier()
     return root / tag
@@ -162,12 +223,22 @@ def resume(engine: Any, cfg: Config) -> tuple[int, dict[str, Any] | None]:
     extra_path = tag_dir / f"extra_rank{_rank()}.pt"
     if not extra_path.is_file():
         raise CheckpointError(f"checkpoint {tag_dir} is partial: {extra_path.name} missing")
-    load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+    try:
+        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # e.g. a truncated file
+        raise CheckpointError(f"cannot load checkpoint {tag_dir}: {e}") from e
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    extra = torch.load(extra_path, map_location="cpu", weights_only=False)
+    extra = _torch_load(extra_path)
     set_rng_state(extra["rng"])
     return int(extra["step"]), extra["data"]
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        raise CheckpointError(f"cannot read {path}: truncated or corrupt ({e})") from e
 
 
 # --------------------------------------------------------------------------- export / import
@@ -202,10 +273,10 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     dense_file = src / "mp_rank_00_model_states.pt"
     if not dense_file.is_file():
         raise CheckpointError(f"checkpoint {src} is partial: {dense_file.name} missing")
-    module = torch.load(dense_file, map_location="cpu", weights_only=False)["module"]
+    module = _torch_load(dense_file)["module"]
     state = {_plain_key(k, prefixes): v for k, v in module.items()}
     for f in sorted(src.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for k, v in torch.load(f, map_location="cpu", weights_only=False).items():
+        for k, v in _torch_load(f).items():
             m = _DS_EXPERT_KEY.match(k)
             if m is None:
                 raise CheckpointError(f"{f.name}: unexpected key {k}")
@@ -263,7 +334,10 @@ def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT
         if diff:
             raise CheckpointError(f"{d} was exported with another model config:\n  " + "\n  ".join(diff))
     cfg = from_dict(ModelConfig, saved["model"], "model")
-    tensors = load_file(str(d / "model.safetensors"))
+    try:
+        tensors = load_file(str(d / "model.safetensors"))
+    except SafetensorError as e:
+        raise CheckpointError(f"cannot read {d / 'model.safetensors'}: truncated or corrupt ({e})") from e
     _check_keys(_expected_export_shapes(cfg), {k: tuple(v.shape) for k, v in tensors.items()}, d)
     model = RDT(cfg)
     for name, m in model.named_modules():

@@ -79,10 +79,16 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mythos_dist.train import train
+    from mythos_dist.checkpoint import CheckpointError
+    from mythos_dist.train import TrainingStopped, train
 
     cfg = load_config(args.config, args.set)
-    summary = train(cfg, stop_after_steps=args.stop_after)
+    try:
+        summary = train(cfg, stop_after_steps=args.stop_after)
+    except (CheckpointError, TrainingStopped) as e:
+        # Explained failures (unwritable/full checkpoint dir, failed save, divergence): no traceback.
+        print(f"mythos train: error: {e}", file=sys.stderr)
+        return 1
     if summary["rank"] == 0:
         keys = ("run_id", "export", "checkpoint", "start_step", "end_step", "final_loss", "final_acc")
         record = {k: summary.get(k) for k in keys} | {"wall_s": summary["wall_s"]}

@@ -222,10 +222,11 @@ class TrainConfig:
     dtype: Literal["fp32", "bf16"] = "fp32"
     seed: int = 0
     log_every: int = 20
+    max_nonfinite_steps: int = 5  # skipped steps (non-finite loss/grad) in a row before stopping
     loops: LoopPolicyConfig = field(default_factory=LoopPolicyConfig)
 
     def validate(self, prefix: str = "train") -> None:
-        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every"):
+        for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):
             _require(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be ≥ 1, got {getattr(self, name)}")
         _require(self.lr > 0, f"{prefix}.lr", "must be > 0")
         _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")

@@ -10,8 +10,10 @@ and owns the tracker.
 from __future__ import annotations
 
 import logging
+import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -21,7 +23,7 @@ import torch.distributed as dist
 from mythos_dist import checkpoint
 from mythos_dist.config import Config, TaskConfig, to_dict
 from mythos_dist.model import RDT, LoopPolicy
-from mythos_dist.objective import answer_forward, loss_and_metrics
+from mythos_dist.objective import answer_forward, answer_positions, loss_and_metrics
 from mythos_dist.parallel import (
     build_engine,
     init_distributed,
@@ -86,6 +88,60 @@ class ChainBatches:
         self.consumed = int(state["consumed"])
 
 
+@dataclass(frozen=True)
+class StepInfo:
+    """What `train(on_step=...)` receives after every optimizer step, on every rank."""
+
+    step: int  # optimizer steps done, 1-based
+    sample_ids: list[int]  # this rank's samples of the step, in order
+    skipped: bool  # update dropped: non-finite loss or gradient on some rank (same on all ranks)
+    loss: float  # mean over ranks and micro batches; nan on a skipped step
+    model: torch.nn.Module  # this rank's (expert-parallel) module
+
+
+class TrainingStopped(RuntimeError):
+    """Training cannot usefully go on; the message names the cause and the checkpoint saved."""
+
+
+def loop_divergence(delta_norms: list[float]) -> str | None:
+    """Why the hidden state looks divergent across loops, or None.
+
+    delta_norms: ‖h_t − h_{t−1}‖ per loop. Divergent: any is non-finite, or it grew over each of the
+    last two loops (a contractive recurrence shrinks its steps; growth there means extrapolating to
+    more loops will blow up).
+    """
+    shown = ", ".join(f"{d:.3g}" for d in delta_norms[-3:])
+    if not all(math.isfinite(d) for d in delta_norms):
+        return f"‖h_t − h_t-1‖ is non-finite (last loops: {shown})"
+    last = delta_norms[-3:]
+    if len(last) == 3 and last[0] < last[1] < last[2]:
+        return f"‖h_t − h_t-1‖ grows over the last loops ({shown})"
+    return None
+
+
+def _any_nonfinite_grad(engine: Any) -> bool:
+    """All-reduced, so every rank agrees (expert gradients are reduced within their group only)."""
+    grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
+    bad = torch.tensor([float(not all(torch.isfinite(g).all() for g in grads))])
+    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+    return bool(bad.item())
+
+
+def _step_without_update(engine: Any) -> None:
+    """engine.step() with the optimizer's update disabled, for ZeRO-0 in fp32, where DeepSpeed has
+    no overflow check and would apply non-finite gradients. Gradients are zeroed first since its
+    clipping still runs on them. Parameters and AdamW moments stay untouched (the LR schedule
+    advances)."""
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.zero_()
+    engine.optimizer.step = lambda *_, **__: None  # an instance attribute shadows the method
+    try:
+        engine.step()
+    finally:
+        del engine.optimizer.step
+
+
 def default_batches(cfg: Config) -> BatchSource:
     """The streaming loader over the MDS shards in data.remote (`mythos data build` writes them)."""
     from data_pipeline.digit_chain import TRAIN
@@ -104,6 +160,7 @@ def train(
     batches: BatchSource | None = None,
     stop_after_steps: int | None = None,
     log: Any = print,
+    on_step: Callable[[StepInfo], None] | None = None,
 ) -> dict[str, Any]:
     """Train (resuming from checkpoint.dir/latest when enabled); returns a summary on every rank:
     per-step losses, final loss/acc, tokens/s, checkpoint and export paths, MLflow run id, the
@@ -111,7 +168,13 @@ def train(
 
     stop_after_steps: leave after that many steps of this call (after checkpointing), e.g. to fit
     a job into a scheduler's time limit; the schedule still spans train.steps.
+    on_step: called after every optimizer step (before its checkpoint), e.g. to record sample ids.
+
+    A step whose loss or gradient is non-finite on any rank is skipped on every rank (no update);
+    after train.max_nonfinite_steps of them in a row the last good state is checkpointed and
+    TrainingStopped is raised.
     """
+    checkpoint.preflight(cfg)  # unwritable or full checkpoint dir: fail now, not after the first interval
     info = init_distributed(cfg.parallel.timeout_s)
     cfg.validate(world_size=info.world_size)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
@@ -139,7 +202,10 @@ def train(
     end = t.steps if stop_after_steps is None else min(t.steps, start + stop_after_steps)
     losses: list[float] = []
     grad_norms: list[float] = []  # global, before clipping
-    stats_S = torch.zeros(4, dtype=torch.float64)
+    stats_S = torch.zeros(5, dtype=torch.float64)
+    skipped_steps: list[int] = []
+    in_row = 0  # consecutive skipped steps
+    diverging = False  # the hidden state looked divergent at the previous log step
     summary: dict[str, Any] = {"rank": info.rank, "start_step": start, "run_id": tracker.run_id}
     summary["ds_config"] = ds_cfg
     summary["model"] = engine.module
@@ -150,20 +216,37 @@ def train(
         engine.train()
         for step in range(start, end):
             choice = policy(step)
-            stats_S.zero_()  # loss sum, ce sum, correct, samples (this rank)
-            for _ in range(t.grad_accum_steps):
+            log_now = (step + 1) % t.log_every == 0 or step + 1 == end
+            stats_S.zero_()  # loss sum, ce sum, correct, samples, non-finite losses (this rank)
+            sample_ids: list[int] = []
+            dropped = False
+            for micro in range(t.grad_accum_steps):
+                last_micro = micro == t.grad_accum_steps - 1
                 try:
                     batch = next(it)
                 except StopIteration:  # epoch end of a finite loader
                     it = iter(batches)
                     batch = next(it)
                 batch = {k: v.to(info.device) for k, v in batch.items()}
-                out = answer_forward(engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops)
+                track = log_now and last_micro  # loop stability metrics from one micro batch
+                out = answer_forward(
+                    engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops, track_deltas=track
+                )
                 loss, m = loss_and_metrics(out, batch, cfg.model)
+                finite = bool(torch.isfinite(loss))
+                if not finite:
+                    # Make every gradient of this step NaN: DeepSpeed's non-finite check on the
+                    # global grad norm (identical on all ranks) then skips the update everywhere.
+                    loss = loss * float("nan")
                 engine.backward(loss)
-                engine.step()
+                if last_micro and cfg.parallel.zero_stage == 0 and _any_nonfinite_grad(engine):
+                    dropped = True
+                    _step_without_update(engine)
+                else:
+                    engine.step()
                 n = len(batch["answer"])
-                stats_S += torch.tensor([loss.item(), m["ce"].item(), m["acc"].item() * n, n])
+                stats_S += torch.tensor([loss.item(), m["ce"].item(), m["acc"].item() * n, n, not finite])
+                sample_ids += batch["sample_id"].tolist()
                 tokens += batch["input_ids"].numel()
             loads = sync_router_biases(engine.module)
             global_S = stats_S.clone()
@@ -171,9 +254,21 @@ def train(
             n_micro = t.grad_accum_steps * info.world_size
             step_loss = global_S[0].item() / n_micro
             losses.append(step_loss)
-            grad_norms.append(float(engine.get_global_grad_norm()))
+            norm = engine.get_global_grad_norm()  # None at ZeRO-0: a plain torch optimizer reports none
+            grad_norms.append(math.nan if norm is None else float(norm))
             done = step + 1
-            if done % t.log_every == 0 or done == end:
+            skipped = dropped or not engine.was_step_applied()
+            if skipped:
+                skipped_steps.append(done)
+                in_row += 1
+                say(
+                    f"step {done}: non-finite loss or gradient ({int(global_S[4].item())} of {n_micro} "
+                    f"micro batches with a non-finite loss), update skipped ({in_row} in a row)"
+                )
+                tracker.log_metrics({"nonfinite_steps": len(skipped_steps)}, step=done)
+            else:
+                in_row = 0
+            if log_now:
                 elapsed = time.perf_counter() - t0
                 tok_s = tokens * info.world_size / elapsed
                 metrics = {
@@ -185,7 +280,20 @@ def train(
                     "tokens_per_s": tok_s,
                     "n_loops": choice.n_loops,
                     "rho_A": injection_radius(engine.module),
+                    "nonfinite_steps": len(skipped_steps),
                 }
+                # ‖h_t − h_{t−1}‖ over the real tokens (up to EQ) of this rank's last micro batch
+                pos_B = answer_positions(batch["loss_mask"]).cpu()
+                valid_BT = torch.arange(batch["input_ids"].shape[1]) <= pos_B[:, None]
+                deltas = [(d.cpu() * valid_BT).square().sum().sqrt().item() for d in out.delta_norms]
+                if len(deltas) >= 2:
+                    metrics["loop/delta_last"] = deltas[-1]
+                    metrics["loop/delta_growth"] = deltas[-1] / deltas[-2] if deltas[-2] > 0 else math.inf
+                why = loop_divergence(deltas)
+                metrics["loop/diverging"] = float(why is not None)
+                if why is not None and not diverging:  # warn when it starts, not at every log step
+                    say(f"warning: step {done}: hidden state diverging across loops: {why}")
+                diverging = why is not None
                 for i, load_E in enumerate(loads):  # expert load balance per MoE layer
                     load_E = load_E.double()
                     metrics[f"moe{i}/load_max_over_mean"] = (load_E.max() / load_E.mean()).item()
@@ -197,9 +305,19 @@ def train(
                 )
                 tracker.log_metrics(metrics, step=done)
                 summary.update(final_acc=metrics["acc"], tokens_per_s=tok_s)
-            if done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            if on_step is not None:
+                on_step(StepInfo(done, sample_ids, skipped, step_loss, engine.module))
+            stop = in_row >= t.max_nonfinite_steps
+            if stop or done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 state = batches.state_dict() if hasattr(batches, "state_dict") else None
                 summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state))
+            if stop:
+                raise TrainingStopped(
+                    f"steps {done - in_row + 1}-{done} all had a non-finite loss or gradient "
+                    f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); their updates were skipped, so "
+                    f"{summary['checkpoint']} holds the last good state (that of step {done - in_row}). "
+                    "Lower train.lr or train.grad_clip, or check the data, then resume"
+                )
         if end == t.steps and "checkpoint" in summary:
             export_dir = f"{cfg.checkpoint.dir}/export"
             if rank0:
@@ -214,6 +332,7 @@ def train(
         end_step=end,
         losses=losses,
         grad_norms=grad_norms,
+        skipped_steps=skipped_steps,
         final_loss=losses[-1] if losses else None,
         wall_s=time.perf_counter() - t0 if end > start else 0.0,
     )

@@ -1,0 +1,86 @@
+"""Launching the fault-injecting worker: each rank a plain process (no torchrun agent, which would
+kill the surviving ranks itself and so hide how they fail on their own), and reading its records."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from tests.multiproc import REPO, free_port, worker_env
+
+WORKER = Path(__file__).with_name("_worker.py")
+# Tiny MoE RDT as in tests/distributed: dim 32, 4 experts (2 per rank at ep_size=2), top-2.
+TINY = [
+    "model.dim=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.n_experts=4",
+    "model.n_experts_per_tok=2",
+    "model.expert_dim=16",
+    "model.lora_rank=4",
+    "train.micro_batch_size=8",
+    "train.warmup_steps=1",
+    "train.lr=0.01",
+    "train.loops.n_loops=2",
+    "train.log_every=1",
+    "data.task.n_train=2000",
+    "tracking.enabled=false",
+]
+
+
+def start_ranks(tmp: Path, out: Path, nproc: int, *args: str, sets: list[str] = ()) -> list[subprocess.Popen]:
+    """Start rank 0..nproc-1 of one job (logs in out/log_rank<r>.txt); nproc=1: no process group env."""
+    out.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(WORKER), str(out), *args, *(a for s in (*TINY, *sets) for a in ("--set", s))]
+    port = str(free_port())
+    procs = []
+    for rank in range(nproc):
+        extra = {}
+        if nproc > 1:
+            extra = dict(
+                RANK=str(rank),
+                LOCAL_RANK=str(rank),
+                WORLD_SIZE=str(nproc),
+                LOCAL_WORLD_SIZE=str(nproc),
+                MASTER_ADDR="127.0.0.1",
+                MASTER_PORT=port,
+            )
+        env = worker_env(tmp, **extra)
+        with open(out / f"log_rank{rank}.txt", "w") as log:  # the child keeps its own descriptor
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=REPO))
+    return procs
+
+
+def run_ranks(
+    tmp: Path, out: Path, nproc: int, *args: str, sets: list[str] = (), timeout: float = 240
+) -> None:
+    procs = start_ranks(tmp, out, nproc, *args, sets=sets)
+    deadline = time.monotonic() + timeout
+    try:
+        for p in procs:
+            p.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def logs(out: Path) -> str:
+    return "".join(f"--- {f.name}\n{f.read_text()[-3000:]}\n" for f in sorted(out.glob("log_rank*.txt")))
+
+
+def steps(out: Path, rank: int) -> list[dict[str, Any]]:
+    f = out / f"steps_rank{rank}.jsonl"
+    assert f.is_file(), f"no {f.name}\n{logs(out)}"
+    return [json.loads(line) for line in f.read_text().splitlines()]
+
+
+def result(out: Path, rank: int) -> dict[str, Any]:
+    f = out / f"result_rank{rank}.json"
+    assert f.is_file(), f"no {f.name}\n{logs(out)}"
+    return json.loads(f.read_text())

@@ -1,0 +1,126 @@
+"""Training worker with injected faults, for the reliability tests (one process per rank).
+
+Usage: _worker.py OUT [--streaming] [--fault KIND@STEP:RANK ...] [--set section.key=value ...]
+  --streaming         train on the MDS shards in data.remote (the real loader), else ChainBatches
+  kill@S:R            rank R SIGKILLs itself right after step S (after it is recorded)
+  nan-loss@S:R        rank R's embedding output is NaN during step S: non-finite hidden state and loss
+  inf-grad@S:R        rank R's forward is finite during step S but its backward gives inf gradients
+  kill-save@S:R       rank R SIGKILLs itself while saving step S: after DeepSpeed's files, before ours
+  enospc-save@S:R     rank R's write of its own file of checkpoint S fails with ENOSPC (disk full)
+
+Writes OUT/steps_rank<r>.jsonl, one line per optimizer step: step, sample ids, skipped, loss and a
+digest of this rank's parameters; then OUT/result_rank<r>.json: start/end step, skipped steps, and
+the error type and message when train() raised (the process then exits with 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import hashlib
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mythos_dist import checkpoint
+from mythos_dist.config import load_config
+from mythos_dist.train import ChainBatches, StepInfo, train
+
+
+class _InfGrad(torch.autograd.Function):
+    """Identity forward, infinite backward: a non-finite gradient behind a finite loss."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor) -> torch.Tensor:
+        return g * float("inf")
+
+
+def digest(model: nn.Module) -> str:
+    h = hashlib.sha256()
+    for p in model.parameters():
+        h.update(p.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("out", type=Path)
+    ap.add_argument("--streaming", action="store_true")
+    ap.add_argument("--fault", action="append", default=[])
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+    cfg = load_config(None, args.set)
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    faults: dict[tuple[str, int], bool] = {}  # (kind, step) -> applies on this rank
+    for spec in args.fault:
+        kind, _, where = spec.partition("@")
+        step, _, r = where.partition(":")
+        if int(r) == rank:
+            faults[(kind, int(step))] = True
+    tag = checkpoint.latest_tag(cfg.checkpoint.dir)
+    current = {"step": (int(tag.split("_")[1]) if tag else 0) + 1}  # the step being trained
+
+    def poison(module: nn.Module, _inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not isinstance(module, nn.Embedding) or not module.training:
+            return None
+        if faults.get(("nan-loss", current["step"])):
+            return output * float("nan")
+        if faults.get(("inf-grad", current["step"])):
+            return _InfGrad.apply(output)
+        return None
+
+    nn.modules.module.register_module_forward_hook(poison)
+
+    real_save = torch.save
+
+    def faulty_save(obj: Any, f: Any, *a: Any, **kw: Any) -> None:
+        name = str(f)
+        if name.endswith(f"extra_rank{rank}.pt"):
+            step = int(Path(name).parent.name.split("_")[1])
+            if faults.get(("kill-save", step)):
+                os.kill(os.getpid(), signal.SIGKILL)
+            if faults.get(("enospc-save", step)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), name)
+        real_save(obj, f, *a, **kw)
+
+    torch.save = faulty_save
+    args.out.mkdir(parents=True, exist_ok=True)
+
+    def on_step(info: StepInfo) -> None:
+        record = {
+            "step": info.step,
+            "ids": info.sample_ids,
+            "skipped": info.skipped,
+            "loss": info.loss,
+            "digest": digest(info.model),
+        }
+        with open(args.out / f"steps_rank{rank}.jsonl", "a") as f:  # closed: complete lines survive a kill
+            f.write(json.dumps(record) + "\n")
+        current["step"] = info.step + 1
+        if faults.get(("kill", info.step)):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    batches = None if args.streaming else ChainBatches(cfg.data.task, cfg.train.micro_batch_size, rank, world)
+    result: dict[str, Any] = {"error_type": None, "error": None}
+    try:
+        summary = train(cfg, batches, on_step=on_step)
+        result |= {k: summary[k] for k in ("start_step", "end_step", "skipped_steps")}
+    except Exception as e:  # recorded for the test, which checks the message
+        result |= {"error_type": type(e).__name__, "error": str(e)}
+    (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))
+    print(f"rank {rank} result: {result}", flush=True)
+    sys.exit(1 if result["error"] else 0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,129 @@
+"""Checkpoint faults and bad checkpoints. One single-process run (ZeRO-0) is shared: it skips a NaN
+step (the ZeRO-0 path, where DeepSpeed itself would apply non-finite gradients) and is SIGKILLed
+while writing its step-4 checkpoint. Its intact step-2 checkpoint then serves the bad-input tests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from mythos_dist import checkpoint
+from mythos_dist.checkpoint import (
+    CheckpointError,
+    check_compatible,
+    export,
+    latest_tag,
+    load_exported,
+    read_meta,
+)
+from mythos_dist.config import load_config
+from tests.reliability._common import TINY, logs, run_ranks, steps
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("save_kill")
+    sets = ["train.steps=4", "checkpoint.every=2", "parallel.zero_stage=0", f"checkpoint.dir={tmp / 'ckpt'}"]
+    run_ranks(tmp, tmp / "out", 1, "--fault", "nan-loss@3:0", "--fault", "kill-save@4:0", sets=sets)
+    return tmp
+
+
+@pytest.mark.distributed
+def test_kill_during_save_keeps_previous_checkpoint(run: Path, tmp_path: Path) -> None:
+    ckpt = run / "ckpt"
+    assert [r["step"] for r in steps(run / "out", 0)] == [1, 2, 3, 4]
+    assert not (run / "out" / "result_rank0.json").exists(), logs(run / "out")  # it died in save
+    assert latest_tag(ckpt) == "step_00000002"
+    partial = ckpt / "step_00000004"
+    assert (partial / "mp_rank_00_model_states.pt").is_file()  # DeepSpeed's part was written
+    with pytest.raises(CheckpointError, match=r"is partial .* interrupted while saving"):
+        read_meta(partial)
+    model = load_exported(export(ckpt, tmp_path / "export"))  # `latest` -> step 2, loads completely
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+@pytest.mark.distributed
+def test_zero0_nonfinite_step_skipped_params_unchanged(run: Path) -> None:
+    rows = steps(run / "out", 0)
+    assert [r["step"] for r in rows if r["skipped"]] == [3]
+    assert rows[2]["digest"] == rows[1]["digest"]
+    assert rows[3]["digest"] != rows[2]["digest"]
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(
+    "name", ["mp_rank_00_model_states.pt", "layer_0_expert_3_mp_rank_00_model_states.pt"]
+)
+def test_truncated_checkpoint_file_is_a_clear_error(run: Path, tmp_path: Path, name: str) -> None:
+    tag = shutil.copytree(run / "ckpt" / "step_00000002", tmp_path / "step_00000002")
+    os.truncate(tag / name, (tag / name).stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=f"cannot read {tag / name}: truncated or corrupt"):
+        export(tag, tmp_path / "export")
+
+
+@pytest.mark.distributed
+def test_truncated_export_is_a_clear_error(run: Path, tmp_path: Path) -> None:
+    out = export(run / "ckpt", tmp_path / "export")
+    f = out / "model.safetensors"
+    os.truncate(f, f.stat().st_size // 2)
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: truncated or corrupt"):
+        load_exported(out)
+
+
+class _TorchLoadEngine:
+    """Stands in for DeepSpeed's engine at resume: its load_checkpoint torch.loads the module file."""
+
+    def load_checkpoint(self, root: str, tag: str, **_: Any) -> tuple[str, dict]:
+        torch.load(Path(root) / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        return root, {}
+
+
+@pytest.mark.distributed
+def test_resume_from_truncated_checkpoint_is_a_clear_error(run: Path, tmp_path: Path) -> None:
+    ckpt = shutil.copytree(run / "ckpt", tmp_path / "ckpt")
+    dense = ckpt / "step_00000002" / "mp_rank_00_model_states.pt"
+    os.truncate(dense, dense.stat().st_size // 2)
+    cfg = load_config(None, [*TINY, "parallel.zero_stage=0", f"checkpoint.dir={ckpt}"])
+    with pytest.raises(CheckpointError, match=r"cannot load checkpoint .*step_00000002: .*zip archive"):
+        checkpoint.resume(_TorchLoadEngine(), cfg)
+
+
+@pytest.mark.distributed
+def test_resume_with_other_model_lists_every_mismatch(run: Path) -> None:
+    tag = run / "ckpt" / "step_00000002"
+    cfg = load_config(None, [*TINY, "model.n_experts=8", "model.dim=64", "parallel.zero_stage=0"])
+    with pytest.raises(CheckpointError, match="does not match this run") as e:
+        check_compatible(read_meta(tag), cfg, 2, tag)
+    for line in (
+        "model.n_experts: checkpoint 4, this run 8",
+        "model.dim: checkpoint 32, this run 64",
+        "world size: checkpoint 1, this run 2",
+    ):
+        assert line in str(e.value)
+
+
+def test_preflight_refuses_too_little_free_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, [*TINY, f"checkpoint.dir={tmp_path / 'ckpt'}"])
+    need = checkpoint.checkpoint_bytes(cfg)
+    monkeypatch.setattr(
+        checkpoint.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**12, 0, need - 1)
+    )
+    with pytest.raises(CheckpointError, match=r"MiB free, one checkpoint needs about .* MiB"):
+        checkpoint.preflight(cfg)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda _: shutil._ntuple_diskusage(10**12, 0, need))
+    checkpoint.preflight(cfg)
+    assert list((tmp_path / "ckpt").iterdir()) == []  # the write probe is gone
+
+
+def test_preflight_refuses_unwritable_dir(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("")
+    cfg = load_config(None, [*TINY, f"checkpoint.dir={tmp_path / 'file' / 'ckpt'}"])
+    with pytest.raises(
+        CheckpointError, match=r"checkpoint.dir=.*file/ckpt is not writable: .*Not a directory"
+    ):
+        checkpoint.preflight(cfg)
