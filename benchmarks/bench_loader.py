@@ -1,6 +1,7 @@
-"""Loader throughput: samples/s that the streaming loader delivers for a split, by worker count.
+"""Loader throughput beside training consumption: samples/s the streaming loader delivers for a
+split (by worker count) and samples/s one training step of the config's model consumes, one run.
 
-    python benchmarks/bench_loader.py [--config X] [--set k=v ...] [--workers 0 1 2] [--batches 200]
+    python benchmarks/bench_loader.py --config configs/digit_chain.yaml [--workers 0 1 2]
 
 Builds the shards first if they are missing (a no-op when an identical verified build is in place).
 The rate excludes the first batches (worker start-up, first shard copies into the local cache).
@@ -54,6 +55,29 @@ def loader_samples_per_s(
     return n / seconds
 
 
+def training_samples_per_s(cfg: Config, steps: int = 10) -> float:
+    """Samples/s one process trains on (fwd+bwd+AdamW at the fixed loop count, answer-position loss):
+    what one rank's loader must keep up with."""
+    import torch
+
+    from mythos_dist.evaluate import chain_batches
+    from mythos_dist.model import RDT
+    from mythos_dist.objective import answer_forward, loss_and_metrics
+
+    model = RDT(cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # train-length chains: the id split shares the training length range
+    batch = next(chain_batches(cfg, "id", 0, cfg.train.micro_batch_size, cfg.train.micro_batch_size))
+    for i in range(steps + 2):
+        if i == 2:
+            t0 = time.perf_counter()
+        loss, _ = loss_and_metrics(answer_forward(model, batch, cfg.train.loops.n_loops), batch, cfg.model)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    return steps * cfg.train.micro_batch_size / (time.perf_counter() - t0)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default=None)
@@ -66,11 +90,15 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.set)
     batch = args.batch_size or cfg.train.micro_batch_size
     print(f"loader throughput, split={args.split}, batch={batch}, shards={cfg.data.remote}")
+    consumed = training_samples_per_s(cfg)
+    print(f"  training consumes (1 process, {cfg.train.loops.n_loops} loops): {consumed:12,.0f} samples/s")
     for workers in args.workers or [cfg.data.num_workers]:
         rate = loader_samples_per_s(
             cfg, split=args.split, batch_size=batch, num_workers=workers, batches=args.batches
         )
-        print(f"  workers={workers}: {rate:12,.0f} samples/s")
+        print(
+            f"  workers={workers}: {rate:12,.0f} samples/s  = {rate / consumed:6.1f}x what training consumes"
+        )
 
 
 if __name__ == "__main__":
