@@ -95,3 +95,22 @@ def run_torchrun(
             f"timed out after {timeout} s: {cmd}\n{stdout[-3000:]}\n{stderr[-3000:]}"
         ) from None
     return subprocess.CompletedProcess(cmd, proc.returncode, stdout, stderr)
+
+
+# A tiny MoE RDT (4 experts: 2 per rank at ep_size=2, top-2) for real multi-rank training tests.
+TINY_MODEL = [
+    "model.dim=32",
+    "model.n_heads=2",
+    "model.n_kv_heads=1",
+    "model.n_experts=4",
+    "model.n_experts_per_tok=2",
+    "model.expert_dim=16",
+    "model.lora_rank=4",
+    "train.micro_batch_size=8",
+    "train.warmup_steps=1",
+    "train.lr=0.01",
+    "train.loops.n_loops=2",
+    "train.log_every=1",
+    "data.task.n_train=2000",
+    "tracking.enabled=false",
+]

@@ -14,30 +14,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.multiproc import free_port, run, start, torchrun, worker_env
+from tests.multiproc import TINY_MODEL, free_port, run, start, torchrun, worker_env
 
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("train_worker.py")
-TINY = [
-    "model.dim=32",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.n_experts=4",
-    "model.n_experts_per_tok=2",
-    "model.n_shared_experts=1",
-    "model.expert_dim=16",
-    "model.lora_rank=4",
-    "train.steps=4",
-    "train.micro_batch_size=8",
-    "train.warmup_steps=1",
-    "train.lr=0.01",
-    "train.grad_clip=0.5",
-    "train.loops.n_loops=2",
-    "train.log_every=1",
-    "data.task.n_train=2000",
-    "tracking.enabled=false",
-]
+TINY = [*TINY_MODEL, "model.n_shared_experts=1", "train.steps=4", "train.grad_clip=0.5"]
 EP2_Z2 = ("parallel.ep_size=2", "parallel.zero_stage=2", "checkpoint.every=2")
 
 

@@ -10,26 +10,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.multiproc import REPO, free_port, worker_env
+from tests.multiproc import REPO, TINY_MODEL, free_port, worker_env
 
 WORKER = Path(__file__).with_name("_worker.py")
-# Tiny MoE RDT as in tests/distributed: dim 32, 4 experts (2 per rank at ep_size=2), top-2.
-TINY = [
-    "model.dim=32",
-    "model.n_heads=2",
-    "model.n_kv_heads=1",
-    "model.n_experts=4",
-    "model.n_experts_per_tok=2",
-    "model.expert_dim=16",
-    "model.lora_rank=4",
-    "train.micro_batch_size=8",
-    "train.warmup_steps=1",
-    "train.lr=0.01",
-    "train.loops.n_loops=2",
-    "train.log_every=1",
-    "data.task.n_train=2000",
-    "tracking.enabled=false",
-]
+TINY = TINY_MODEL
 
 
 def start_ranks(tmp: Path, out: Path, nproc: int, *args: str, sets: list[str] = ()) -> list[subprocess.Popen]:
