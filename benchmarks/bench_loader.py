@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--workers", type=int, nargs="+", default=None, help="worker counts to compare")
     p.add_argument("--batches", type=int, default=200)
+    p.add_argument("--threads", type=int, default=1, help="torch threads: one rank's share of the cores")
     args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
     cfg = load_config(args.config, args.set)
     batch = args.batch_size or cfg.train.micro_batch_size
     print(f"loader throughput, split={args.split}, batch={batch}, shards={cfg.data.remote}")
