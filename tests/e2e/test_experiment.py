@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import mlflow
 import zarr
 from mlflow.tracking import MlflowClient
 
@@ -76,8 +75,8 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     assert "ood2" in out and "@6" in out and "mlflow ui --backend-store-uri" in out
 
     # MLflow: a training run with metrics and an eval run nested under it with the table and plots
-    mlflow.set_tracking_uri(f"sqlite:///{db}")
-    client = MlflowClient()
+    # Not mlflow.set_tracking_uri: it exports MLFLOW_TRACKING_URI, which later tests' workers inherit.
+    client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     train_run = client.get_run(summary["run_id"])
     assert train_run.info.status == "FINISHED"
     assert {"loss", "lr", "rho_A", "tokens_per_s"} <= set(train_run.data.metrics)
