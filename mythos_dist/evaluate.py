@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -31,6 +30,7 @@ import torch.distributed as dist
 from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.model.rdt import RDT
 from mythos_dist.objective import answer_forward, answer_positions, valid_positions
+from mythos_dist.tracking import git_commit
 
 Batch = dict[str, torch.Tensor]
 STORE_NAME = "results.zarr"
@@ -145,22 +145,6 @@ def next_version_dir(out_dir: Path) -> Path:
     return out_dir / f"eval-{max(taken, default=0) + 1}"
 
 
-def _git_commit() -> str:
-    """HEAD of the source tree, with '-dirty' when it has uncommitted changes; 'unknown' outside git."""
-    cwd = Path(__file__).resolve().parent
-
-    def git(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
-
-    try:
-        sha = git("rev-parse", "HEAD")
-        if sha.returncode != 0:
-            return "unknown"
-        return sha.stdout.strip() + ("-dirty" if git("status", "--porcelain").stdout.strip() else "")
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
 def create_store(
     path: Path,
     cfg: Config,
@@ -184,7 +168,7 @@ def create_store(
             "checkpoint": checkpoint or "",
             "config": to_dict(cfg),
             "task_spec": task_spec(cfg.data.task),
-            "git_commit": _git_commit(),
+            "git_commit": git_commit(),
             "loops": list(loops),
             "splits": list(splits),
             "n_samples": n_samples,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import subprocess
 import time
 import warnings
 from collections import deque
@@ -54,6 +55,22 @@ def _param_str(value: Any) -> str:
 def _truncate(text: str, limit: int) -> str:
     # Keep a visible marker so a cut value is never mistaken for the real one.
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def git_commit() -> str:
+    """HEAD of the source tree, with '-dirty' when it has uncommitted changes; 'unknown' outside git."""
+    cwd = Path(__file__).resolve().parent
+
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=10)
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        if sha.returncode != 0:
+            return "unknown"
+        return sha.stdout.strip() + ("-dirty" if git("status", "--porcelain").stdout.strip() else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
 
 
 class Tracker:

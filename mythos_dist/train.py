@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -194,10 +195,15 @@ def train(
     if start:
         say(f"resumed from {cfg.checkpoint.dir} at step {start}")
 
-    from mythos_dist.tracking import Tracker
+    from mythos_dist.tracking import Tracker, git_commit
 
     tracker = Tracker(cfg.tracking, enabled_on_this_rank=rank0)
-    tracker.start(cfg.tracking.run_name or f"train-w{info.world_size}-ep{cfg.parallel.ep_size}", to_dict(cfg))
+    hosts: list[str | None] = [None] * info.world_size
+    dist.all_gather_object(hosts, socket.gethostname())
+    run_info = {"world_size": info.world_size, "hosts": ",".join(sorted(set(map(str, hosts)))),
+                "git_commit": git_commit()}  # fmt: skip
+    run_name = cfg.tracking.run_name or f"train-w{info.world_size}-ep{cfg.parallel.ep_size}"
+    tracker.start(run_name, {**to_dict(cfg), "run": run_info})
     policy = LoopPolicy(t.loops, t.seed)
     end = t.steps if stop_after_steps is None else min(t.steps, start + stop_after_steps)
     losses: list[float] = []

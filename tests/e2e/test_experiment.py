@@ -79,7 +79,10 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     client = MlflowClient(tracking_uri=f"sqlite:///{db}")
     train_run = client.get_run(summary["run_id"])
     assert train_run.info.status == "FINISHED"
-    assert {"loss", "lr", "rho_A", "tokens_per_s"} <= set(train_run.data.metrics)
+    assert {"loss", "lr", "rho_A", "tokens_per_s", "moe0/load_cv"} <= set(train_run.data.metrics)
+    params = train_run.data.params
+    assert params["run.world_size"] == "2" and params["parallel.ep_size"] == "2" and params["run.hosts"]
+    assert len(params["run.git_commit"]) >= 40
     children = client.search_runs(
         [train_run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{train_run.info.run_id}'"
     )
