@@ -55,7 +55,8 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     set_args = [a for kv in overrides for a in ("--set", kv)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
            "-m", "mythos_dist.cli", "train", "--config", config, *set_args]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    # One rank's share of the cores, unless the caller chose (several jobs sharing a machine).
+    env = {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc)), **os.environ}
     rc = subprocess.run(cmd, env=env).returncode
     # A rank can rarely abort at exit after finishing: judge by the summary rank 0 writes last.
     if not summary_path.is_file():
