@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_pipeline.digit_chain import TRAIN, generate
+from data_pipeline.loader import chains_batch
 from mythos_dist.config import ModelConfig, TaskConfig
 from mythos_dist.model import RDT
 from mythos_dist.model import moe as moe_mod
@@ -108,12 +109,9 @@ def train_step_case(repeats: int) -> list[tuple[str, float, float]]:
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     # One real batch of training chains (lengths 2-12, right-padded to 13 tokens) for both.
-    chains = generate(TaskConfig(n_train=B, n_eval=100), TRAIN, 0, B)
-    ids = torch.from_numpy(chains.inputs.astype("int64"))
-    pos = torch.from_numpy(chains.lengths)
+    batch = chains_batch(generate(TaskConfig(n_train=B, n_eval=100), TRAIN, 0, B))
+    ids, pos = batch["input_ids"], batch["length"]
     assert ids.shape == (B, T)
-    batch = {"input_ids": ids, "loss_mask": torch.arange(T)[None, :] == pos[:, None],
-             "answer": torch.from_numpy(chains.answers)}  # fmt: skip
 
     def step_ours() -> None:
         loss, _ = loss_and_metrics(answer_forward(ours, batch, n_loops=loops), batch, ours.cfg)

@@ -28,12 +28,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.digit_chain import TRAIN, DataError, pad_rows
+from data_pipeline.digit_chain import TRAIN, Chains, DataError, pad_rows
 from data_pipeline.shards import COLUMNS, check_spec, manifest_digest, read_manifest, sample_at, shard_root
 from data_pipeline.streaming_compat import SHM_TO_CLEAN, StreamingDataLoader, StreamingDataset
 from mythos_dist.config import DataConfig
 
 log = logging.getLogger(__name__)
+Batch = dict[str, torch.Tensor]
 
 _STREAMING_SHM = re.compile(r"^\d{6}_(" + "|".join(map(re.escape, SHM_TO_CLEAN)) + r")$")
 
@@ -85,17 +86,31 @@ class DigitChainDataset(StreamingDataset):
         return {**self.__dict__, "_mapped": {}}
 
 
-def collate(samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
-    """Samples -> padded batch (see the module docstring). Module-level: spawned workers pickle it."""
-    lengths = torch.from_numpy(np.fromiter((s["length"] for s in samples), np.int64, len(samples)))
-    input_ids = torch.from_numpy(pad_rows([s["tokens"] for s in samples]).astype(np.int64))
+def to_batch(inputs: np.ndarray, lengths: np.ndarray, answers: np.ndarray, sample_ids: np.ndarray) -> Batch:
+    """Padded (N, T) inputs and per-sample arrays -> the batch dict (see the module docstring)."""
+    input_ids = torch.from_numpy(inputs.astype(np.int64))
+    length = torch.from_numpy(np.asarray(lengths, np.int64))
     return {
         "input_ids": input_ids,
-        "loss_mask": torch.arange(input_ids.shape[1]) == lengths[:, None],
-        "answer": torch.from_numpy(np.fromiter((s["answer"] for s in samples), np.int64, len(samples))),
-        "length": lengths,
-        "sample_id": torch.from_numpy(np.fromiter((s["sample_id"] for s in samples), np.int64, len(samples))),
+        "loss_mask": torch.arange(input_ids.shape[1]) == length[:, None],  # the EQ position
+        "answer": torch.from_numpy(np.asarray(answers, np.int64)),
+        "length": length,
+        "sample_id": torch.from_numpy(np.asarray(sample_ids, np.int64)),
     }
+
+
+def chains_batch(c: Chains) -> Batch:
+    """Generated chains (no shards) as a batch: tests, benchmarks, evaluation by sample index."""
+    return to_batch(c.inputs, c.lengths, c.answers, c.sample_ids)
+
+
+def collate(samples: list[dict[str, Any]]) -> Batch:
+    """Samples -> padded batch (see the module docstring). Module-level: spawned workers pickle it."""
+
+    def col(key: str) -> np.ndarray:
+        return np.fromiter((s[key] for s in samples), np.int64, len(samples))
+
+    return to_batch(pad_rows([s["tokens"] for s in samples]), col("length"), col("answer"), col("sample_id"))
 
 
 def make_loader(

@@ -70,18 +70,10 @@ def chain_batches(cfg: Config, split: str, start: int, stop: int, batch_size: in
     """Samples [start, stop) of `split` in the loader's batch format, batch starts on multiples of
     batch_size (relative to `start`); the width is the split's longest input, for every batch."""
     from data_pipeline.digit_chain import generate
+    from data_pipeline.loader import chains_batch
 
     for lo in range(start, stop, batch_size):
-        c = generate(cfg.data.task, split, lo, min(lo + batch_size, stop))
-        ids_BT = torch.from_numpy(c.inputs.astype(np.int64))
-        length_B = torch.from_numpy(c.lengths)
-        yield {
-            "input_ids": ids_BT,
-            "loss_mask": torch.arange(ids_BT.shape[1])[None, :] == length_B[:, None],
-            "answer": torch.from_numpy(c.answers),
-            "length": length_B,
-            "sample_id": torch.from_numpy(c.sample_ids),
-        }
+        yield chains_batch(generate(cfg.data.task, split, lo, min(lo + batch_size, stop)))
 
 
 # ------------------------------------------------------------------------------------ the sweep

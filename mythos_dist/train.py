@@ -58,23 +58,17 @@ class ChainBatches:
         self.consumed = 0
 
     def batch(self, k: int) -> Batch:
-        from data_pipeline.digit_chain import TRAIN, generate
+        from data_pipeline.digit_chain import TRAIN, Chains, generate
+        from data_pipeline.loader import chains_batch
 
         n, b = self.task.n_train, self.micro_batch
         start = (k * self.world_size + self.rank) * b % n
         parts = [generate(self.task, TRAIN, start, min(n, start + b))]
         if start + b > n:  # wrap around the split
             parts.append(generate(self.task, TRAIN, 0, start + b - n))
-        inputs = np.concatenate([p.inputs for p in parts])
-        lengths = torch.from_numpy(np.concatenate([p.lengths for p in parts]))
-        ids_BT = torch.from_numpy(inputs.astype(np.int64))
-        return {
-            "input_ids": ids_BT,
-            "loss_mask": torch.arange(ids_BT.shape[1]) == lengths[:, None],  # the EQ position
-            "answer": torch.from_numpy(np.concatenate([p.answers for p in parts])),
-            "length": lengths,
-            "sample_id": torch.from_numpy(np.concatenate([p.sample_ids for p in parts])),
-        }
+        return chains_batch(
+            Chains(*(np.concatenate(cols) for cols in zip(*(vars(p).values() for p in parts))))
+        )
 
     def __iter__(self) -> Iterator[Batch]:
         while True:
