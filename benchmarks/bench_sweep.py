@@ -21,6 +21,7 @@ import torch
 from mythos_dist.config import Config, ModelConfig
 from mythos_dist.evaluate import chain_batches
 from mythos_dist.model import RDT
+from mythos_dist.objective import answer_positions, valid_positions
 
 LOOPS = (1, 2, 4, 6, 8)
 
@@ -45,8 +46,8 @@ def main() -> None:
     torch.manual_seed(0)
     model = RDT(cfg.model).eval()
     b = next(chain_batches(cfg, args.split, 0, args.batch, args.batch))
-    ids_BT, pos_B = b["input_ids"], b["length"]
-    valid_BT = torch.arange(ids_BT.shape[1])[None, :] <= pos_B[:, None]
+    ids_BT, pos_B = b["input_ids"], answer_positions(b["loss_mask"])
+    valid_BT = valid_positions(b["loss_mask"])
     opts = {"valid_BT": valid_BT, "logits_at_B": pos_B}
 
     def one_pass() -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from mythos_dist import checkpoint
 from mythos_dist.config import Config, TaskConfig, to_dict
 from mythos_dist.model import RDT, LoopPolicy
-from mythos_dist.objective import answer_forward, answer_positions, loss_and_metrics
+from mythos_dist.objective import answer_forward, loss_and_metrics, valid_positions
 from mythos_dist.parallel import (
     build_engine,
     init_distributed,
@@ -283,8 +283,7 @@ def train(
                     "nonfinite_steps": len(skipped_steps),
                 }
                 # ‖h_t − h_{t−1}‖ over the real tokens (up to EQ) of this rank's last micro batch
-                pos_B = answer_positions(batch["loss_mask"]).cpu()
-                valid_BT = torch.arange(batch["input_ids"].shape[1]) <= pos_B[:, None]
+                valid_BT = valid_positions(batch["loss_mask"]).cpu()
                 deltas = [(d.cpu() * valid_BT).square().sum().sqrt().item() for d in out.delta_norms]
                 if len(deltas) >= 2:
                     metrics["loop/delta_last"] = deltas[-1]

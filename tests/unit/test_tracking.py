@@ -3,7 +3,6 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +16,9 @@ import pytest
 
 from mythos_dist.config import Config, TrackingConfig, flatten, to_dict
 from mythos_dist.tracking import Tracker, TrackingWarning, resolve_uri
+from tests.multiproc import free_port
 
 MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Server:
@@ -69,7 +63,7 @@ class Server:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow"), _free_port())
+    srv = Server(tmp_path_factory.mktemp("mlflow"), free_port())
     srv.start()
     yield srv
     srv.stop()
