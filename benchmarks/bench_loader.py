@@ -55,9 +55,9 @@ def loader_samples_per_s(
     return n / seconds
 
 
-def training_samples_per_s(cfg: Config, steps: int = 10) -> float:
-    """Samples/s one process trains on (fwd+bwd+AdamW at the fixed loop count, answer-position loss):
-    what one rank's loader must keep up with."""
+def training_samples_per_s(cfg: Config, batch_size: int, steps: int = 30) -> float:
+    """Samples/s one process trains on (fwd+bwd+AdamW at the fixed loop count, answer-position loss)
+    with `batch_size` chains per step: what one rank's loader must keep up with."""
     import torch
 
     from mythos_dist.evaluate import chain_batches
@@ -67,15 +67,15 @@ def training_samples_per_s(cfg: Config, steps: int = 10) -> float:
     model = RDT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     # train-length chains: the id split shares the training length range
-    batch = next(chain_batches(cfg, "id", 0, cfg.train.micro_batch_size, cfg.train.micro_batch_size))
-    for i in range(steps + 2):
-        if i == 2:
+    batch = next(chain_batches(cfg, "id", 0, batch_size, batch_size))
+    for i in range(steps + 3):
+        if i == 3:
             t0 = time.perf_counter()
         loss, _ = loss_and_metrics(answer_forward(model, batch, cfg.train.loops.n_loops), batch, cfg.model)
         loss.backward()
         opt.step()
         opt.zero_grad()
-    return steps * cfg.train.micro_batch_size / (time.perf_counter() - t0)
+    return steps * batch_size / (time.perf_counter() - t0)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg = load_config(args.config, args.set)
     batch = args.batch_size or cfg.train.micro_batch_size
     print(f"loader throughput, split={args.split}, batch={batch}, shards={cfg.data.remote}")
-    consumed = training_samples_per_s(cfg)
+    consumed = training_samples_per_s(cfg, batch)
     print(f"  training consumes (1 process, {cfg.train.loops.n_loops} loops): {consumed:12,.0f} samples/s")
     for workers in args.workers or [cfg.data.num_workers]:
         rate = loader_samples_per_s(

@@ -340,6 +340,38 @@ def main_spectral(
     return 0
 
 
+def stability_over_training(
+    cfg: Config, checkpoint_dir: str | Path, loop_counts: Sequence[int]
+) -> list[dict]:
+    """ρ(A) and the Jacobian radius of the loop map at each retained checkpoint (step_* dirs of a
+    training run), on the first eval batch, after each of `loop_counts` loops; sorted by step.
+
+    -> [{"step": s, "rho_A": ..., "jacobian_radius": {n: radius}}, ...]. Each checkpoint is
+    consolidated (any EP layout) into a temporary export and evaluated in this process.
+    """
+    from mythos_dist import checkpoint as ckpt
+    from mythos_dist.stability import spectral_report
+
+    tags = sorted(p for p in Path(checkpoint_dir).glob("step_*") if (p / ckpt.META).is_file())
+    if not tags:
+        raise ValueError(f"{checkpoint_dir}: no complete step_* checkpoint")
+    split = cfg.eval.splits[0]
+    batch = next(chain_batches(cfg, split, 0, min(64, cfg.data.task.n_eval), 64))
+    valid_BT = valid_positions(batch["loss_mask"])
+    rows = []
+    for tag in tags:
+        model = load_model(tag, cfg)
+        radii = {n: spectral_report(model, batch["input_ids"], n, valid_BT) for n in loop_counts}
+        rows.append(
+            {
+                "step": int(ckpt.read_meta(tag)["step"]),
+                "rho_A": next(iter(radii.values()))["rho_A"],
+                "jacobian_radius": {n: r["jacobian_radius"] for n, r in radii.items()},
+            }
+        )
+    return rows
+
+
 # ------------------------------------------------------------------------------------ the driver
 
 
@@ -374,10 +406,12 @@ def run_eval(
     checkpoint: str | None = None,
     parent_run_id: str | None = None,
     batch_size: int | None = None,
+    over_training: list[dict] | None = None,
 ) -> EvalResult | None:
     """Evaluate `model` on every rank of the current process group (or alone); see module doc.
 
     Returns the result on rank 0 and None elsewhere. Arguments left None come from cfg.eval.
+    over_training: `stability_over_training` rows, written, plotted and tracked with the results.
     """
     from mythos_dist.plots import write_plots
     from mythos_dist.stability import spectral_report
@@ -429,8 +463,18 @@ def run_eval(
     )
     (version_dir / "spectral.json").write_text(json.dumps(spectral, indent=2))
     files += [version_dir / "spectral.json", *write_plots(summary, spectral, version_dir)]
+    if over_training:
+        from mythos_dist.plots import stability_over_training as plot_over_training
 
-    run_id = _track(cfg, version_dir, store, summary, spectral, files, checkpoint, parent_run_id)
+        (version_dir / "stability_over_training.json").write_text(json.dumps(over_training, indent=1))
+        files += [
+            version_dir / "stability_over_training.json",
+            plot_over_training(over_training, version_dir / "stability_over_training.png"),
+        ]
+
+    run_id = _track(
+        cfg, version_dir, store, summary, spectral, files, checkpoint, parent_run_id, over_training
+    )
     return EvalResult(version_dir, store, summary, spectral, files, run_id)
 
 
@@ -448,6 +492,7 @@ def _track(
     files: list[Path],
     checkpoint: str | None,
     parent_run_id: str | None,
+    over_training: list[dict] | None = None,
 ) -> str | None:
     from mythos_dist.tracking import Tracker
 
@@ -464,6 +509,9 @@ def _track(
     for split, d in summary["splits"].items():  # the same numbers as curves over loop count
         for n, a in zip(summary["loops"], d["acc"]):
             tracker.log_metrics({f"eval/{split}/acc": a}, step=n)
+    for row in over_training or []:  # curves over training steps
+        radii = {f"stability/jacobian_radius_at_{n}": r for n, r in row["jacobian_radius"].items()}
+        tracker.log_metrics({"stability/rho_A": row["rho_A"], **radii}, step=row["step"])
     for f in files:
         tracker.log_artifact(f, "summary" if f.suffix in (".csv", ".json") else "plots")
     tracker.log_artifact(store)

@@ -33,7 +33,7 @@ def _check_writable(path: Path, what: str) -> None:
 
 def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     from data_pipeline import shards
-    from mythos_dist.evaluate import format_table, load_model, run_eval
+    from mythos_dist.evaluate import format_table, load_model, run_eval, stability_over_training
     from mythos_dist.tracking import resolve_uri
 
     cfg = load_config(config, overrides)
@@ -66,8 +66,17 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     train_s = time.perf_counter() - t0
 
     print(f"[3/3] loop-sweep evaluation of {train_summary['export']}", flush=True)
+    # Stability over training: every retained checkpoint, after the trained and the longest loop count.
+    loop_counts = sorted({cfg.train.loops.n_loops, max(cfg.eval.loops)})
+    over_training = stability_over_training(cfg, ckpt_dir, loop_counts)
     model = load_model(train_summary["export"], cfg)
-    res = run_eval(model, cfg, checkpoint=train_summary["export"], parent_run_id=train_summary["run_id"])
+    res = run_eval(
+        model,
+        cfg,
+        checkpoint=train_summary["export"],
+        parent_run_id=train_summary["run_id"],
+        over_training=over_training,
+    )
     assert res is not None  # single process: rank 0
 
     print(f"\naccuracy (split × loops), trained at {cfg.train.loops.kind} {cfg.train.loops.n_loops} loops:")
@@ -75,6 +84,12 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     print(f"\ntraining: {train_summary['end_step']} steps, {train_summary['wall_s']:.0f} s, "
           f"final batch acc {train_summary['final_acc']:.3f}; whole job {time.perf_counter() - t0:.0f} s "
           f"(train+data {train_s:.0f} s)")  # fmt: skip
+    radii = "; ".join(
+        f"step {r['step']}: ρ(A) {r['rho_A']:.3f}, "
+        + ", ".join(f"J@{n} {v:.3f}" for n, v in r["jacobian_radius"].items())
+        for r in over_training
+    )
+    print(f"loop stability over training (Jacobian radius of the loop map at h_n): {radii}")
     print(f"results and plots: {res.out_dir}")
     for f in res.files:
         if f.suffix == ".png":

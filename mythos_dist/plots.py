@@ -81,6 +81,20 @@ def stability(spectral: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def stability_over_training(rows: list[dict[str, Any]], path: Path) -> Path:
+    """ρ(A) and the Jacobian radius (one line per loop count) against the training step."""
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    steps = [r["step"] for r in rows]
+    ax.plot(steps, [r["rho_A"] for r in rows], marker="o", label="ρ(A)")
+    for n in rows[0]["jacobian_radius"]:
+        ax.plot(steps, [r["jacobian_radius"][n] for r in rows], marker="o", label=f"Jacobian radius at h_{n}")
+    ax.axhline(1.0, color="k", ls="--", lw=1)
+    ax.set(xlabel="training step", ylabel="spectral radius", title="Loop stability over training")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    return _save(fig, path)
+
+
 def write_plots(summary: dict[str, Any], spectral: dict[str, Any], out_dir: Path) -> list[Path]:
     return [
         accuracy_vs_loops(summary, out_dir / "accuracy_vs_loops.png"),

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mythos_dist.config import ModelConfig
+from mythos_dist.model.norm import RMSNorm
 
 
 class KVCache:
@@ -38,22 +39,21 @@ class KVCache:
         return sum(t.numel() * t.element_size() for ts in self.entries.values() for t in ts)
 
 
-def rope_cos_sin(
-    positions_T: torch.Tensor, rot_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, rot_dim/2) for absolute positions (decode passes offset positions)."""
-    inv_freq = 1.0 / theta ** (
-        torch.arange(0, rot_dim, 2, device=positions_T.device, dtype=torch.float32) / rot_dim
-    )
-    angles_TF = positions_T.float()[:, None] * inv_freq[None, :]
-    return angles_TF.cos().to(dtype), angles_TF.sin().to(dtype)
+def rope_rotations(positions_T: torch.Tensor, rot_dim: int, theta: float, dtype: torch.dtype) -> torch.Tensor:
+    """Unit complex rotations (T, rot_dim/2) for absolute positions (decode passes offset positions);
+    complex128 for a float64 model, complex64 otherwise."""
+    real = torch.float64 if dtype == torch.float64 else torch.float32
+    inv_freq = 1.0 / theta ** (torch.arange(0, rot_dim, 2, device=positions_T.device, dtype=real) / rot_dim)
+    angles_TF = positions_T.to(real)[:, None] * inv_freq[None, :]
+    return torch.polar(torch.ones_like(angles_TF), angles_TF)
 
 
-def apply_rope(x_BTHD: torch.Tensor, cos_TF: torch.Tensor, sin_TF: torch.Tensor) -> torch.Tensor:
-    """Rotate channel pairs (2i, 2i+1) by position-dependent angles."""
-    x1, x2 = x_BTHD[..., 0::2], x_BTHD[..., 1::2]
-    cos, sin = cos_TF[:, None, :], sin_TF[:, None, :]
-    return torch.stack([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).flatten(-2)
+def apply_rope(x_BTHD: torch.Tensor, rot_TF: torch.Tensor) -> torch.Tensor:
+    """Rotate channel pairs (2i, 2i+1) by position-dependent angles: one complex multiply (in fp32),
+    where the real-arithmetic form costs six strided elementwise ops and a stack, each way."""
+    x = x_BTHD if x_BTHD.dtype == torch.float64 else x_BTHD.float()
+    x_c = torch.view_as_complex(x.reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(x_c * rot_TF[:, None, :]).flatten(-2).to(x_BTHD.dtype)
 
 
 def _attend(q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dropout: float) -> torch.Tensor:
@@ -71,7 +71,7 @@ def _attend(q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dr
     )
 
 
-Rope = tuple[torch.Tensor, torch.Tensor] | None  # (cos, sin) for the current positions, or no RoPE
+Rope = torch.Tensor | None  # complex rotations (T, rot_dim/2) for the current positions, or no RoPE
 
 
 class GQAttention(nn.Module):
@@ -88,7 +88,7 @@ class GQAttention(nn.Module):
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim)
         k, v = self.wkv(x_BTD).view(B, T, 2, self.n_kv_heads, self.head_dim).unbind(2)
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            q, k = apply_rope(q, rope), apply_rope(k, rope)
         if cache is not None:
             k, v = cache.extend(key, k, v)
         drop = self.dropout if self.training else 0.0
@@ -110,10 +110,10 @@ class MLAttention(nn.Module):
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
         self.kv_lora_rank = cfg.kv_lora_rank
         self.q_down = nn.Linear(cfg.dim, cfg.q_lora_rank, bias=False)
-        self.q_norm = nn.RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
+        self.q_norm = RMSNorm(cfg.q_lora_rank, eps=cfg.norm_eps)
         self.q_up = nn.Linear(cfg.q_lora_rank, cfg.n_heads * (self.nope + self.rope_dim), bias=False)
         self.kv_down = nn.Linear(cfg.dim, cfg.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_norm = nn.RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
+        self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
         self.dropout = cfg.dropout
@@ -125,8 +125,8 @@ class MLAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope, self.rope_dim], dim=-1)
         c_kv_BTC, k_rope_BTR = self.kv_down(x_BTD).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         if rope is not None:
-            q_rope = apply_rope(q_rope, *rope)
-            k_rope_BTR = apply_rope(k_rope_BTR.unsqueeze(2), *rope).squeeze(2)
+            q_rope = apply_rope(q_rope, rope)
+            k_rope_BTR = apply_rope(k_rope_BTR.unsqueeze(2), rope).squeeze(2)
         if cache is not None:
             c_kv_BTC, k_rope_BTR = cache.extend(key, c_kv_BTC, k_rope_BTR)
         S = c_kv_BTC.shape[1]

@@ -8,6 +8,7 @@ from torch import nn
 from mythos_dist.config import ModelConfig
 from mythos_dist.model.attention import KVCache, Rope, make_attention
 from mythos_dist.model.moe import MoEFFN, SwiGLU
+from mythos_dist.model.norm import RMSNorm
 
 
 def make_moe(cfg: ModelConfig) -> MoEFFN:
@@ -27,9 +28,9 @@ def make_moe(cfg: ModelConfig) -> MoEFFN:
 class TransformerBlock(nn.Module):
     def __init__(self, cfg: ModelConfig, moe: bool):
         super().__init__()
-        self.attn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.attn = make_attention(cfg)
-        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn: nn.Module = make_moe(cfg) if moe else SwiGLU(cfg.dim, cfg.ffn_dim())
         self.drop = nn.Dropout(cfg.dropout)
 

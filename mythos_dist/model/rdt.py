@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from mythos_dist.config import ModelConfig
-from mythos_dist.model.attention import KVCache, Rope, rope_cos_sin
+from mythos_dist.model.attention import KVCache, Rope, rope_rotations
 from mythos_dist.model.block import TransformerBlock
 from mythos_dist.model.moe import GroupedExperts, MoEFFN
+from mythos_dist.model.norm import RMSNorm
 from mythos_dist.model.recurrent import RecurrentBlock
 
 
@@ -33,7 +34,7 @@ class RDT(nn.Module):
         self.prelude = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.prelude_layers))
         self.recurrent = RecurrentBlock(cfg)
         self.coda = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.coda_layers))
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()
 
@@ -59,7 +60,7 @@ class RDT(nn.Module):
         if cfg.pos_encoding == "none":
             return None
         rot = cfg.qk_rope_head_dim if cfg.attn_type == "mla" else cfg.head_dim
-        return rope_cos_sin(torch.arange(start, start + T, device=device), rot, cfg.rope_theta, dtype)
+        return rope_rotations(torch.arange(start, start + T, device=device), rot, cfg.rope_theta, dtype)
 
     def forward(
         self,

@@ -18,6 +18,7 @@ from torch import nn
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
 from mythos_dist.model.attention import KVCache, Rope
 from mythos_dist.model.block import TransformerBlock
+from mythos_dist.model.norm import RMSNorm
 
 
 class LTIInjection(nn.Module):
@@ -75,7 +76,7 @@ class RecurrentBlock(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.block = TransformerBlock(cfg, moe=True)
         self.injection = LTIInjection(cfg.dim)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters) if cfg.lora_rank > 0 else None

@@ -17,6 +17,7 @@ from data_pipeline import loader as loader_mod
 from data_pipeline.digit_chain import EQ, PAD, DataError, generate
 from data_pipeline.loader import (
     DigitChainDataset,
+    as_tensors,
     clean_stale_shared_memory,
     collate,
     local_cache_dir,
@@ -41,7 +42,7 @@ def test_collate_pads_and_masks_the_eq_position(cfg: Config) -> None:
         }
         for i in range(len(c))
     ]
-    b = collate(samples)
+    b = as_tensors(collate(samples))
     t = int(c.lengths.max()) + 1
     assert b["input_ids"].shape == (9, t) and b["input_ids"].dtype == torch.long
     assert b["loss_mask"].shape == (9, t) and b["loss_mask"].dtype == torch.bool

@@ -69,8 +69,14 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     for split in ("id", "ood1", "ood2"):
         assert store[split]["prediction"].shape == (32, 4)
         assert (store[split]["sample_id"][:] >= 0).all()
-    for png in ("accuracy_vs_loops.png", "accuracy_heatmap.png", "convergence.png", "stability.png"):
+    pngs = ("accuracy_vs_loops.png", "accuracy_heatmap.png", "convergence.png", "stability.png",
+            "stability_over_training.png")  # fmt: skip
+    for png in pngs:
         assert (eval_dir / png).stat().st_size > 1000
+    # stability over training: both retained checkpoints (steps 3 and 6), at 4 and at 6 loops
+    rows = json.loads((eval_dir / "stability_over_training.json").read_text())
+    assert [r["step"] for r in rows] == [3, 6]
+    assert all(set(r["jacobian_radius"]) == {"4", "6"} and 0 < r["rho_A"] < 1 for r in rows)
     # the printed report
     assert "ood2" in out and "@6" in out and "mlflow ui --backend-store-uri" in out
 
@@ -89,6 +95,8 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     assert len(children) == 1
     ev = children[0]
     assert "eval/ood1/acc_at_4" in ev.data.metrics and "spectral/rho_A" in ev.data.metrics
+    history = client.get_metric_history(ev.info.run_id, "stability/jacobian_radius_at_4")
+    assert sorted(m.step for m in history) == [3, 6] and all(m.value > 0 for m in history)
     plots = {a.path: a.file_size for a in client.list_artifacts(ev.info.run_id, "plots")}
     assert plots.get("plots/accuracy_vs_loops.png", 0) > 1000
     tables = {a.path for a in client.list_artifacts(ev.info.run_id, "summary")}

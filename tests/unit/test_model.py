@@ -5,6 +5,8 @@ import torch
 
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
 from mythos_dist.model import RDT, KVCache, LoopPolicy
+from mythos_dist.model.attention import apply_rope, rope_rotations
+from mythos_dist.model.norm import RMSNorm
 from mythos_dist.model.recurrent import LTIInjection
 
 
@@ -202,3 +204,47 @@ def test_padding_does_not_count_toward_expert_load() -> None:
     valid[:, :5] = True
     model(ids, n_loops=2, valid_BT=valid)
     assert router.load_E.sum() == 2 * 5 * 2 * 2  # rows × valid tokens × loops × top-k
+
+
+def test_rope_rotates_channel_pairs_and_scores_depend_on_offset_only() -> None:
+    torch.manual_seed(0)
+    theta, D = 10000.0, 8
+    pos = torch.arange(5, 11)
+    x = torch.randn(2, len(pos), 3, D)
+    inv_freq = theta ** (-torch.arange(0, D, 2, dtype=torch.float64) / D)
+    ang = (pos.double()[:, None] * inv_freq)[None, :, None, :]  # (1, T, 1, D/2)
+    x1, x2 = x.double()[..., 0::2], x.double()[..., 1::2]
+    expected = torch.stack([x1 * ang.cos() - x2 * ang.sin(), x1 * ang.sin() + x2 * ang.cos()], -1).flatten(-2)
+    got = apply_rope(x, rope_rotations(pos, D, theta, torch.float32))
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-5)
+    # q·k after rotation depends on the positions' difference only (decode relies on it)
+    q, k = torch.randn(D), torch.randn(D)
+
+    def score(i: int, j: int) -> torch.Tensor:
+        rot = rope_rotations(torch.tensor([i, j]), D, theta, torch.float64)
+        r = apply_rope(torch.stack([q, k]).double()[None, :, None, :], rot)[0, :, 0]
+        return r[0] @ r[1]
+
+    torch.testing.assert_close(score(3, 1), score(40, 38))
+    assert not torch.allclose(score(3, 1), score(3, 2))
+
+
+def test_rmsnorm_matches_torch_forward_gradients_and_double_backward() -> None:
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(16, eps=1e-6), torch.nn.RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        ours.weight.normal_()
+        ref.weight.copy_(ours.weight)
+    x = torch.randn(3, 5, 16, requires_grad=True)
+    g = torch.randn(3, 5, 16)
+    y, y_ref = ours(x), ref(x)
+    torch.testing.assert_close(y, y_ref)
+    gx, gw = torch.autograd.grad(y, (x, ours.weight), g)
+    gx_ref, gw_ref = torch.autograd.grad(y_ref, (x, ref.weight), g)
+    torch.testing.assert_close(gx, gx_ref)
+    torch.testing.assert_close(gw, gw_ref)
+    ours.double()  # the stability tools differentiate its backward again (double vjp)
+    x64 = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(ours, (x64,))
+    assert torch.autograd.gradgradcheck(ours, (x64,))
