@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
     ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))
     ex.add_argument("--nproc", type=int, default=2, help="local training processes (default 2)")
+    rp = sub.add_parser("report", help="mean ± std over several eval runs of one recipe (seeds)")
+    rp.add_argument("eval_dirs", nargs="+", help="eval-K directories (each holds summary.json)")
+    rp.add_argument("--out", required=True, help="directory for the table, JSON and plot")
     from data_pipeline.cli import add_data_commands
 
     add_data_commands(sub)
@@ -109,7 +112,14 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return run_experiment(args.config, args.set, args.nproc)
 
 
+def _cmd_report(args: argparse.Namespace) -> int:
+    from mythos_dist.evaluate import main_report
+
+    return main_report(args.eval_dirs, args.out)
+
+
 COMMANDS = {
+    "report": _cmd_report,
     "experiment": _cmd_experiment,
     "train": _cmd_train,
     "params": _cmd_params,

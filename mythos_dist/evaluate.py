@@ -251,6 +251,70 @@ def write_summary(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     return [csv, by_len, js]
 
 
+def aggregate_runs(eval_dirs: Sequence[str | Path]) -> dict[str, Any]:
+    """Several evaluations of one recipe (e.g. seeds) -> mean, std, min and max accuracy per split ×
+    loop count, plus each run's accuracies. Every run must have the same loop counts and splits."""
+    if len(eval_dirs) < 1:
+        raise ValueError("report needs at least one eval directory")
+    runs = []
+    for d in eval_dirs:
+        path = Path(d) / "summary.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: pass eval-K directories written by `mythos eval`")
+        runs.append(json.loads(path.read_text()))
+    loops, splits = runs[0]["loops"], list(runs[0]["splits"])
+    for d, r in zip(eval_dirs, runs):
+        if r["loops"] != loops or list(r["splits"]) != splits:
+            raise ValueError(
+                f"{d}: loops {r['loops']} / splits {list(r['splits'])} differ from {eval_dirs[0]}: "
+                f"{loops} / {splits}"
+            )
+    out: dict[str, Any] = {"loops": loops, "runs": [str(d) for d in eval_dirs], "splits": {}}
+    for split in splits:
+        acc_RL = np.array([r["splits"][split]["acc"] for r in runs])
+        out["splits"][split] = {
+            "n": [r["splits"][split]["n"] for r in runs],
+            "acc": acc_RL.mean(0).tolist(),  # the mean: format_table and the plots read "acc"
+            "std": acc_RL.std(0, ddof=1).tolist() if len(runs) > 1 else [0.0] * len(loops),
+            "min": acc_RL.min(0).tolist(),
+            "max": acc_RL.max(0).tolist(),
+            "per_run": acc_RL.tolist(),
+        }
+    return out
+
+
+def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
+    """CSV (mean ± std per split × loops), JSON and the mean-accuracy plot with every run drawn."""
+    from mythos_dist.plots import accuracy_vs_loops_runs
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loops = report["loops"]
+    lines = ["split,stat," + ",".join(f"acc@{n}" for n in loops)]
+    for split, d in report["splits"].items():
+        lines += [
+            f"{split},{stat}," + ",".join(f"{a:.6f}" for a in d[stat]) for stat in ("acc", "std", "min")
+        ]
+    csv = out_dir / "accuracy_over_runs.csv"
+    csv.write_text("\n".join(lines).replace(",acc,", ",mean,") + "\n")
+    js = out_dir / "report.json"
+    js.write_text(json.dumps(report, indent=1))
+    return [csv, js, accuracy_vs_loops_runs(report, out_dir / "accuracy_vs_loops_runs.png")]
+
+
+def main_report(eval_dirs: Sequence[str], out_dir: str) -> int:
+    """`mythos report`: mean ± std over runs (seeds) of one recipe, as a table, CSV, JSON and plot."""
+    report = aggregate_runs(eval_dirs)
+    files = write_report(report, Path(out_dir))
+    print(f"accuracy over {len(eval_dirs)} runs, mean (± std):")
+    loops = report["loops"]
+    print(f"{'split':<10}" + "".join(f"{'@' + str(n):>14}" for n in loops))
+    for split, d in report["splits"].items():
+        print(f"{split:<10}" + "".join(f"{m:>8.3f} ±{s:.3f}" for m, s in zip(d["acc"], d["std"])))
+    for f in files:
+        print(f"  {f}")
+    return 0
+
+
 # ------------------------------------------------------------------------------------ loading
 
 

@@ -81,6 +81,23 @@ def stability(spectral: dict[str, Any], path: Path) -> Path:
     return _save(fig, path)
 
 
+def accuracy_vs_loops_runs(report: dict[str, Any], path: Path) -> Path:
+    """Mean accuracy per split over runs (e.g. seeds), min-max band, each run as a thin line."""
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    loops = report["loops"]
+    for split, d in report["splits"].items():
+        (line,) = ax.plot(loops, d["acc"], marker="o", label=f"{split} (mean of {len(d['per_run'])})")
+        ax.fill_between(loops, d["min"], d["max"], color=line.get_color(), alpha=0.15)
+        for acc in d["per_run"]:
+            ax.plot(loops, acc, color=line.get_color(), lw=0.7, alpha=0.5)
+    ax.set(
+        xlabel="loops at evaluation", ylabel="accuracy", ylim=(0, 1.02), title="Accuracy vs loops over runs"
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
 def stability_over_training(rows: list[dict[str, Any]], path: Path) -> Path:
     """ρ(A) and the Jacobian radius (one line per loop count) against the training step."""
     fig, ax = plt.subplots(figsize=(5, 3.5))

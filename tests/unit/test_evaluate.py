@@ -222,3 +222,34 @@ def test_load_model_from_export_and_bad_checkpoints(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
         load_model(tmp_path / "empty", cfg)
+
+
+def _fake_eval(path, loops, accs_by_split):
+    path.mkdir(parents=True)
+    splits = {s: {"n": 100, "acc": a} for s, a in accs_by_split.items()}
+    (path / "summary.json").write_text(json.dumps({"loops": loops, "splits": splits}))
+    return path
+
+
+def test_report_mean_std_over_runs_and_mismatch_errors(tmp_path, capsys):
+    from mythos_dist.cli import main
+
+    dirs = [
+        _fake_eval(tmp_path / f"s{i}", [4, 8], {"id": [0.9 + 0.02 * i, 0.8], "ood1": [0.5, 0.6 - 0.1 * i]})
+        for i in range(3)
+    ]
+    assert main(["report", *map(str, dirs), "--out", str(tmp_path / "rep")]) == 0
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    np.testing.assert_allclose(rep["splits"]["id"]["acc"], [0.92, 0.8])
+    np.testing.assert_allclose(rep["splits"]["id"]["std"], [0.02, 0.0], atol=1e-12)
+    np.testing.assert_allclose(rep["splits"]["ood1"]["min"], [0.5, 0.4])
+    csv = (tmp_path / "rep" / "accuracy_over_runs.csv").read_text().splitlines()
+    assert csv[0] == "split,stat,acc@4,acc@8" and csv[1].startswith("id,mean,0.920000")
+    assert (tmp_path / "rep" / "accuracy_vs_loops_runs.png").read_bytes().startswith(b"\x89PNG")
+    assert "0.920 ±0.020" in capsys.readouterr().out
+
+    other = _fake_eval(tmp_path / "other", [4, 16], {"id": [0.9, 0.8], "ood1": [0.5, 0.6]})
+    assert main(["report", str(dirs[0]), str(other), "--out", str(tmp_path / "rep2")]) == 2
+    assert "loops [4, 16]" in capsys.readouterr().err
+    assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "rep3")]) == 2
+    assert "summary.json not found" in capsys.readouterr().err
