@@ -188,22 +188,39 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> 
     ]
 
 
+# Settings a resumed run may change: its length and logging, where the shards live, how they are read.
+RESUMABLE_CHANGES = {
+    "train": {"steps", "log_every", "max_nonfinite_steps"},
+    "data": {"remote", "local", "num_workers", "predownload"},
+}
+
+
 def check_compatible(meta: dict[str, Any], cfg: Config, world_size: int, where: Path) -> None:
-    """Model config, world size, ep_size and ZeRO stage must match to resume a DeepSpeed checkpoint."""
-    problems = config_diff(meta["config"]["model"], to_dict(cfg.model), "model")
-    saved_par = meta["config"]["parallel"]
+    """To resume a DeepSpeed checkpoint the model, world size, ep_size and ZeRO stage must match,
+    and so must the training recipe and data (all of train/data but RESUMABLE_CHANGES): a checkpoint
+    dir left by another recipe is refused, not silently continued."""
+    current = json.loads(json.dumps(to_dict(cfg)))  # tuples -> lists, as in the saved meta
+    saved = meta["config"]
+    problems = config_diff(saved["model"], current["model"], "model")
     problems += [
         line
-        for line in config_diff(saved_par, to_dict(cfg.parallel), "parallel")
+        for line in config_diff(saved["parallel"], current["parallel"], "parallel")
         if line.split(":")[0] in ("parallel.ep_size", "parallel.zero_stage")
     ]
+    for section, free in RESUMABLE_CHANGES.items():
+        problems += [
+            line
+            for line in config_diff(saved.get(section, {}), current[section], section)
+            if line.split(":")[0].split(".", 1)[1] not in free
+        ]
     if meta["world_size"] != world_size:
         problems.append(f"world size: checkpoint {meta['world_size']}, this run {world_size}")
     if problems:
         raise CheckpointError(
             f"cannot resume from {where}: it does not match this run:\n  "
             + "\n  ".join(problems)
-            + "\n(to change world size or ep_size, export the checkpoint and start from the exported weights)"
+            + "\n(to change world size or ep_size, export the checkpoint and start from the exported weights;"
+            " to start over, use a new checkpoint.dir or set checkpoint.resume=false)"
         )
 
 

@@ -21,7 +21,7 @@ from mythos_dist.checkpoint import (
     load_exported,
     read_meta,
 )
-from mythos_dist.config import load_config
+from mythos_dist.config import Config, from_dict, load_config
 from tests.reliability._common import TINY, logs, run_ranks, steps
 
 
@@ -127,3 +127,25 @@ def test_preflight_refuses_unwritable_dir(tmp_path: Path) -> None:
         CheckpointError, match=r"checkpoint.dir=.*file/ckpt is not writable: .*Not a directory"
     ):
         checkpoint.preflight(cfg)
+
+
+@pytest.mark.distributed
+def test_resume_refuses_another_recipe_but_allows_longer_training(run: Path) -> None:
+    tag = run / "ckpt" / "step_00000002"
+    meta = read_meta(tag)
+    longer = from_dict(Config, meta["config"])
+    check_compatible(meta, longer, 1, tag)  # the same run
+    longer.train.steps *= 2
+    longer.data.num_workers += 1
+    check_compatible(meta, longer, 1, tag)  # extended, read with more workers: fine
+    other = from_dict(Config, meta["config"])
+    other.train.lr *= 10
+    other.train.loops.kind = "uniform"
+    other.data.task.modulus = 5
+    with pytest.raises(CheckpointError, match="does not match this run") as e:
+        check_compatible(meta, other, 1, tag)
+    msg = str(e.value)
+    assert (
+        "train.lr: checkpoint" in msg and "train.loops: checkpoint" in msg and "data.task: checkpoint" in msg
+    )
+    assert "train.steps" not in msg and "checkpoint.resume=false" in msg
