@@ -292,10 +292,11 @@ def write_report(report: dict[str, Any], out_dir: Path) -> list[Path]:
     lines = ["split,stat," + ",".join(f"acc@{n}" for n in loops)]
     for split, d in report["splits"].items():
         lines += [
-            f"{split},{stat}," + ",".join(f"{a:.6f}" for a in d[stat]) for stat in ("acc", "std", "min")
+            f"{split},{label}," + ",".join(f"{a:.6f}" for a in d[key])
+            for label, key in (("mean", "acc"), ("std", "std"), ("min", "min"))
         ]
     csv = out_dir / "accuracy_over_runs.csv"
-    csv.write_text("\n".join(lines).replace(",acc,", ",mean,") + "\n")
+    csv.write_text("\n".join(lines) + "\n")
     js = out_dir / "report.json"
     js.write_text(json.dumps(report, indent=1))
     return [csv, js, accuracy_vs_loops_runs(report, out_dir / "accuracy_vs_loops_runs.png")]
@@ -385,6 +386,13 @@ def main_eval(
     return 0
 
 
+def spectral_inputs(cfg: Config, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stability tools' inputs: the first min(n, 64) samples of `split` (n defaults to the
+    split size) -> (input_ids (B,T), valid positions (B,T))."""
+    batch = next(chain_batches(cfg, split, 0, min(64, cfg.data.task.n_eval if n is None else n), 64))
+    return batch["input_ids"], valid_positions(batch["loss_mask"])
+
+
 def main_spectral(
     config: str | None, overrides: list[str], checkpoint: str | None, n_loops: int | None
 ) -> int:
@@ -395,8 +403,8 @@ def main_spectral(
     n = cfg.train.loops.n_loops if n_loops is None else parse_loops([n_loops])[0]
     model = load_model(checkpoint, cfg)
     split = cfg.eval.splits[0]
-    batch = next(chain_batches(cfg, split, 0, min(64, cfg.data.task.n_eval), 64))
-    rep = spectral_report(model, batch["input_ids"], n, valid_positions(batch["loss_mask"]))
+    ids_BT, valid_BT = spectral_inputs(cfg, split)
+    rep = spectral_report(model, ids_BT, n, valid_BT)
     print(f"checkpoint:         {checkpoint or '(fresh init)'}  inputs: {split}, n_loops={n}")
     print(f"rho(A):             {rep['rho_A']:.6f}")
     print(f"Jacobian radius:    {rep['jacobian_radius']:.6f}  (Rayleigh {rep['jacobian_rayleigh']:+.6f})")
@@ -419,13 +427,11 @@ def stability_over_training(
     tags = sorted(p for p in Path(checkpoint_dir).glob("step_*") if (p / ckpt.META).is_file())
     if not tags:
         raise ValueError(f"{checkpoint_dir}: no complete step_* checkpoint")
-    split = cfg.eval.splits[0]
-    batch = next(chain_batches(cfg, split, 0, min(64, cfg.data.task.n_eval), 64))
-    valid_BT = valid_positions(batch["loss_mask"])
+    ids_BT, valid_BT = spectral_inputs(cfg, cfg.eval.splits[0])
     rows = []
     for tag in tags:
         model = load_model(tag, cfg)
-        radii = {n: spectral_report(model, batch["input_ids"], n, valid_BT) for n in loop_counts}
+        radii = {n: spectral_report(model, ids_BT, n, valid_BT) for n in loop_counts}
         rows.append(
             {
                 "step": int(ckpt.read_meta(tag)["step"]),
@@ -520,11 +526,9 @@ def run_eval(
 
     summary = summarize(store)
     files = write_summary(summary, version_dir)
-    first = next(chain_batches(cfg, splits[0], 0, min(n, 64), 64))
+    ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
     device = next(model.parameters()).device
-    spectral = spectral_report(
-        model, first["input_ids"].to(device), max(loops), valid_positions(first["loss_mask"]).to(device)
-    )
+    spectral = spectral_report(model, ids_BT.to(device), max(loops), valid_BT.to(device))
     (version_dir / "spectral.json").write_text(json.dumps(spectral, indent=2))
     files += [version_dir / "spectral.json", *write_plots(summary, spectral, version_dir)]
     if over_training:
