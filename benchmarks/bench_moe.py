@@ -1,6 +1,7 @@
 """Side-by-side speed of our MoE layer and training step vs open-mythos 0.5.0 (run in one process).
 
     make bench            # or: .venv/bin/python benchmarks/bench_moe.py --threads 1
+    python benchmarks/bench_moe.py --device cuda --dtype bf16 --tokens 512 4096 65536 --batch 128 4096
 
 Prints forward+backward tokens/s, achieved GFLOP/s (FLOPs counted with torch.utils.flop_counter)
 and the fraction of this machine's measured fp32 matmul rate at the same thread count. The peer is
@@ -17,32 +18,56 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
+from data_pipeline.batch import chains_batch
 from data_pipeline.digit_chain import TRAIN, generate
-from data_pipeline.loader import chains_batch
 from mythos_dist.config import ModelConfig, TaskConfig
 from mythos_dist.model import RDT
 from mythos_dist.model import moe as moe_mod
 from mythos_dist.model.moe import MoEFFN
 from mythos_dist.objective import answer_forward, loss_and_metrics
 
+DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set once from the command line
 
-def matmul_gflops(n: int = 1024, reps: int = 20) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def peer_autocast() -> torch.autocast:
+    """The peer upcasts attention scores to fp32 and then multiplies them with bf16 values, which
+    fails with bf16 parameters; autocast makes it run. Our model runs in bf16 without it."""
+    return torch.autocast(DEVICE.type, dtype=DTYPE, enabled=DTYPE.itemsize == 2)
+
+
+def place(module: torch.nn.Module) -> torch.nn.Module:
+    """To DEVICE, real tensors to DTYPE. Module.to(dtype) would also cast the peer's complex RoPE
+    buffer to a real one (dropping the imaginary part), changing what it computes."""
+    return module.to(DEVICE)._apply(lambda t: t.to(DTYPE) if t.is_floating_point() else t)
+
+
+def matmul_gflops(n: int, reps: int = 20) -> float:
+    a, b = (torch.randn(n, n, device=DEVICE, dtype=DTYPE) for _ in range(2))
     a @ b
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
 
 
 def count_flops(fn: Callable[[], None]) -> int:
-    """FLOPs of one call. Our grouped GEMM is counted through its per-expert fallback (same math)."""
+    """FLOPs of one call. Our grouped GEMM is counted through its per-expert fallback and attention
+    through SDPA's math backend (same math): torch's counter handles neither grouped_mm nor the
+    fused attention kernels' grouped-query shapes."""
     works = moe_mod._grouped_mm_works
     moe_mod._grouped_mm_works = lambda *a: False
     try:
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
             fn()
     finally:
         moe_mod._grouped_mm_works = works
@@ -53,12 +78,15 @@ def time_pair(fns: dict[str, Callable[[], None]], repeats: int, inner: int) -> d
     """Median seconds per call, alternating the contenders so drift hits both alike."""
     for fn in fns.values():
         fn()
+        fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
+            sync()
             t = time.perf_counter()
             for _ in range(inner):
                 fn()
+            sync()
             samples[name].append((time.perf_counter() - t) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
 
@@ -75,24 +103,27 @@ def moe_case(n_tokens: int, repeats: int) -> list[tuple[str, float, float]]:
     ref = RefMoE(
         MythosConfig(dim=dim, n_experts=n_exp, n_experts_per_tok=top_k, expert_dim=edim, n_shared_experts=1)
     )
-    x = torch.randn(1, n_tokens, dim, requires_grad=True)
+    ours, ref = place(ours), place(ref)
+    x = torch.randn(1, n_tokens, dim, device=DEVICE, dtype=DTYPE, requires_grad=True)
 
     def step_ours() -> None:
         y, _ = ours(x)
         y.sum().backward()
 
     def step_ref() -> None:
-        ref(x).sum().backward()
+        with peer_autocast():
+            y = ref(x)
+        y.sum().backward()
 
     secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=1 if n_tokens > 1024 else 3)
     flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
     return [(k, n_tokens / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
 
 
-def train_step_case(repeats: int) -> list[tuple[str, float, float]]:
+def train_step_case(B: int, repeats: int) -> list[tuple[str, float, float]]:
     from open_mythos.main import MythosConfig, OpenMythos
 
-    B, T, loops = 128, 13, 4
+    T, loops = 13, 4
     common = dict(
         vocab_size=12, dim=128, n_heads=4, n_kv_heads=2, max_seq_len=64, prelude_layers=1, coda_layers=1
     )
@@ -106,10 +137,12 @@ def train_step_case(repeats: int) -> list[tuple[str, float, float]]:
     ref_cfg = MythosConfig(**common, attn_type="gqa", n_experts=8, n_experts_per_tok=2, expert_dim=64,
                            n_shared_experts=1, max_loop_iters=loops, act_threshold=2.0, lora_rank=8)  # fmt: skip
     ref = OpenMythos(ref_cfg)
+    ours, ref = place(ours), place(ref)
     opt_ours = torch.optim.AdamW(ours.parameters(), lr=1e-3)
     opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-3)
     # One real batch of training chains (lengths 2-12, right-padded to 13 tokens) for both.
     batch = chains_batch(generate(TaskConfig(n_train=B, n_eval=100), TRAIN, 0, B))
+    batch = {k: v.to(DEVICE) for k, v in batch.items()}
     ids, pos = batch["input_ids"], batch["length"]
     assert ids.shape == (B, T)
 
@@ -120,33 +153,50 @@ def train_step_case(repeats: int) -> list[tuple[str, float, float]]:
         opt_ours.zero_grad(set_to_none=True)
 
     def step_ref() -> None:
-        logits = ref(ids, n_loops=loops)[torch.arange(B), pos]
-        F.cross_entropy(logits, batch["answer"]).backward()
+        with peer_autocast():
+            logits = ref(ids, n_loops=loops)[torch.arange(B, device=DEVICE), pos]
+        F.cross_entropy(logits.float(), batch["answer"]).backward()
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
-    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=2)
+    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=2 if B <= 1024 else 1)
     # Each side's FLOP/s counts what it executes; ours skips padding and non-answer positions.
     flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
     return [(k, B * T / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
 
 
 def main() -> None:
+    global DEVICE, DTYPE
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--device", default="cpu", help="cpu | cuda")
+    ap.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="parameters and activations, both sides"
+    )
+    ap.add_argument("--tokens", type=int, nargs="+", default=[512, 4096], help="MoE layer cases")
+    ap.add_argument(
+        "--batch", type=int, nargs="+", default=[128], help="training-step cases (chains of 13 tokens)"
+    )
     args = ap.parse_args()
+    DEVICE, DTYPE = torch.device(args.device), {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype]
+    if DEVICE.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device visible to torch")
     torch.set_num_threads(args.threads)
-    peak = statistics.median(matmul_gflops() for _ in range(5))
-    print(f"threads={args.threads}  fp32 matmul rate: {peak:.1f} GFLOP/s  torch {torch.__version__}")
-    rows = [(f"MoE layer fwd+bwd, {n} tokens", moe_case(n, args.repeats)) for n in (512, 4096)]
-    rows.append(("training step (digit-chain config, 4 loops)", train_step_case(args.repeats)))
+    # TF32 stays off (torch's default): fp32 numbers are true fp32 on both sides and in the rate.
+    peak = statistics.median(matmul_gflops(1024 if DEVICE.type == "cpu" else 8192) for _ in range(5))
+    where = f"threads={args.threads}" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
+    print(f"{where}  {args.dtype} matmul rate: {peak:.1f} GFLOP/s  torch {torch.__version__}")
+    rows = [(f"MoE layer fwd+bwd, {n} tokens", moe_case(n, args.repeats)) for n in args.tokens]
+    rows += [
+        (f"training step, batch {b} x 13, 4 loops", train_step_case(b, args.repeats)) for b in args.batch
+    ]
     print(f"{'case':46s} {'impl':5s} {'tokens/s':>10s} {'GFLOP/s':>8s} {'of matmul':>9s} {'ours/ref':>8s}")
     for case, res in rows:
         ratio = res[0][1] / res[1][1]
         for impl, tps, gf in res:
             r = f"{ratio:7.2f}x" if impl == "ours" else ""
-            print(f"{case:46s} {impl:5s} {tps:10.0f} {gf:8.1f} {gf / peak:8.0%} {r:>8s}")
+            print(f"{case:46s} {impl:5s} {tps:10.0f} {gf:8.1f} {gf / peak:8.1%} {r:>8s}")
 
 
 if __name__ == "__main__":

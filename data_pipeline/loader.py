@@ -5,12 +5,7 @@ with the global batch (ranks × batch_size) fixed, the k-th global batch holds t
 whatever the number of ranks, nodes or workers, and `loader.state_dict()` / `make_loader(...,
 state=...)` resumes at exactly the next unseen sample.
 
-Batches (B samples, T = longest input in the batch, = max length + 1):
-    input_ids  (B, T) long  d_1..d_n EQ, then PAD
-    loss_mask  (B, T) bool  True only at the EQ position (index n): its output predicts the answer
-    answer     (B,)   long
-    length     (B,)   long  n
-    sample_id  (B,)   long  global sample id
+Batches: see data_pipeline.batch.
 """
 
 from __future__ import annotations
@@ -26,16 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 import torch.distributed as dist
 
-from data_pipeline.digit_chain import TRAIN, Chains, DataError, pad_rows
+from data_pipeline.batch import Batch, as_tensors, batch_arrays
+from data_pipeline.digit_chain import TRAIN, DataError, pad_rows
 from data_pipeline.shards import COLUMNS, check_spec, manifest_digest, read_manifest, sample_at, shard_root
 from data_pipeline.streaming_compat import SHM_TO_CLEAN, StreamingDataLoader, StreamingDataset
 from mythos_dist.config import DataConfig
 
 log = logging.getLogger(__name__)
-Batch = dict[str, torch.Tensor]
 
 _STREAMING_SHM = re.compile(r"^\d{6}_(" + "|".join(map(re.escape, SHM_TO_CLEAN)) + r")$")
 
@@ -85,34 +79,6 @@ class DigitChainDataset(StreamingDataset):
     def __getstate__(self) -> dict[str, Any]:
         """Pickled for spawned workers: mmaps do not pickle; each process maps its own."""
         return {**self.__dict__, "_mapped": {}}
-
-
-def batch_arrays(
-    inputs: np.ndarray, lengths: np.ndarray, answers: np.ndarray, sample_ids: np.ndarray
-) -> dict[str, np.ndarray]:
-    """Padded (N, T) inputs and per-sample arrays -> the batch (see the module docstring) as numpy."""
-    length = np.asarray(lengths, np.int64)
-    return {
-        "input_ids": inputs.astype(np.int64),
-        "loss_mask": np.arange(inputs.shape[1]) == length[:, None],  # the EQ position
-        "answer": np.asarray(answers, np.int64),
-        "length": length,
-        "sample_id": np.asarray(sample_ids, np.int64),
-    }
-
-
-def as_tensors(arrays: dict[str, np.ndarray]) -> Batch:
-    return {k: torch.from_numpy(v) for k, v in arrays.items()}
-
-
-def to_batch(inputs: np.ndarray, lengths: np.ndarray, answers: np.ndarray, sample_ids: np.ndarray) -> Batch:
-    """Padded (N, T) inputs and per-sample arrays -> the batch dict (see the module docstring)."""
-    return as_tensors(batch_arrays(inputs, lengths, answers, sample_ids))
-
-
-def chains_batch(c: Chains) -> Batch:
-    """Generated chains (no shards) as a batch: tests, benchmarks, evaluation by sample index."""
-    return to_batch(c.inputs, c.lengths, c.answers, c.sample_ids)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, np.ndarray]:

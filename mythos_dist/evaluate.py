@@ -27,12 +27,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.batch import Batch, chains_batch
 from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.model.rdt import RDT
 from mythos_dist.objective import answer_forward, answer_positions, valid_positions
 from mythos_dist.tracking import git_commit
 
-Batch = dict[str, torch.Tensor]
 STORE_NAME = "results.zarr"
 
 
@@ -70,7 +70,6 @@ def chain_batches(cfg: Config, split: str, start: int, stop: int, batch_size: in
     """Samples [start, stop) of `split` in the loader's batch format, batch starts on multiples of
     batch_size (relative to `start`); the width is the split's longest input, for every batch."""
     from data_pipeline.digit_chain import generate
-    from data_pipeline.loader import chains_batch
 
     for lo in range(start, stop, batch_size):
         yield chains_batch(generate(cfg.data.task, split, lo, min(lo + batch_size, stop)))

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from data_pipeline.batch import Batch, chains_batch
 from mythos_dist import checkpoint
 from mythos_dist.config import Config, TaskConfig, to_dict
 from mythos_dist.model import RDT, LoopPolicy
@@ -32,8 +33,6 @@ from mythos_dist.parallel import (
     sync_router_biases,
 )
 from mythos_dist.stability import injection_radius
-
-Batch = dict[str, torch.Tensor]
 
 
 class BatchSource(Protocol):
@@ -59,7 +58,6 @@ class ChainBatches:
 
     def batch(self, k: int) -> Batch:
         from data_pipeline.digit_chain import TRAIN, Chains, generate
-        from data_pipeline.loader import chains_batch
 
         n, b = self.task.n_train, self.micro_batch
         start = (k * self.world_size + self.rank) * b % n

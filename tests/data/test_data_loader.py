@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from data_pipeline import loader as loader_mod
+from data_pipeline.batch import as_tensors
 from data_pipeline.digit_chain import EQ, PAD, DataError, generate
 from data_pipeline.loader import (
     DigitChainDataset,
-    as_tensors,
     clean_stale_shared_memory,
     collate,
     local_cache_dir,

@@ -13,6 +13,11 @@ from mythos_dist.stability import (
 )
 
 
+def seeded(seed: int) -> torch.Generator:
+    """On the default device, so the tests also run under MYTHOS_TEST_DEVICE=cuda (tests/conftest.py)."""
+    return torch.Generator(torch.get_default_device()).manual_seed(seed)
+
+
 def tiny_model(**kw) -> RDT:
     torch.manual_seed(0)
     return RDT(ModelConfig(dim=32, n_heads=4, n_kv_heads=2, expert_dim=16, n_experts=4, **kw)).eval()
@@ -26,7 +31,7 @@ def test_radius_diagonal_map():
 
 
 def test_radius_nonnormal_linear_map_with_known_spectrum():
-    g = torch.Generator().manual_seed(1)
+    g = seeded(1)
     eig = torch.tensor([0.9, 0.6, -0.5, 0.3, 0.2, -0.1, 0.05, 0.0])
     Q = torch.randn(8, 8, generator=g, dtype=torch.float64) + 3 * torch.eye(8, dtype=torch.float64)
     M = Q @ torch.diag(eig.double()) @ torch.linalg.inv(Q)  # non-normal, eigenvalues = eig
@@ -61,7 +66,7 @@ def test_contraction_ratios_from_deltas():
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
 def test_spectral_report_real_model_at_init_is_finite(attn_type):
     model = tiny_model(attn_type=attn_type)
-    ids_BT = torch.randint(0, 10, (2, 9), generator=torch.Generator().manual_seed(0))
+    ids_BT = torch.randint(0, 10, (2, 9), generator=seeded(0))
     rep = spectral_report(model, ids_BT, n_loops=4, n_iters=12)
     assert 0 < rep["rho_A"] < 1
     assert math.isfinite(rep["jacobian_radius"]) and rep["jacobian_radius"] > 0
@@ -75,7 +80,7 @@ def test_jacobian_radius_matches_dense_jacobian_on_model():
     from mythos_dist.stability import loop_state
 
     model = tiny_model()
-    ids_BT = torch.randint(0, 10, (1, 4), generator=torch.Generator().manual_seed(2))
+    ids_BT = torch.randint(0, 10, (1, 4), generator=seeded(2))
 
     h, e, _ = loop_state(model, ids_BT, 3)
     h64, e64 = h.double(), e.double()
