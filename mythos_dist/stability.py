@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mythos_dist.model.attention import TokenLayout
 from mythos_dist.model.rdt import RDT
 
 
@@ -107,19 +108,27 @@ def contraction_ratios(delta_norms: list[torch.Tensor]) -> list[float]:
 
 
 @torch.no_grad()
-def loop_state(model: RDT, ids_BT: torch.Tensor, n_loops: int) -> tuple[torch.Tensor, torch.Tensor, list]:
-    """(h after n_loops, e, per-loop delta norms (B,T)) without ACT mixing: the raw recurrence."""
-    T = ids_BT.shape[1]
-    x = model.embed(ids_BT)
+def loop_state(
+    model: RDT, ids_BT: torch.Tensor, n_loops: int
+) -> tuple[torch.Tensor, torch.Tensor, list, Callable[[torch.Tensor, int], torch.Tensor]]:
+    """(h after n_loops, e, per-loop delta norms (B,T), the loop map (h, t) ↦ f_t(h, e)) without
+    ACT mixing: the raw recurrence. h and e are rows (B·T, D) of every token."""
+    B, T = ids_BT.shape
+    layout = TokenLayout(B, T)
+    x = model.embed(ids_BT.flatten())
     rope = model.rope(0, T, x.device, x.dtype)
     for layer in model.prelude:
-        x, _ = layer(x, rope, None, "prelude")
+        x, _ = layer(x, layout, rope, None, "prelude")
+
+    def f(h: torch.Tensor, t: int) -> torch.Tensor:
+        return model.recurrent.step(h, x, t, rope, layout)[0]
+
     h, deltas = x, []
     for t in range(n_loops):
-        h_next, _ = model.recurrent.step(h, x, t, rope)
-        deltas.append((h_next - h).float().norm(dim=-1))
+        h_next = f(h, t)
+        deltas.append((h_next - h).float().norm(dim=-1).view(B, T))
         h = h_next
-    return h, x, deltas
+    return h, x, deltas, f
 
 
 def spectral_report(
@@ -135,13 +144,11 @@ def spectral_report(
     was_training = model.training
     model.eval()  # no dropout, no router load accounting
     try:
-        h, e, deltas = loop_state(model, ids_BT, n_loops)
+        h, _, deltas, f = loop_state(model, ids_BT, n_loops)
         if valid_BT is not None:
             deltas = [d * valid_BT for d in deltas]
-        mask = None if valid_BT is None else valid_BT[..., None]
-        rope = model.rope(0, ids_BT.shape[1], h.device, h.dtype)
-        f = lambda s: model.recurrent.step(s, e, n_loops, rope)[0]  # noqa: E731
-        est = jacobian_spectral_radius(f, h, n_iters, mask=mask)
+        mask = None if valid_BT is None else valid_BT.reshape(-1, 1)
+        est = jacobian_spectral_radius(lambda s: f(s, n_loops), h, n_iters, mask=mask)
     finally:
         model.train(was_training)
     return {

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from mythos_dist.config import ModelConfig
-from mythos_dist.model.attention import KVCache, Rope, make_attention
+from mythos_dist.model.attention import KVCache, Rope, TokenLayout, make_attention
 from mythos_dist.model.moe import MoEFFN, SwiGLU
 from mythos_dist.model.norm import RMSNorm
 
@@ -36,22 +36,22 @@ class TransformerBlock(nn.Module):
 
     def forward(
         self,
-        x_BTD: torch.Tensor,
+        x_ND: torch.Tensor,
+        layout: TokenLayout,
         rope: Rope,
         cache: KVCache | None,
         key: str,
-        rows_R: torch.Tensor | None = None,
+        keep_R: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (output, MoE aux loss or 0).
+        """(N, D) rows placed by `layout` -> (output rows, MoE aux loss or 0).
 
-        rows_R: flat indices into B·T of the tokens whose FFN output matters (e.g. not padding after
-        the answer, which causal attention never lets back in). Other rows skip the FFN/MoE: they
-        cost nothing there and do not count toward expert load.
+        keep_R: indices of the rows still needed after attention (e.g. only the answer position in
+        the last layer); the FFN/MoE runs on those alone and only they are returned. Attention
+        still reads every row: they are its keys and values.
         """
-        x_BTD = x_BTD + self.drop(self.attn(self.attn_norm(x_BTD), rope, cache, key))
-        x_ND = x_BTD.reshape(-1, x_BTD.shape[-1])
-        h = x_ND if rows_R is None else x_ND[rows_R]
-        y = self.ffn(self.ffn_norm(h))
-        y, aux = y if isinstance(y, tuple) else (y, x_BTD.new_zeros(()))
-        out = x_ND + self.drop(y) if rows_R is None else x_ND.index_add(0, rows_R, self.drop(y))
-        return out.view_as(x_BTD), aux
+        x_ND = x_ND + self.drop(self.attn(self.attn_norm(x_ND), layout, rope, cache, key))
+        if keep_R is not None:
+            x_ND = x_ND[keep_R]
+        y = self.ffn(self.ffn_norm(x_ND))
+        y, aux = y if isinstance(y, tuple) else (y, x_ND.new_zeros(()))
+        return x_ND + self.drop(y), aux

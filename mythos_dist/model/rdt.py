@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from mythos_dist.config import ModelConfig
-from mythos_dist.model.attention import KVCache, Rope, rope_rotations
+from mythos_dist.model.attention import KVCache, Rope, TokenLayout, rope_rotations
 from mythos_dist.model.block import TransformerBlock
 from mythos_dist.model.moe import GroupedExperts, MoEFFN
 from mythos_dist.model.norm import RMSNorm
@@ -78,9 +78,11 @@ class RDT(nn.Module):
         loops_out: further loop counts ≤ n_loops whose logits are computed in the same pass (the
         recurrence runs once; coda and head run once per count).
         cache: KV cache for incremental decoding; positions continue from what it holds.
-        valid_BT: tokens that matter (False for right padding); FFN/MoE skip the others.
-        logits_at_B: one position per row; only there does the last coda layer's FFN and the head
-        run, and logits come back as (B, V). Values at those positions equal the full forward's.
+        valid_BT: tokens that matter, a prefix of each row (False for right padding). Only these
+        are computed (rows of the residual stream); causal attention never lets later tokens back
+        in, so their values equal the full forward's. Logits and delta norms elsewhere are 0.
+        logits_at_B: one valid position per row; only there does the last coda layer's FFN and the
+        head run, and logits come back as (B, V).
         """
         loops_out = sorted(set(loops_out))
         if n_loops < 1 or any(n < 1 or n > n_loops for n in loops_out):
@@ -91,38 +93,51 @@ class RDT(nn.Module):
             raise ValueError("loops_out needs a full forward (the coda's cache holds one loop count)")
         if cache is not None and cache.n_loops not in (None, n_loops):
             raise ValueError(f"cache was filled with n_loops={cache.n_loops}; decode with the same count")
+        if valid_BT is not None:
+            _check_valid(valid_BT, logits_at_B, cache)
         B, T = ids_BT.shape
         start = cache.pos if cache is not None else 0
-        x = self.embed(ids_BT)
+        layout = TokenLayout(B, T, None if valid_BT is None else valid_BT.flatten().nonzero().squeeze(1))
+        x = self.embed(layout.from_grid(ids_BT))
         rope = self.rope(start, T, x.device, x.dtype)
-        rows = None if valid_BT is None else valid_BT.flatten().nonzero().squeeze(1)
-        out_rows = None if logits_at_B is None else torch.arange(B, device=x.device) * T + logits_at_B
+        # answer rows as indices into the kept rows (which must include them)
+        answer_R = None
+        if logits_at_B is not None:
+            answer_R = torch.arange(B, device=x.device) * T + logits_at_B
+            if layout.rows_N is not None:
+                answer_R = torch.searchsorted(layout.rows_N, answer_R)
         aux = x.new_zeros(())
         for i, layer in enumerate(self.prelude):
-            x, a = layer(x, rope, cache, f"prelude{i}", rows)
+            x, a = layer(x, layout, rope, cache, f"prelude{i}")
             aux = aux + a
-        loop = self.recurrent(x, n_loops, rope, cache, loops_out, backprop_loops, track_deltas, rows)
-        loop_logits = {n: self._coda(h, rope, cache, rows, out_rows) for n, h in loop.outputs.items()}
+        loop = self.recurrent(x, n_loops, rope, layout, cache, loops_out, backprop_loops, track_deltas)
+        loop_logits = {n: self._coda(h, layout, rope, cache, answer_R) for n, h in loop.outputs.items()}
         if cache is not None:
             cache.pos, cache.n_loops = start + T, n_loops
         return RDTOutput(
-            loop_logits[n_loops], aux + loop.aux_loss, loop.ponder_cost, loop_logits, loop.delta_norms
+            loop_logits[n_loops],
+            aux + loop.aux_loss,
+            loop.ponder_cost,
+            loop_logits,
+            [layout.to_grid(d) for d in loop.delta_norms],
         )
 
     def _coda(
         self,
         h: torch.Tensor,
+        layout: TokenLayout,
         rope: Rope,
         cache: KVCache | None,
-        rows: torch.Tensor | None,
-        out_rows: torch.Tensor | None,
+        answer_R: torch.Tensor | None,
     ) -> torch.Tensor:
+        """Coda + head on rows (N, D) -> logits (B, T, V), or (B, V) at answer_R only."""
         for i, layer in enumerate(self.coda):
-            last = i == len(self.coda) - 1
-            h, _ = layer(h, rope, cache, f"coda{i}", out_rows if last and out_rows is not None else rows)
-        if out_rows is not None:
-            h = h.reshape(-1, h.shape[-1])[out_rows]
-        return self.head(self.norm(h))
+            keep = answer_R if i == len(self.coda) - 1 else None
+            h, _ = layer(h, layout, rope, cache, f"coda{i}", keep)
+        if answer_R is not None and not self.coda:
+            h = h[answer_R]
+        logits = self.head(self.norm(h))
+        return logits if answer_R is not None else layout.to_grid(logits)
 
     @torch.no_grad()
     def generate(
@@ -153,6 +168,16 @@ class RDT(nn.Module):
             if i + 1 < max_new_tokens:
                 logits = self(nxt, n_loops, cache=cache).logits[:, -1]
         return torch.cat(out, dim=1)
+
+
+def _check_valid(valid_BT: torch.Tensor, logits_at_B: torch.Tensor | None, cache: KVCache | None) -> None:
+    if cache is not None:
+        raise ValueError("valid_BT with a KV cache: later tokens need the keys of every cached token")
+    not_prefix = (valid_BT[:, 1:] & ~valid_BT[:, :-1]).any()
+    if logits_at_B is not None:
+        not_prefix = not_prefix | ~valid_BT.gather(1, logits_at_B[:, None]).all()
+    if not_prefix:  # one host sync for both checks
+        raise ValueError("valid_BT must be a prefix of each row (right padding) that includes logits_at_B")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
-from mythos_dist.model.attention import KVCache, Rope
+from mythos_dist.model.attention import KVCache, Rope, TokenLayout
 from mythos_dist.model.block import TransformerBlock
 from mythos_dist.model.norm import RMSNorm
 
@@ -69,7 +69,7 @@ class LoopResult:
     outputs: dict[int, torch.Tensor]  # loop count -> state handed to the coda after that many loops
     aux_loss: torch.Tensor  # MoE aux loss summed over loops
     ponder_cost: torch.Tensor  # ACT: mean (steps + remainder); 0 without ACT
-    delta_norms: list[torch.Tensor] = field(default_factory=list)  # ‖h_t − h_{t−1}‖ per loop, (B,T)
+    delta_norms: list[torch.Tensor] = field(default_factory=list)  # ‖h_t − h_{t−1}‖ per loop and row (N,)
 
 
 class RecurrentBlock(nn.Module):
@@ -88,14 +88,15 @@ class RecurrentBlock(nn.Module):
         e: torch.Tensor,
         t: int,
         rope: Rope,
+        layout: TokenLayout,
         cache: KVCache | None = None,
-        rows_R: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """One application of the loop map f(h, e) at loop index t (0-based). -> (h_next, aux)."""
+        """One application of the loop map f(h, e) at loop index t (0-based) to rows (N, D) placed
+        by `layout`. -> (h_next, aux)."""
         x = self.norm(h + e)
         if self.cfg.loop_signal:
             x = x + loop_signal(t, x.shape[-1], x.device, x.dtype)
-        out, aux = self.block(x, rope, cache, f"loop{t}", rows_R)
+        out, aux = self.block(x, layout, rope, cache, f"loop{t}")
         if self.lora is not None:
             out = out + self.lora(out, t)
         return self.injection(h, e, out), aux
@@ -105,18 +106,17 @@ class RecurrentBlock(nn.Module):
         e: torch.Tensor,
         n_loops: int,
         rope: Rope,
+        layout: TokenLayout,
         cache: KVCache | None = None,
         emit_at: Iterable[int] = (),
         backprop_loops: int = 0,
         track_deltas: bool = False,
-        rows_R: torch.Tensor | None = None,
     ) -> LoopResult:
-        """Run n_loops iterations from h_0 = e.
+        """Run n_loops iterations from h_0 = e (rows (N, D) placed by `layout`).
 
         emit_at: extra loop counts (≤ n_loops) whose output is also returned — the same values a
         separate forward with that many loops gives (for ACT: the remainder goes to that step).
         backprop_loops k > 0: gradients flow only through the last k loops (truncated BPTT).
-        rows_R: flat indices of the tokens whose FFN/MoE output matters (see TransformerBlock).
         """
         if n_loops < 1:
             raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
@@ -133,7 +133,7 @@ class RecurrentBlock(nn.Module):
         first_grad_loop = n_loops - backprop_loops if backprop_loops > 0 else 0
         for t in range(n_loops):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
-                h_next, aux = self.step(h, e, t, rope, cache, rows_R)
+                h_next, aux = self.step(h, e, t, rope, layout, cache)
             result.aux_loss = result.aux_loss + aux
             if track_deltas:
                 result.delta_norms.append((h_next - h).detach().float().norm(dim=-1))

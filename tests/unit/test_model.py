@@ -5,7 +5,7 @@ import torch
 
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
 from mythos_dist.model import RDT, KVCache, LoopPolicy
-from mythos_dist.model.attention import apply_rope, rope_rotations
+from mythos_dist.model.attention import TokenLayout, apply_rope, rope_rotations
 from mythos_dist.model.norm import RMSNorm
 from mythos_dist.model.recurrent import LTIInjection
 
@@ -108,14 +108,16 @@ def test_act_weights_sum_to_one_and_ponder_cost() -> None:
     with torch.no_grad():  # a constant state makes the ACT mixture equal that state iff weights sum to 1
         model.recurrent.halt.weight.zero_()
         model.recurrent.halt.bias.fill_(0.0)  # p = 0.5 each loop: halts at step 2 (0.5 + 0.5 ≥ 0.99)
-    e = torch.randn(2, 5, 32)
+    e = torch.randn(10, 32)  # rows of a (2, 5) batch
     rec = model.recurrent
-    rec.step = lambda h, e, t, rope, cache=None, rows=None: (torch.full_like(h, 3.0), h.new_zeros(()))
-    res = rec(e, n_loops=6, rope=None)
+    rec.step = lambda h, e, t, rope, layout, cache=None: (torch.full_like(h, 3.0), h.new_zeros(()))
+    res = rec(e, n_loops=6, rope=None, layout=TokenLayout(2, 5))
     torch.testing.assert_close(res.outputs[6], torch.full_like(e, 3.0))
     # each position ran 2 steps; remainder at the halting step is 0.5
     torch.testing.assert_close(res.ponder_cost, torch.tensor(2.5))
-    res1 = rec(e, n_loops=1, rope=None)  # never halts within 1 loop: remainder 1 at the last step
+    res1 = rec(
+        e, n_loops=1, rope=None, layout=TokenLayout(2, 5)
+    )  # never halts within 1 loop: remainder 1 at the last step
     torch.testing.assert_close(res1.outputs[1], torch.full_like(e, 3.0))
     torch.testing.assert_close(res1.ponder_cost, torch.tensor(2.0))
 
@@ -248,3 +250,43 @@ def test_rmsnorm_matches_torch_forward_gradients_and_double_backward() -> None:
     x64 = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ours, (x64,))
     assert torch.autograd.gradgradcheck(ours, (x64,))
+
+
+@pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
+@pytest.mark.parametrize("T_S", [(7, 7), (3, 10), (1, 5)])
+def test_matmul_attention_equals_sdpa(heads: tuple[int, int], T_S: tuple[int, int]) -> None:
+    """The CPU path for short sequences (grouped query heads stacked, no K/V repeat) computes what
+    SDPA computes: causal, bottom-right aligned after a cache, and with a value dim ≠ qk dim."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from mythos_dist.model.attention import _attend, _attend_matmul
+
+    (H, Hk), (T, S) = heads, T_S
+    q, k = torch.randn(2, H, T, 8, requires_grad=True), torch.randn(2, Hk, S, 8, requires_grad=True)
+    v = torch.randn(2, Hk, S, 6, requires_grad=True)
+    ours = _attend_matmul(q, k, v, 0.0)
+    with sdpa_kernel(SDPBackend.MATH):  # the reference: _attend with the small-size path off
+        ref = torch.nn.functional.scaled_dot_product_attention(
+            q, k, v, attn_mask=torch.ones(T, S, dtype=torch.bool).tril(S - T), enable_gqa=Hk != H
+        )
+    torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_attend(q, k, v, 0.0), ref, rtol=1e-5, atol=1e-6)
+    g = torch.randn_like(ref)
+    for a, b in zip(torch.autograd.grad(ours, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_forward_carries_only_valid_rows_and_refuses_bad_masks() -> None:
+    model = make_model()
+    ids = torch.randint(0, 10, (2, 6))
+    valid = torch.tensor([[True] * 4 + [False] * 2, [True] * 6])
+    full = model(ids, n_loops=2, track_deltas=True)
+    part = model(ids, n_loops=2, track_deltas=True, valid_BT=valid)
+    torch.testing.assert_close(part.logits[valid], full.logits[valid], rtol=1e-5, atol=1e-5)
+    assert (part.logits[~valid] == 0).all() and (part.delta_norms[0][~valid] == 0).all()
+    with pytest.raises(ValueError, match="prefix"):
+        model(ids, n_loops=2, valid_BT=torch.tensor([[True, False, True, True, True, True]] * 2))
+    with pytest.raises(ValueError, match="prefix"):  # the answer position must be kept
+        model(ids, n_loops=2, valid_BT=valid, logits_at_B=torch.tensor([5, 5]))
+    with pytest.raises(ValueError, match="KV cache"):
+        model(ids, n_loops=2, valid_BT=valid, cache=KVCache())

@@ -82,11 +82,10 @@ def test_jacobian_radius_matches_dense_jacobian_on_model():
     model = tiny_model()
     ids_BT = torch.randint(0, 10, (1, 4), generator=seeded(2))
 
-    h, e, _ = loop_state(model, ids_BT, 3)
-    h64, e64 = h.double(), e.double()
     model.double()
-    rope = model.rope(0, 4, h.device, torch.float64)
-    f = lambda s: model.recurrent.step(s, e64, 3, rope)[0]  # noqa: E731
+    h64, _, _, step = loop_state(model, ids_BT, 3)
+    h64 = h64.detach()
+    f = lambda s: step(s, 3)  # noqa: E731
     J = torch.autograd.functional.jacobian(f, h64).reshape(h64.numel(), h64.numel())
     rho = torch.linalg.eigvals(J).abs().max().item()
     est = jacobian_spectral_radius(f, h64, 300)
