@@ -68,7 +68,8 @@ class LocalDispatcher:
 
     def dispatch(self, x_ND, expert_ids_NK, capacity):
         assign_idx, token_idx, counts_E = sort_by_expert(expert_ids_NK, self.n_experts, capacity)
-        return x_ND[token_idx], counts_E, DispatchState(token_idx, assign_idx, x_ND.shape[0])
+        # index_select, not x_ND[token_idx]: a third of the time here, both ways
+        return x_ND.index_select(0, token_idx), counts_E, DispatchState(token_idx, assign_idx, x_ND.shape[0])
 
     def combine(self, y_MD, weights_NK, state):
         return _combine(y_MD, weights_NK, state)
@@ -109,7 +110,7 @@ class AllToAllDispatcher:
         # One host sync for all split sizes (all_to_all_single needs them on the host).
         send_splits = counts_E.view(self.ep_size, self.n_local).sum(1).tolist()
         recv_splits = recv_counts_SL.sum(1).tolist()
-        x_recv = _AllToAll.apply(x_ND[token_idx], send_splits, recv_splits, self.group)
+        x_recv = _AllToAll.apply(x_ND.index_select(0, token_idx), send_splits, recv_splits, self.group)
         # Rows arrive source-major; experts want them grouped by local expert.
         local_id = torch.arange(self.n_local, device=x_ND.device).repeat(self.ep_size)
         regroup = torch.argsort(torch.repeat_interleave(local_id, recv_counts_SL.flatten()), stable=True)

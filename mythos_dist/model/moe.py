@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -127,6 +128,40 @@ def grouped_matmul(x_MK: torch.Tensor, w_GKN: torch.Tensor, tokens_per_group_G: 
     return _GroupedMatmul.apply(x_MK.contiguous(), w_GKN, offs_G, counts)
 
 
+class _SwiGLUFn(torch.autograd.Function):
+    """silu(gate) ⊙ up from the fused (M, 2H) projection [gate | up].
+
+    Autograd's version ends its backward by concatenating the two (M, H) gradients (chunk's
+    backward), a full extra pass over an (M, 2H) tensor; here both are written into one buffer.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, gate_up: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(gate_up)
+        gate, up = gate_up.chunk(2, dim=-1)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        (gate_up,) = ctx.saved_tensors
+        if torch.is_grad_enabled():  # double backward: stay differentiable
+            gate, up = gate_up.chunk(2, dim=-1)
+            sig = torch.sigmoid(gate)
+            d_silu = sig * (1 + gate * (1 - sig))
+            return torch.cat([grad * up * d_silu, grad * gate * sig], dim=-1)
+        gate, up = gate_up.chunk(2, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up)
+        g_gate, g_up = grad_gate_up.chunk(2, dim=-1)
+        torch.mul(grad, F.silu(gate), out=g_up)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=g_gate)
+        return grad_gate_up
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """(..., 2H) [gate | up] -> (..., H)."""
+    return _SwiGLUFn.apply(gate_up)
+
+
 class GroupedExperts(nn.Module):
     """`n_local` SwiGLU experts with stacked weights; rows arrive grouped by local expert.
 
@@ -140,8 +175,8 @@ class GroupedExperts(nn.Module):
         self.w_out_EHD = nn.Parameter(torch.empty(n_local, hidden, dim))
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        gate_MH, up_MH = grouped_matmul(x_MD, self.w_in_EDH, tokens_per_expert_E).chunk(2, dim=-1)
-        return grouped_matmul(F.silu(gate_MH) * up_MH, self.w_out_EHD, tokens_per_expert_E)
+        hidden_MH = swiglu(grouped_matmul(x_MD, self.w_in_EDH, tokens_per_expert_E))
+        return grouped_matmul(hidden_MH, self.w_out_EHD, tokens_per_expert_E)
 
 
 class SwiGLU(nn.Module):
@@ -153,8 +188,7 @@ class SwiGLU(nn.Module):
         self.w_out = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.w_in(x).chunk(2, dim=-1)
-        return self.w_out(F.silu(gate) * up)
+        return self.w_out(swiglu(self.w_in(x)))
 
 
 class MoEFFN(nn.Module):
