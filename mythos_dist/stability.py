@@ -77,9 +77,8 @@ def jacobian_spectral_radius(
         (jt_u,) = torch.autograd.grad(y, x, u, create_graph=True)  # Jᵀu, linear in u
         gen = torch.Generator(device="cpu").manual_seed(seed)
         m = torch.ones_like(x) if mask is None else mask.to(x).expand_as(x)
-        v = (
-            torch.randn(x.shape, generator=gen, dtype=torch.float32, device="cpu").to(x) * m
-        )  # same on any device
+        # drawn on the CPU, then moved: the same start vector on any device
+        v = torch.randn(x.shape, generator=gen, dtype=torch.float32, device="cpu").to(x) * m
         v = v / v.norm()
         ratios: list[float] = []
         rayleigh = float("nan")

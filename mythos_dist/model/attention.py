@@ -119,9 +119,9 @@ def _attend_matmul(
     G = H // Hk
     scores = (q_BHTE.reshape(B, Hk, G * T, E) @ k_BHSE.transpose(-1, -2)) * E**-0.5
     scores = scores.masked_fill(~_causal_mask(T, S, q_BHTE.device).repeat(G, 1), float("-inf"))
-    probs = (
-        F.dropout(torch.softmax(scores, dim=-1), dropout) if dropout > 0 else torch.softmax(scores, dim=-1)
-    )
+    probs = torch.softmax(scores, dim=-1)
+    if dropout > 0:
+        probs = F.dropout(probs, dropout)
     return (probs @ v_BHSV).view(B, H, T, v_BHSV.shape[-1])
 
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import cache
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -128,38 +127,10 @@ def grouped_matmul(x_MK: torch.Tensor, w_GKN: torch.Tensor, tokens_per_group_G: 
     return _GroupedMatmul.apply(x_MK.contiguous(), w_GKN, offs_G, counts)
 
 
-class _SwiGLUFn(torch.autograd.Function):
-    """silu(gate) ⊙ up from the fused (M, 2H) projection [gate | up].
-
-    Autograd's version ends its backward by concatenating the two (M, H) gradients (chunk's
-    backward), a full extra pass over an (M, 2H) tensor; here both are written into one buffer.
-    """
-
-    @staticmethod
-    def forward(ctx: Any, gate_up: torch.Tensor) -> torch.Tensor:
-        ctx.save_for_backward(gate_up)
-        gate, up = gate_up.chunk(2, dim=-1)
-        return F.silu(gate) * up
-
-    @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
-        (gate_up,) = ctx.saved_tensors
-        if torch.is_grad_enabled():  # double backward: stay differentiable
-            gate, up = gate_up.chunk(2, dim=-1)
-            sig = torch.sigmoid(gate)
-            d_silu = sig * (1 + gate * (1 - sig))
-            return torch.cat([grad * up * d_silu, grad * gate * sig], dim=-1)
-        gate, up = gate_up.chunk(2, dim=-1)
-        grad_gate_up = torch.empty_like(gate_up)
-        g_gate, g_up = grad_gate_up.chunk(2, dim=-1)
-        torch.mul(grad, F.silu(gate), out=g_up)
-        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=g_gate)
-        return grad_gate_up
-
-
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
-    """(..., 2H) [gate | up] -> (..., H)."""
-    return _SwiGLUFn.apply(gate_up)
+    """(..., 2H) [gate | up] -> silu(gate) ⊙ up, (..., H): routed and shared experts alike."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
 
 
 class GroupedExperts(nn.Module):
