@@ -42,7 +42,6 @@ class ModelConfig:
     attn_type: Literal["gqa", "mla"] = "gqa"
     pos_encoding: Literal["rope", "none"] = "rope"
     rope_theta: float = 10000.0
-    attn_length_scale: bool = False  # queries × (1 + s_h·ln n): sharper attention on longer inputs
     # MLA (DeepSeek-V2): low-rank Q, compressed KV latent plus one shared RoPE key per token
     kv_lora_rank: int = 64
     q_lora_rank: int = 64

@@ -128,28 +128,12 @@ def _attend_matmul(
 Rope = torch.Tensor | None  # complex rotations (T, rot_dim/2) for the current positions, or no RoPE
 
 
-class LengthScale(nn.Module):
-    """Queries times (1 + s_h · ln n), n = keys a causal query sees (its position + 1), s_h learned
-    per head and 0 at init (SSMax-style). Without it, attention logits keep their trained range while
-    the number of keys grows, so attention flattens on sequences longer than any trained."""
-
-    def __init__(self, n_heads: int):
-        super().__init__()
-        self.s_H = nn.Parameter(torch.zeros(n_heads))
-
-    def forward(self, q_BTHE: torch.Tensor, cache: KVCache | None) -> torch.Tensor:
-        start = cache.pos if cache is not None else 0  # the forward updates cache.pos after all layers
-        n_T = torch.arange(start + 1, start + q_BTHE.shape[1] + 1, device=q_BTHE.device, dtype=torch.float32)
-        return q_BTHE * (1 + self.s_H.float() * n_T.log()[:, None])[..., None].to(q_BTHE.dtype)
-
-
 class GQAttention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.length_scale = LengthScale(cfg.n_heads) if cfg.attn_length_scale else None
         self.dropout = cfg.dropout
 
     def forward(
@@ -160,8 +144,6 @@ class GQAttention(nn.Module):
         q, k, v = qkv.split([self.n_heads, self.n_kv_heads, self.n_kv_heads], dim=2)
         if rope is not None:
             q, k = apply_rope(q, rope), apply_rope(k, rope)
-        if self.length_scale is not None:
-            q = self.length_scale(q, cache)
         if cache is not None:
             k, v = cache.extend(key, k, v)
         drop = self.dropout if self.training else 0.0
@@ -189,7 +171,6 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
-        self.length_scale = LengthScale(cfg.n_heads) if cfg.attn_length_scale else None
         self.dropout = cfg.dropout
 
     def forward(
@@ -213,8 +194,6 @@ class MLAttention(nn.Module):
         )
         k = torch.cat([k_nope, k_rope_BTR.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
-        if self.length_scale is not None:
-            q = self.length_scale(q, cache)
         drop = self.dropout if self.training else 0.0
         out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop)
         return self.wo(layout.from_grid(out.transpose(1, 2)).flatten(1))

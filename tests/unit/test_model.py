@@ -5,7 +5,7 @@ import torch
 
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
 from mythos_dist.model import RDT, KVCache, LoopPolicy
-from mythos_dist.model.attention import LengthScale, TokenLayout, apply_rope, rope_rotations
+from mythos_dist.model.attention import TokenLayout, apply_rope, rope_rotations
 from mythos_dist.model.norm import RMSNorm
 from mythos_dist.model.recurrent import LTIInjection
 
@@ -24,9 +24,6 @@ def make_model(**kw) -> RDT:
     with torch.no_grad():  # non-trivial LoRA and injection so they matter in the comparisons
         model.recurrent.lora.up.normal_(0, 0.1)
         model.recurrent.injection.log_A.normal_(0, 1)
-        for m in model.modules():
-            if isinstance(m, LengthScale):
-                m.s_H.uniform_(0.1, 0.5)
     return model
 
 
@@ -41,9 +38,8 @@ def test_shapes(attn_type: str, pos_encoding: str) -> None:
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-@pytest.mark.parametrize("length_scale", [False, True])
-def test_cached_decode_equals_full_forward(attn_type: str, length_scale: bool) -> None:
-    model = make_model(attn_type=attn_type, attn_length_scale=length_scale)
+def test_cached_decode_equals_full_forward(attn_type: str) -> None:
+    model = make_model(attn_type=attn_type)
     ids = torch.randint(0, 12, (2, 14))
     full = model(ids, n_loops=3).logits
     cache = KVCache()
@@ -54,29 +50,6 @@ def test_cached_decode_equals_full_forward(attn_type: str, length_scale: bool) -
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
     assert cache.pos == 14
     assert sum(k.startswith("loop") for k in cache.entries) == 3  # one entry per loop iteration
-
-
-@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-def test_length_scale_starts_as_identity_and_scales_queries_by_log_keys_seen(attn_type: str) -> None:
-    ids = torch.randint(0, 12, (2, 9))
-    torch.manual_seed(0)
-    plain = RDT(tiny(attn_type=attn_type)).eval()
-    torch.manual_seed(0)
-    scaled = RDT(tiny(attn_type=attn_type, attn_length_scale=True)).eval()
-    torch.testing.assert_close(scaled(ids, n_loops=2).logits, plain(ids, n_loops=2).logits)  # s = 0 at init
-    with torch.no_grad():
-        for m in scaled.modules():
-            if isinstance(m, LengthScale):
-                m.s_H.fill_(0.3)
-    assert not torch.allclose(scaled(ids, n_loops=2).logits, plain(ids, n_loops=2).logits, atol=1e-4)
-    q = torch.ones(1, 5, 4, 2)
-    ls = LengthScale(4)
-    ls.s_H.data.fill_(0.5)
-    cache = KVCache()
-    cache.pos = 3  # decode: the first query here sees 4 keys
-    expected = 1 + 0.5 * torch.log(torch.arange(4.0, 9.0))
-    torch.testing.assert_close(ls(q, cache)[0, :, 0, 0], expected)
-    torch.testing.assert_close(ls(q, None)[0, :, 0, 0], 1 + 0.5 * torch.log(torch.arange(1.0, 6.0)))
 
 
 def test_generate_greedy_matches_argmax_of_full_forward() -> None:
