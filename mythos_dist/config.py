@@ -66,6 +66,10 @@ class ModelConfig:
     dropout: float = 0.0
     norm_eps: float = 1e-6
     init_std: float = 0.02
+    # Token embeddings' init std. The first pre-norm divides by their scale, so at 0.02 their
+    # gradient is ~50× the others' and each AdamW step moves them by lr/0.02 relative (the digit-chain
+    # runs' gradient spikes, docs/results.md); 1.0 puts them at the scale the norm expects.
+    embed_init_std: float = 0.02
 
     def ffn_dim(self) -> int:
         if self.dense_ffn_dim:
@@ -117,6 +121,8 @@ class ModelConfig:
         _require(0 < self.act_threshold <= 1, f"{p}.act_threshold", "must be in (0, 1]")
         _require(0 <= self.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
         _require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0")
+        for name in ("init_std", "embed_init_std"):
+            _require(getattr(self, name) > 0, f"{p}.{name}", f"must be > 0, got {getattr(self, name)}")
 
 
 @dataclass

@@ -49,6 +49,7 @@ class RDT(nn.Module):
             elif isinstance(m, GroupedExperts):
                 nn.init.normal_(m.w_in_EDH, std=std)
                 nn.init.normal_(m.w_out_EHD, std=std)
+        nn.init.normal_(self.embed.weight, std=self.cfg.embed_init_std)
         if self.recurrent.halt is not None:
             nn.init.constant_(self.recurrent.halt.bias, -2.0)  # start by pondering, not halting
 

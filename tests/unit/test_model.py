@@ -52,6 +52,13 @@ def test_cached_decode_equals_full_forward(attn_type: str) -> None:
     assert sum(k.startswith("loop") for k in cache.entries) == 3  # one entry per loop iteration
 
 
+def test_embedding_init_std_is_its_own_setting() -> None:
+    torch.manual_seed(0)
+    model = RDT(tiny(vocab_size=64, dim=64, embed_init_std=1.0))
+    assert 0.9 < model.embed.weight.std().item() < 1.1
+    assert 0.018 < model.head.weight.std().item() < 0.022  # everything else keeps init_std
+
+
 def test_generate_greedy_matches_argmax_of_full_forward() -> None:
     model = make_model(attn_type="mla")
     ids = torch.randint(0, 12, (2, 5))
