@@ -60,9 +60,6 @@ class ModelConfig:
     # Recurrence
     lora_rank: int = 8  # depth-wise LoRA; 0 disables
     loop_signal: bool = True  # sinusoidal loop-index signal added before the block
-    # Training only: Gaussian noise of this size relative to each row's RMS is added to the loop
-    # state before every loop, so the map must pull perturbed states back to the answer. 0 = off.
-    loop_noise: float = 0.0
     act_enabled: bool = False
     act_threshold: float = 0.99
     act_ponder_coef: float = 0.01
@@ -123,7 +120,6 @@ class ModelConfig:
         _require(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", "must be ≥ 0")
         _require(0 < self.act_threshold <= 1, f"{p}.act_threshold", "must be in (0, 1]")
         _require(0 <= self.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
-        _require(self.loop_noise >= 0, f"{p}.loop_noise", "must be ≥ 0 (0 = off)")
         _require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0")
         for name in ("init_std", "embed_init_std"):
             _require(getattr(self, name) > 0, f"{p}.{name}", f"must be > 0, got {getattr(self, name)}")

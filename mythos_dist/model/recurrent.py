@@ -132,9 +132,6 @@ class RecurrentBlock(nn.Module):
             remainder = torch.zeros_like(cum)
         first_grad_loop = n_loops - backprop_loops if backprop_loops > 0 else 0
         for t in range(n_loops):
-            if self.training and self.cfg.loop_noise > 0:
-                rms = h.detach().float().square().mean(-1, keepdim=True).sqrt().to(h.dtype)
-                h = h + self.cfg.loop_noise * rms * torch.randn_like(h)
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
                 h_next, aux = self.step(h, e, t, rope, layout, cache)
             result.aux_loss = result.aux_loss + aux

@@ -36,7 +36,6 @@ def write(tmp_path: Path, text: str) -> Path:
         (["data.task.train_lengths=[5, 2]"], r"data\.task\.train_lengths: needs 1 ≤ lo ≤ hi"),
         (["train.loops.tokens_per_loop=-1"], r"train\.loops\.tokens_per_loop: must be ≥ 0"),
         (["train.loops.tokens_per_loop=1"], r"train\.loops\.tokens_per_loop: 1 × max_loops=8 < 12"),
-        (["model.loop_noise=-0.1"], r"model\.loop_noise: must be ≥ 0"),
         (["model.embed_init_std=0"], r"model\.embed_init_std: must be > 0, got 0"),
         (["nosuch=1"], r"nosuch: unknown key"),
     ],

@@ -190,19 +190,6 @@ def test_loop_policies() -> None:
         assert coupled(s) == replace(plain(s), max_length=3 * plain(s).n_loops)
 
 
-def test_loop_noise_perturbs_training_forwards_only() -> None:
-    """loop_noise: training forwards differ from call to call and from eval; eval is unchanged."""
-    ids = torch.randint(0, 10, (3, 6))
-    quiet, noisy = make_model(), make_model(loop_noise=0.5)
-    ref = quiet(ids, n_loops=3).logits
-    torch.testing.assert_close(noisy(ids, n_loops=3).logits, ref)  # eval mode: no noise
-    noisy.train()
-    a, b = noisy(ids, n_loops=3).logits, noisy(ids, n_loops=3).logits
-    assert not torch.allclose(a, b) and not torch.allclose(a, ref)
-    quiet.train()
-    torch.testing.assert_close(quiet(ids, n_loops=3).logits, ref)  # 0 = off (no dropout either)
-
-
 def test_loss_counts_only_the_chosen_rows() -> None:
     """Rows left out of the loss (length-coupled steps) get no gradient and no share of the mean;
     a batch with none counted still backpropagates (every rank must), with zero cross-entropy."""
