@@ -195,9 +195,6 @@ class LoopPolicyConfig:
     max_loops: int = 8  # uniform: upper bound; all: hard cap
     sigma: float = 0.5  # poisson_lognormal: std of the log-normal rate
     backprop_loops: int = 0  # truncated backprop through the last k loops; 0 = all
-    # Length-coupled steps: a step of n loops puts only chains of length ≤ tokens_per_loop·n in the
-    # loss, so the model is never asked to finish a long chain in few loops. 0 = every chain counts.
-    tokens_per_loop: int = 0
 
     def validate(self, prefix: str = "train.loops") -> None:
         _require(self.n_loops >= 1, f"{prefix}.n_loops", f"loop counts must be ≥ 1, got {self.n_loops}")
@@ -215,7 +212,6 @@ class LoopPolicyConfig:
             )
         _require(self.sigma >= 0, f"{prefix}.sigma", "must be ≥ 0")
         _require(self.backprop_loops >= 0, f"{prefix}.backprop_loops", "must be ≥ 0 (0 = all loops)")
-        _require(self.tokens_per_loop >= 0, f"{prefix}.tokens_per_loop", "must be ≥ 0 (0 = off)")
 
 
 @dataclass
@@ -340,13 +336,6 @@ class Config:
             m.max_seq_len >= longest,
             "model.max_seq_len",
             f"{m.max_seq_len} is below the longest chain's input ({longest} tokens incl. EQ)",
-        )
-        lp, train_hi = self.train.loops, self.data.task.train_lengths[1]
-        _require(
-            not lp.tokens_per_loop or lp.tokens_per_loop * lp.max_loops >= train_hi,
-            "train.loops.tokens_per_loop",
-            f"{lp.tokens_per_loop} × max_loops={lp.max_loops} < {train_hi}: the longest training "
-            "chains would never count in the loss",
         )
         _require(m.vocab_size >= 12, "model.vocab_size", "digit chains need ≥ 12 tokens (0-9, EQ, PAD)")
         unknown = set(self.eval.splits) - set(self.data.task.eval_splits)

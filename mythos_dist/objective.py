@@ -49,32 +49,16 @@ def answer_forward(
 
 
 def loss_and_metrics(
-    out: RDTOutput, batch: Mapping[str, torch.Tensor], cfg: ModelConfig, counted_B: torch.Tensor | None = None
+    out: RDTOutput, batch: Mapping[str, torch.Tensor], cfg: ModelConfig
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy at the answer position + MoE aux loss + ACT ponder cost (when enabled).
-
-    counted_B: (B,) bool, the rows that count in the loss and accuracy (None = all); a batch with
-    none counted gives a zero cross-entropy, still connected to the graph so every rank backpropagates.
-    """
+    """Cross-entropy at the answer position + MoE aux loss + ACT ponder cost (when enabled)."""
     answer = batch["answer"]
-    ce_B = F.cross_entropy(out.logits.float(), answer, reduction="none")
-    correct_B = (out.logits.argmax(-1) == answer).float()
-    if counted_B is None:
-        counted_B = torch.ones_like(correct_B, dtype=torch.bool)
-    w_B = counted_B.float()
-    n = w_B.sum()
-    ce = (ce_B * w_B).sum() / n.clamp_min(1)
+    ce = F.cross_entropy(out.logits.float(), answer)
     loss = ce + out.aux_loss
     if cfg.act_enabled:
         loss = loss + cfg.act_ponder_coef * out.ponder_cost
-    acc = (correct_B * w_B).sum() / n.clamp_min(1)
-    metrics = {
-        "loss": loss.detach(),
-        "ce": ce.detach(),
-        "acc": acc,
-        "n": n,
-        "aux_loss": out.aux_loss.detach(),
-    }
+    acc = (out.logits.argmax(-1) == answer).float().mean()
+    metrics = {"loss": loss.detach(), "ce": ce.detach(), "acc": acc, "aux_loss": out.aux_loss.detach()}
     if cfg.act_enabled:
         metrics["ponder"] = out.ponder_cost.detach()
     return loss, metrics

@@ -230,8 +230,7 @@ def train(
                 out = answer_forward(
                     engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops, track_deltas=track
                 )
-                counted_B = None if choice.max_length is None else batch["length"] <= choice.max_length
-                loss, m = loss_and_metrics(out, batch, cfg.model, counted_B)
+                loss, m = loss_and_metrics(out, batch, cfg.model)
                 finite = bool(torch.isfinite(loss))
                 if not finite:
                     # Make every gradient of this step NaN: DeepSpeed's non-finite check on the
@@ -243,7 +242,7 @@ def train(
                     _step_without_update(engine)
                 else:
                     engine.step()
-                n = m["n"].item()  # samples counted in the loss
+                n = len(batch["answer"])
                 stats_S += torch.tensor([loss.item(), m["ce"].item(), m["acc"].item() * n, n, not finite])
                 sample_ids += batch["sample_id"].tolist()
                 tokens += batch["input_ids"].numel()
@@ -273,7 +272,7 @@ def train(
                 metrics = {
                     "loss": step_loss,
                     "ce": global_S[1].item() / n_micro,
-                    "acc": global_S[2].item() / max(global_S[3].item(), 1.0),
+                    "acc": global_S[2].item() / global_S[3].item(),
                     "lr": engine.get_lr()[0],
                     "grad_norm": grad_norms[-1],
                     "tokens_per_s": tok_s,

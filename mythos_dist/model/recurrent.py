@@ -170,7 +170,6 @@ class RecurrentBlock(nn.Module):
 class LoopChoice:
     n_loops: int
     backprop_loops: int  # 0 = through all loops
-    max_length: int | None = None  # only inputs this long or shorter count in the loss; None = all
 
 
 class LoopPolicy:
@@ -192,4 +191,4 @@ class LoopPolicy:
             n = int(rng.poisson(math.exp(tau))) + 1
         if c.kind != "fixed":
             n = min(max(n, c.min_loops), c.max_loops)
-        return LoopChoice(n, min(c.backprop_loops, n), c.tokens_per_loop * n or None)
+        return LoopChoice(n, min(c.backprop_loops, n))
