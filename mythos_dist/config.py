@@ -41,10 +41,6 @@ class ModelConfig:
     coda_layers: int = 1
     attn_type: Literal["gqa", "mla"] = "gqa"
     pos_encoding: Literal["rope", "none"] = "rope"
-    # Sliding-window attention: each query sees itself and the attn_window − 1 keys before it, in
-    # every layer; 0 = full causal. Information then travels ≤ attn_window − 1 tokens per layer, so
-    # longer inputs need more loops, and RoPE only ever sees offsets below the window.
-    attn_window: int = 0
     rope_theta: float = 10000.0
     # MLA (DeepSeek-V2): low-rank Q, compressed KV latent plus one shared RoPE key per token
     kv_lora_rank: int = 64
@@ -124,7 +120,6 @@ class ModelConfig:
         _require(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", "must be ≥ 0")
         _require(0 < self.act_threshold <= 1, f"{p}.act_threshold", "must be in (0, 1]")
         _require(0 <= self.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
-        _require(self.attn_window >= 0, f"{p}.attn_window", "must be ≥ 0 (0 = full causal attention)")
         _require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0")
         for name in ("init_std", "embed_init_std"):
             _require(getattr(self, name) > 0, f"{p}.{name}", f"must be > 0, got {getattr(self, name)}")

@@ -34,7 +34,6 @@ def write(tmp_path: Path, text: str) -> Path:
         (["eval.splits=[id, ood9]"], r"eval\.splits: unknown split\(s\) \['ood9'\]"),
         (["model.max_seq_len=20"], r"model\.max_seq_len: 20 is below the longest chain's input \(49 tokens"),
         (["data.task.train_lengths=[5, 2]"], r"data\.task\.train_lengths: needs 1 ≤ lo ≤ hi"),
-        (["model.attn_window=-1"], r"model\.attn_window: must be ≥ 0"),
         (["model.embed_init_std=0"], r"model\.embed_init_std: must be > 0, got 0"),
         (["nosuch=1"], r"nosuch: unknown key"),
     ],
