@@ -185,7 +185,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     # TF32 stays off (torch's default): fp32 numbers are true fp32 on both sides and in the rate.
     peak = statistics.median(matmul_gflops(1024 if DEVICE.type == "cpu" else 8192) for _ in range(5))
-    where = f"threads={args.threads}" if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
+    # The CPU's vector ISA sets the matmul rate more than anything in our code (see docs/benchmarks.md).
+    cpu = f"threads={args.threads} cpu={torch.backends.cpu.get_cpu_capability()}"
+    where = cpu if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
     print(f"{where}  {args.dtype} matmul rate: {peak:.1f} GFLOP/s  torch {torch.__version__}")
     rows = [(f"MoE layer fwd+bwd, {n} tokens", moe_case(n, args.repeats)) for n in args.tokens]
     rows += [
