@@ -41,6 +41,10 @@ class ModelConfig:
     coda_layers: int = 1
     attn_type: Literal["gqa", "mla"] = "gqa"
     pos_encoding: Literal["rope", "none"] = "rope"
+    # Sliding-window attention: each query sees itself and the attn_window − 1 keys before it, in
+    # every layer; 0 = full causal. Information then travels ≤ attn_window − 1 tokens per layer, so
+    # longer inputs need more loops, and RoPE only ever sees offsets below the window.
+    attn_window: int = 0
     rope_theta: float = 10000.0
     # MLA (DeepSeek-V2): low-rank Q, compressed KV latent plus one shared RoPE key per token
     kv_lora_rank: int = 64
@@ -79,6 +83,13 @@ class ModelConfig:
     @property
     def head_dim(self) -> int:
         return self.dim // self.n_heads
+
+    def receptive_field(self, n_loops: int) -> int | None:
+        """How many tokens back a position can see after n_loops: (attn_window − 1) per attention
+        layer (prelude, each loop, coda); None for full causal attention (no bound)."""
+        if not self.attn_window:
+            return None
+        return (self.attn_window - 1) * (self.prelude_layers + n_loops + self.coda_layers)
 
     def validate(self, prefix: str = "model") -> None:
         p = prefix
@@ -120,6 +131,7 @@ class ModelConfig:
         _require(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", "must be ≥ 0")
         _require(0 < self.act_threshold <= 1, f"{p}.act_threshold", "must be in (0, 1]")
         _require(0 <= self.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
+        _require(self.attn_window >= 0, f"{p}.attn_window", "must be ≥ 0 (0 = full causal attention)")
         _require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0")
         for name in ("init_std", "embed_init_std"):
             _require(getattr(self, name) > 0, f"{p}.{name}", f"must be > 0, got {getattr(self, name)}")
@@ -230,6 +242,13 @@ class TrainConfig:
     log_every: int = 20
     max_nonfinite_steps: int = 5  # skipped steps (non-finite loss/grad) in a row before stopping
     loops: LoopPolicyConfig = field(default_factory=LoopPolicyConfig)
+    # Which chains count in a step's loss (the others are still in the batch, weight 0):
+    # reachable_only: only chains whose first digit lies within the answer position's receptive
+    # field at the step's loop count (needs model.attn_window > 0), so no step asks for an answer
+    # the model cannot see; length_curriculum_steps: the longest counted chain grows linearly from
+    # the shortest train length + 1 to the longest over these steps (0 = all lengths from the start).
+    reachable_only: bool = False
+    length_curriculum_steps: int = 0
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):
@@ -238,6 +257,9 @@ class TrainConfig:
         _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
         _require(0 <= self.warmup_steps <= self.steps, f"{prefix}.warmup_steps", "must be in [0, steps]")
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be ≥ 0 (0 disables)")
+        _require(
+            self.length_curriculum_steps >= 0, f"{prefix}.length_curriculum_steps", "must be ≥ 0 (0 = off)"
+        )
         self.loops.validate(f"{prefix}.loops")
 
 
@@ -336,6 +358,11 @@ class Config:
             m.max_seq_len >= longest,
             "model.max_seq_len",
             f"{m.max_seq_len} is below the longest chain's input ({longest} tokens incl. EQ)",
+        )
+        _require(
+            not self.train.reachable_only or m.attn_window > 0,
+            "train.reachable_only",
+            "needs model.attn_window > 0 (with full attention every chain is within reach)",
         )
         _require(m.vocab_size >= 12, "model.vocab_size", "digit chains need ≥ 12 tokens (0-9, EQ, PAD)")
         unknown = set(self.eval.splits) - set(self.data.task.eval_splits)

@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 import torch
 import torch.nn.functional as F
 
-from mythos_dist.config import ModelConfig
+from mythos_dist.config import Config, ModelConfig
 from mythos_dist.model import RDT, RDTOutput
 
 
@@ -48,17 +48,44 @@ def answer_forward(
     )
 
 
+def longest_counted(cfg: Config, step: int, n_loops: int) -> int | None:
+    """The longest chain that counts in the loss at this step and loop count (None = every chain):
+    the length curriculum's cap, and with train.reachable_only the answer position's receptive
+    field (a chain of n digits puts its first digit n tokens before EQ)."""
+    t, (lo, hi) = cfg.train, cfg.data.task.train_lengths
+    caps = []
+    if t.length_curriculum_steps:
+        caps.append(min(hi, lo + 1 + (hi - lo - 1) * step // t.length_curriculum_steps))
+    if t.reachable_only:
+        caps.append(cfg.model.receptive_field(n_loops))
+    return min(caps) if caps else None
+
+
 def loss_and_metrics(
-    out: RDTOutput, batch: Mapping[str, torch.Tensor], cfg: ModelConfig
+    out: RDTOutput, batch: Mapping[str, torch.Tensor], cfg: ModelConfig, longest: int | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Cross-entropy at the answer position + MoE aux loss + ACT ponder cost (when enabled)."""
+    """Cross-entropy at the answer position + MoE aux loss + ACT ponder cost (when enabled).
+
+    longest: only chains of at most this many digits count in the cross-entropy and accuracy
+    (None = all). A batch with none counted gives a zero cross-entropy that is still part of the
+    graph, so every rank runs the same backward.
+    """
     answer = batch["answer"]
-    ce = F.cross_entropy(out.logits.float(), answer)
+    ce_B = F.cross_entropy(out.logits.float(), answer, reduction="none")
+    w_B = torch.ones_like(ce_B) if longest is None else (batch["length"] <= longest).to(ce_B.dtype)
+    n = w_B.sum()
+    ce = (ce_B * w_B).sum() / n.clamp_min(1)
     loss = ce + out.aux_loss
     if cfg.act_enabled:
         loss = loss + cfg.act_ponder_coef * out.ponder_cost
-    acc = (out.logits.argmax(-1) == answer).float().mean()
-    metrics = {"loss": loss.detach(), "ce": ce.detach(), "acc": acc, "aux_loss": out.aux_loss.detach()}
+    correct = ((out.logits.argmax(-1) == answer).to(w_B.dtype) * w_B).sum()
+    metrics = {
+        "loss": loss.detach(),
+        "ce": ce.detach(),
+        "correct": correct,
+        "n": n,
+        "aux_loss": out.aux_loss.detach(),
+    }
     if cfg.act_enabled:
         metrics["ponder"] = out.ponder_cost.detach()
     return loss, metrics

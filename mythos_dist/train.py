@@ -25,7 +25,7 @@ from data_pipeline.batch import Batch, chains_batch
 from mythos_dist import checkpoint
 from mythos_dist.config import Config, TaskConfig, to_dict
 from mythos_dist.model import RDT, LoopPolicy
-from mythos_dist.objective import answer_forward, loss_and_metrics, valid_positions
+from mythos_dist.objective import answer_forward, longest_counted, loss_and_metrics, valid_positions
 from mythos_dist.parallel import (
     build_engine,
     init_distributed,
@@ -214,6 +214,7 @@ def train(
         engine.train()
         for step in range(start, end):
             choice = policy(step)
+            longest = longest_counted(cfg, step, choice.n_loops)
             log_now = (step + 1) % t.log_every == 0 or step + 1 == end
             stats_S.zero_()  # loss sum, ce sum, correct, samples, non-finite losses (this rank)
             sample_ids: list[int] = []
@@ -230,7 +231,7 @@ def train(
                 out = answer_forward(
                     engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops, track_deltas=track
                 )
-                loss, m = loss_and_metrics(out, batch, cfg.model)
+                loss, m = loss_and_metrics(out, batch, cfg.model, longest)
                 finite = bool(torch.isfinite(loss))
                 if not finite:
                     # Make every gradient of this step NaN: DeepSpeed's non-finite check on the
@@ -242,8 +243,9 @@ def train(
                     _step_without_update(engine)
                 else:
                     engine.step()
-                n = len(batch["answer"])
-                stats_S += torch.tensor([loss.item(), m["ce"].item(), m["acc"].item() * n, n, not finite])
+                stats_S += torch.tensor(
+                    [loss.item(), m["ce"].item(), m["correct"].item(), m["n"].item(), not finite]
+                )
                 sample_ids += batch["sample_id"].tolist()
                 tokens += batch["input_ids"].numel()
             loads = sync_router_biases(engine.module)
@@ -272,7 +274,7 @@ def train(
                 metrics = {
                     "loss": step_loss,
                     "ce": global_S[1].item() / n_micro,
-                    "acc": global_S[2].item() / global_S[3].item(),
+                    "acc": global_S[2].item() / max(global_S[3].item(), 1.0),  # over the counted chains
                     "lr": engine.get_lr()[0],
                     "grad_norm": grad_norms[-1],
                     "tokens_per_s": tok_s,
@@ -280,6 +282,8 @@ def train(
                     "rho_A": injection_radius(engine.module),
                     "nonfinite_steps": len(skipped_steps),
                 }
+                if longest is not None:  # the loss counted only chains this long (curriculum / reach)
+                    metrics["longest_counted"] = longest
                 # ‖h_t − h_{t−1}‖ over the real tokens (up to EQ) of this rank's last micro batch
                 valid_BT = valid_positions(batch["loss_mask"]).cpu()
                 deltas = [(d.cpu() * valid_BT).square().sum().sqrt().item() for d in out.delta_norms]

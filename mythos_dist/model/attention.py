@@ -84,18 +84,26 @@ def apply_rope(x_BTHD: torch.Tensor, rot_TF: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(x_c * rot_TF[:, None, :]).flatten(-2).to(x_BTHD.dtype)
 
 
-def _attend(q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dropout: float) -> torch.Tensor:
-    """Causal attention; with a cache the T queries are the last T of S positions (bottom-right aligned)."""
+def _attend(
+    q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dropout: float, window: int = 0
+) -> torch.Tensor:
+    """Causal attention (sliding-window when window > 0); with a cache the T queries are the last T
+    of S positions (bottom-right aligned)."""
     T, S = q_BHTE.shape[2], k_BHSE.shape[2]
     if q_BHTE.device.type == "cpu" and T * S <= _SMALL_ATTENTION:
-        return _attend_matmul(q_BHTE, k_BHSE, v_BHSV, dropout)
+        return _attend_matmul(q_BHTE, k_BHSE, v_BHSV, dropout, window)
     gqa = q_BHTE.shape[1] != k_BHSE.shape[1]
-    if T == S:
+    if T == S and not window:
         return F.scaled_dot_product_attention(
             q_BHTE, k_BHSE, v_BHSV, is_causal=True, dropout_p=dropout, enable_gqa=gqa
         )
     return F.scaled_dot_product_attention(
-        q_BHTE, k_BHSE, v_BHSV, attn_mask=_causal_mask(T, S, q_BHTE.device), dropout_p=dropout, enable_gqa=gqa
+        q_BHTE,
+        k_BHSE,
+        v_BHSV,
+        attn_mask=_causal_mask(T, S, q_BHTE.device, window),
+        dropout_p=dropout,
+        enable_gqa=gqa,
     )
 
 
@@ -104,13 +112,15 @@ def _attend(q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dr
 _SMALL_ATTENTION = 64 * 64
 
 
-def _causal_mask(T: int, S: int, device: torch.device) -> torch.Tensor:
-    """(T, S) True where query i (position S−T+i) may attend to key j."""
-    return torch.arange(S, device=device)[None, :] <= torch.arange(S - T, S, device=device)[:, None]
+def _causal_mask(T: int, S: int, device: torch.device, window: int = 0) -> torch.Tensor:
+    """(T, S) True where query i (position S−T+i) may attend to key j: j ≤ S−T+i, and with a
+    window also j > S−T+i − window."""
+    gap_TS = torch.arange(S - T, S, device=device)[:, None] - torch.arange(S, device=device)[None, :]
+    return (gap_TS >= 0) & (gap_TS < window) if window else gap_TS >= 0
 
 
 def _attend_matmul(
-    q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dropout: float
+    q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dropout: float, window: int = 0
 ) -> torch.Tensor:
     """Softmax attention as two batched matmuls; the G query heads sharing a KV head are stacked
     along the query axis, so K and V are never repeated."""
@@ -118,7 +128,7 @@ def _attend_matmul(
     Hk, S = k_BHSE.shape[1], k_BHSE.shape[2]
     G = H // Hk
     scores = (q_BHTE.reshape(B, Hk, G * T, E) @ k_BHSE.transpose(-1, -2)) * E**-0.5
-    scores = scores.masked_fill(~_causal_mask(T, S, q_BHTE.device).repeat(G, 1), float("-inf"))
+    scores = scores.masked_fill(~_causal_mask(T, S, q_BHTE.device, window).repeat(G, 1), float("-inf"))
     probs = torch.softmax(scores, dim=-1)
     if dropout > 0:
         probs = F.dropout(probs, dropout)
@@ -134,7 +144,7 @@ class GQAttention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
+        self.dropout, self.window = cfg.dropout, cfg.attn_window
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
@@ -147,7 +157,7 @@ class GQAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(key, k, v)
         drop = self.dropout if self.training else 0.0
-        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop)
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop, self.window)
         return self.wo(layout.from_grid(out.transpose(1, 2)).flatten(1))
 
 
@@ -171,7 +181,7 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
-        self.dropout = cfg.dropout
+        self.dropout, self.window = cfg.dropout, cfg.attn_window
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
@@ -195,7 +205,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope_BTR.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         drop = self.dropout if self.training else 0.0
-        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop)
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop, self.window)
         return self.wo(layout.from_grid(out.transpose(1, 2)).flatten(1))
 
 

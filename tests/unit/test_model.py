@@ -38,8 +38,9 @@ def test_shapes(attn_type: str, pos_encoding: str) -> None:
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-def test_cached_decode_equals_full_forward(attn_type: str) -> None:
-    model = make_model(attn_type=attn_type)
+@pytest.mark.parametrize("window", [0, 3])
+def test_cached_decode_equals_full_forward(attn_type: str, window: int) -> None:
+    model = make_model(attn_type=attn_type, attn_window=window)
     ids = torch.randint(0, 12, (2, 14))
     full = model(ids, n_loops=3).logits
     cache = KVCache()
@@ -50,6 +51,23 @@ def test_cached_decode_equals_full_forward(attn_type: str) -> None:
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-4, atol=1e-5)
     assert cache.pos == 14
     assert sum(k.startswith("loop") for k in cache.entries) == 3  # one entry per loop iteration
+
+
+@pytest.mark.parametrize("n_loops", [1, 3])
+def test_attention_window_bounds_how_far_information_travels(n_loops: int) -> None:
+    """With a window w every attention layer moves information at most w − 1 tokens, so the last
+    position depends on exactly the (w − 1)·(prelude + loops + coda) tokens before it (gradient
+    of its logits w.r.t. each token's embedding is non-zero there and exactly zero beyond);
+    `ModelConfig.receptive_field`, which the trainer uses to drop unreachable chains, says the same."""
+    model = make_model(attn_window=3, pos_encoding="none")
+    reach = model.cfg.receptive_field(n_loops)
+    assert reach == 2 * (model.cfg.prelude_layers + n_loops + model.cfg.coda_layers)
+    embedded = []
+    model.embed.register_forward_hook(lambda m, i, out: embedded.append(out) or out.requires_grad_())
+    logits = model(torch.randint(0, 10, (1, 16)), n_loops=n_loops).logits[0, -1]
+    (grad_ND,) = torch.autograd.grad(logits.square().sum(), embedded[0])  # rows = the 16 tokens
+    seen_T = grad_ND.abs().amax(-1) > 0
+    assert seen_T.tolist() == [t >= 15 - reach for t in range(16)], reach
 
 
 def test_embedding_init_std_is_its_own_setting() -> None:
@@ -261,23 +279,31 @@ def test_rmsnorm_matches_torch_forward_gradients_and_double_backward() -> None:
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("T_S", [(7, 7), (3, 10), (1, 5)])
-def test_matmul_attention_equals_sdpa(heads: tuple[int, int], T_S: tuple[int, int]) -> None:
-    """The CPU path for short sequences (grouped query heads stacked, no K/V repeat) computes what
-    SDPA computes: causal, bottom-right aligned after a cache, and with a value dim ≠ qk dim."""
+@pytest.mark.parametrize("window", [0, 3])
+def test_matmul_attention_equals_sdpa(
+    heads: tuple[int, int], T_S: tuple[int, int], window: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The CPU path for short sequences (grouped query heads stacked, no K/V repeat) and the SDPA
+    path compute the same attention: causal (or sliding-window), bottom-right aligned after a
+    cache, and with a value dim ≠ qk dim."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    from mythos_dist.model import attention
     from mythos_dist.model.attention import _attend, _attend_matmul
 
     (H, Hk), (T, S) = heads, T_S
     q, k = torch.randn(2, H, T, 8, requires_grad=True), torch.randn(2, Hk, S, 8, requires_grad=True)
     v = torch.randn(2, Hk, S, 6, requires_grad=True)
-    ours = _attend_matmul(q, k, v, 0.0)
-    with sdpa_kernel(SDPBackend.MATH):  # the reference: _attend with the small-size path off
-        ref = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=torch.ones(T, S, dtype=torch.bool).tril(S - T), enable_gqa=Hk != H
-        )
+    ours = _attend_matmul(q, k, v, 0.0, window)
+    mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
+    if window:
+        mask &= ~torch.ones(T, S, dtype=torch.bool).tril(S - T - window)
+    with sdpa_kernel(SDPBackend.MATH):  # the reference: SDPA with an explicit mask
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hk != H)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(_attend(q, k, v, 0.0), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_attend(q, k, v, 0.0, window), ref, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(attention, "_SMALL_ATTENTION", 0)  # _attend's SDPA path
+    torch.testing.assert_close(_attend(q, k, v, 0.0, window), ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(ref)
     for a, b in zip(torch.autograd.grad(ours, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g)):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
