@@ -45,6 +45,9 @@ class ModelConfig:
     # every layer; 0 = full causal. Information then travels ≤ attn_window − 1 tokens per layer, so
     # longer inputs need more loops, and RoPE only ever sees offsets below the window.
     attn_window: int = 0
+    # A learned per-head logit for an extra key with value 0 (an attention sink), so a head can
+    # attend to nothing, e.g. when the key it looks for lies before the sequence start.
+    attn_sink: bool = False
     rope_theta: float = 10000.0
     # MLA (DeepSeek-V2): low-rank Q, compressed KV latent plus one shared RoPE key per token
     kv_lora_rank: int = 64

@@ -85,25 +85,38 @@ def apply_rope(x_BTHD: torch.Tensor, rot_TF: torch.Tensor) -> torch.Tensor:
 
 
 def _attend(
-    q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dropout: float, window: int = 0
+    q_BHTE: torch.Tensor,
+    k_BHSE: torch.Tensor,
+    v_BHSV: torch.Tensor,
+    dropout: float,
+    window: int = 0,
+    sink_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention (sliding-window when window > 0); with a cache the T queries are the last T
-    of S positions (bottom-right aligned)."""
+    of S positions (bottom-right aligned). sink_H: per-head logit of an extra key whose value is 0,
+    so a head can attend to nothing (its output shrinks toward 0 when no key scores above it)."""
     T, S = q_BHTE.shape[2], k_BHSE.shape[2]
     if q_BHTE.device.type == "cpu" and T * S <= _SMALL_ATTENTION:
-        return _attend_matmul(q_BHTE, k_BHSE, v_BHSV, dropout, window)
+        return _attend_matmul(q_BHTE, k_BHSE, v_BHSV, dropout, window, sink_H)
     gqa = q_BHTE.shape[1] != k_BHSE.shape[1]
-    if T == S and not window:
+    if T == S and not window and sink_H is None:
         return F.scaled_dot_product_attention(
             q_BHTE, k_BHSE, v_BHSV, is_causal=True, dropout_p=dropout, enable_gqa=gqa
         )
+    mask = _causal_mask(T, S, q_BHTE.device, window)
+    if sink_H is not None:  # a zero key (score 0) whose logit the float mask sets to sink_H
+        B, Hk = k_BHSE.shape[:2]
+        k_BHSE = torch.cat([k_BHSE, k_BHSE.new_zeros(B, Hk, 1, k_BHSE.shape[-1])], dim=2)
+        v_BHSV = torch.cat([v_BHSV, v_BHSV.new_zeros(B, Hk, 1, v_BHSV.shape[-1])], dim=2)
+        bias_TS = torch.zeros(T, S, dtype=q_BHTE.dtype, device=q_BHTE.device).masked_fill(
+            ~mask, float("-inf")
+        )
+        H = q_BHTE.shape[1]
+        mask = torch.cat(
+            [bias_TS.expand(H, T, S), sink_H.to(q_BHTE.dtype)[:, None, None].expand(H, T, 1)], -1
+        )
     return F.scaled_dot_product_attention(
-        q_BHTE,
-        k_BHSE,
-        v_BHSV,
-        attn_mask=_causal_mask(T, S, q_BHTE.device, window),
-        dropout_p=dropout,
-        enable_gqa=gqa,
+        q_BHTE, k_BHSE, v_BHSV, attn_mask=mask, dropout_p=dropout, enable_gqa=gqa
     )
 
 
@@ -120,7 +133,12 @@ def _causal_mask(T: int, S: int, device: torch.device, window: int = 0) -> torch
 
 
 def _attend_matmul(
-    q_BHTE: torch.Tensor, k_BHSE: torch.Tensor, v_BHSV: torch.Tensor, dropout: float, window: int = 0
+    q_BHTE: torch.Tensor,
+    k_BHSE: torch.Tensor,
+    v_BHSV: torch.Tensor,
+    dropout: float,
+    window: int = 0,
+    sink_H: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention as two batched matmuls; the G query heads sharing a KV head are stacked
     along the query axis, so K and V are never repeated."""
@@ -129,7 +147,11 @@ def _attend_matmul(
     G = H // Hk
     scores = (q_BHTE.reshape(B, Hk, G * T, E) @ k_BHSE.transpose(-1, -2)) * E**-0.5
     scores = scores.masked_fill(~_causal_mask(T, S, q_BHTE.device, window).repeat(G, 1), float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
+    if sink_H is not None:  # one more column, the sink's logit, dropped again after the softmax
+        sink = sink_H.to(scores.dtype).view(1, Hk, G, 1, 1).expand(B, Hk, G, T, 1).reshape(B, Hk, G * T, 1)
+        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]
+    else:
+        probs = torch.softmax(scores, dim=-1)
     if dropout > 0:
         probs = F.dropout(probs, dropout)
     return (probs @ v_BHSV).view(B, H, T, v_BHSV.shape[-1])
@@ -145,6 +167,7 @@ class GQAttention(nn.Module):
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
         self.dropout, self.window = cfg.dropout, cfg.attn_window
+        self.sink_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sink else None
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
@@ -157,7 +180,7 @@ class GQAttention(nn.Module):
         if cache is not None:
             k, v = cache.extend(key, k, v)
         drop = self.dropout if self.training else 0.0
-        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop, self.window)
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop, self.window, self.sink_H)
         return self.wo(layout.from_grid(out.transpose(1, 2)).flatten(1))
 
 
@@ -182,6 +205,7 @@ class MLAttention(nn.Module):
         self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
         self.dropout, self.window = cfg.dropout, cfg.attn_window
+        self.sink_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sink else None
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
@@ -205,7 +229,7 @@ class MLAttention(nn.Module):
         k = torch.cat([k_nope, k_rope_BTR.unsqueeze(2).expand(B, S, H, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
         drop = self.dropout if self.training else 0.0
-        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop, self.window)
+        out = _attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), drop, self.window, self.sink_H)
         return self.wo(layout.from_grid(out.transpose(1, 2)).flatten(1))
 
 

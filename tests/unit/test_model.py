@@ -24,6 +24,9 @@ def make_model(**kw) -> RDT:
     with torch.no_grad():  # non-trivial LoRA and injection so they matter in the comparisons
         model.recurrent.lora.up.normal_(0, 0.1)
         model.recurrent.injection.log_A.normal_(0, 1)
+        for m in model.modules():  # attention sinks, when configured
+            if getattr(m, "sink_H", None) is not None:
+                m.sink_H.normal_(0, 1)
     return model
 
 
@@ -38,9 +41,9 @@ def test_shapes(attn_type: str, pos_encoding: str) -> None:
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-@pytest.mark.parametrize("window", [0, 3])
-def test_cached_decode_equals_full_forward(attn_type: str, window: int) -> None:
-    model = make_model(attn_type=attn_type, attn_window=window)
+@pytest.mark.parametrize(("window", "sink"), [(0, False), (3, True)])
+def test_cached_decode_equals_full_forward(attn_type: str, window: int, sink: bool) -> None:
+    model = make_model(attn_type=attn_type, attn_window=window, attn_sink=sink)
     ids = torch.randint(0, 12, (2, 14))
     full = model(ids, n_loops=3).logits
     cache = KVCache()
@@ -279,34 +282,41 @@ def test_rmsnorm_matches_torch_forward_gradients_and_double_backward() -> None:
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
 @pytest.mark.parametrize("T_S", [(7, 7), (3, 10), (1, 5)])
-@pytest.mark.parametrize("window", [0, 3])
+@pytest.mark.parametrize(("window", "sink"), [(0, False), (3, False), (0, True), (3, True)])
 def test_matmul_attention_equals_sdpa(
-    heads: tuple[int, int], T_S: tuple[int, int], window: int, monkeypatch: pytest.MonkeyPatch
+    heads: tuple[int, int], T_S: tuple[int, int], window: int, sink: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The CPU path for short sequences (grouped query heads stacked, no K/V repeat) and the SDPA
-    path compute the same attention: causal (or sliding-window), bottom-right aligned after a
-    cache, and with a value dim ≠ qk dim."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
+    path compute the same attention as an explicit softmax: causal (or sliding-window), bottom-
+    right aligned after a cache, a value dim ≠ qk dim, and with a sink (an extra zero-valued key
+    whose logit is learned per head), forward and gradients including the sink's."""
     from mythos_dist.model import attention
     from mythos_dist.model.attention import _attend, _attend_matmul
 
     (H, Hk), (T, S) = heads, T_S
     q, k = torch.randn(2, H, T, 8, requires_grad=True), torch.randn(2, Hk, S, 8, requires_grad=True)
     v = torch.randn(2, Hk, S, 6, requires_grad=True)
-    ours = _attend_matmul(q, k, v, 0.0, window)
+    sink_H = torch.randn(H, requires_grad=True) if sink else None
     mask = torch.ones(T, S, dtype=torch.bool).tril(S - T)
     if window:
         mask &= ~torch.ones(T, S, dtype=torch.bool).tril(S - T - window)
-    with sdpa_kernel(SDPBackend.MATH):  # the reference: SDPA with an explicit mask
-        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hk != H)
+    k_rep, v_rep = k.repeat_interleave(H // Hk, dim=1), v.repeat_interleave(H // Hk, dim=1)
+    scores = (q @ k_rep.transpose(-1, -2) / 8**0.5).masked_fill(~mask, float("-inf"))
+    if sink:
+        scores = torch.cat([scores, sink_H[None, :, None, None].expand(2, H, T, 1)], dim=-1)
+    ref = torch.softmax(scores, dim=-1)[..., :S] @ v_rep
+    ours = _attend_matmul(q, k, v, 0.0, window, sink_H)
     torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(_attend(q, k, v, 0.0, window), ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_attend(q, k, v, 0.0, window, sink_H), ref, rtol=1e-5, atol=1e-6)
     monkeypatch.setattr(attention, "_SMALL_ATTENTION", 0)  # _attend's SDPA path
-    torch.testing.assert_close(_attend(q, k, v, 0.0, window), ref, rtol=1e-5, atol=1e-6)
+    sdpa = _attend(q, k, v, 0.0, window, sink_H)
+    torch.testing.assert_close(sdpa, ref, rtol=1e-5, atol=1e-6)
     g = torch.randn_like(ref)
-    for a, b in zip(torch.autograd.grad(ours, [q, k, v], g), torch.autograd.grad(ref, [q, k, v], g)):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    inputs = [q, k, v] + ([sink_H] if sink else [])
+    want = torch.autograd.grad(ref, inputs, g, retain_graph=True)
+    for out in (ours, sdpa):
+        for a, b in zip(torch.autograd.grad(out, inputs, g, retain_graph=True), want):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_forward_carries_only_valid_rows_and_refuses_bad_masks() -> None:
