@@ -48,16 +48,22 @@ def answer_forward(
     )
 
 
+def curriculum_cap(cfg: Config, step: int) -> int | None:
+    """The length curriculum's longest chain at this step (None = off): linear from the shortest
+    train length + 1 to the longest over train.length_curriculum_steps, then the longest."""
+    (lo, hi), steps = cfg.data.task.train_lengths, cfg.train.length_curriculum_steps
+    return min(hi, lo + 1 + (hi - lo - 1) * step // steps) if steps else None
+
+
 def longest_counted(cfg: Config, step: int, n_loops: int) -> int | None:
     """The longest chain that counts in the loss at this step and loop count (None = every chain):
-    the length curriculum's cap, and with train.reachable_only the answer position's receptive
-    field (a chain of n digits puts its first digit n tokens before EQ)."""
-    t, (lo, hi) = cfg.train, cfg.data.task.train_lengths
-    caps = []
-    if t.length_curriculum_steps:
-        caps.append(min(hi, lo + 1 + (hi - lo - 1) * step // t.length_curriculum_steps))
-    if t.reachable_only:
-        caps.append(cfg.model.receptive_field(n_loops))
+    the curriculum's cap, and with train.reachable_only the answer position's receptive field (a
+    chain of n digits puts its first digit n tokens before EQ)."""
+    caps = [
+        curriculum_cap(cfg, step),
+        cfg.model.receptive_field(n_loops) if cfg.train.reachable_only else None,
+    ]
+    caps = [c for c in caps if c is not None]
     return min(caps) if caps else None
 
 

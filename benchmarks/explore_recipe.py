@@ -1,0 +1,103 @@
+"""Try a digit-chain recipe in one process in minutes: no DeepSpeed, no shards, chains drawn in
+memory. For choosing settings before a real `mythos experiment` run; not a substitute for it (the
+loss, loop policy, counted chains, model and optimiser settings are the library's, the data order
+and the distributed engine are not).
+
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/explore_recipe.py --config configs/digit_chain_recipe3.yaml \\
+        [--set model.attn_window=3 ...] [--sample-curriculum]
+
+--sample-curriculum draws training lengths only up to the curriculum's current cap (every chain of
+the batch counts) instead of masking the longer ones out of the loss as the trainer does (it reads
+shards in a fixed order, so it cannot choose lengths).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+import torch
+
+from data_pipeline.batch import as_tensors, batch_arrays
+from data_pipeline.digit_chain import EQ, PAD
+from mythos_dist.config import load_config
+from mythos_dist.model import RDT, LoopPolicy
+from mythos_dist.objective import answer_forward, curriculum_cap, longest_counted, loss_and_metrics
+
+
+def chains(n: int, lo: int, hi: int, modulus: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+    length = rng.integers(lo, hi + 1, n)
+    digits = rng.integers(0, 10, (n, hi + 1))
+    inside = np.arange(hi + 1)[None] < length[:, None]
+    inputs = np.where(inside, digits, PAD)
+    inputs[np.arange(n), length] = EQ
+    answer = np.where(inside, digits, 0).sum(1) % modulus
+    return as_tensors(batch_arrays(inputs, length, answer, np.arange(n)))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", required=True)
+    ap.add_argument("--set", action="append", default=[])
+    ap.add_argument("--sample-curriculum", action="store_true")
+    ap.add_argument("--n-eval", type=int, default=1000)
+    args = ap.parse_args()
+    cfg = load_config(args.config, args.set)
+    t, task = cfg.train, cfg.data.task
+    torch.manual_seed(t.seed)
+    model = RDT(cfg.model)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    others = [p for p in model.parameters() if p.dim() < 2]
+    opt = torch.optim.AdamW(
+        [{"params": matrices, "weight_decay": t.weight_decay}, {"params": others, "weight_decay": 0.0}],
+        lr=t.lr,
+        betas=t.betas,
+    )
+    policy, rng = LoopPolicy(t.loops, t.seed), np.random.default_rng(t.seed)
+    batch_size = t.micro_batch_size * t.grad_accum_steps
+    t0, window = time.perf_counter(), []
+    for step in range(t.steps):
+        warm = (step + 1) / max(t.warmup_steps, 1)
+        frac = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
+        cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        for g in opt.param_groups:
+            g["lr"] = t.lr * (warm if step < t.warmup_steps else cosine)
+        n_loops = policy(step).n_loops
+        longest = longest_counted(cfg, step, n_loops)
+        lo, hi = task.train_lengths
+        if args.sample_curriculum and t.length_curriculum_steps:
+            hi = curriculum_cap(cfg, step)
+        batch = chains(batch_size, lo, hi, task.modulus, rng)
+        model.train()
+        loss, m = loss_and_metrics(answer_forward(model, batch, n_loops), batch, cfg.model, longest)
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+        opt.step()
+        for moe in model.moe_layers():
+            moe.router.update_bias()
+        window.append((m["ce"].item(), m["correct"].item(), m["n"].item()))
+        if (step + 1) % 100 == 0:
+            ce, correct, n = np.array(window).T
+            el = time.perf_counter() - t0
+            print(f"step {step + 1}/{t.steps}  ce {ce.mean():.3f}  acc {correct.sum() / max(n.sum(), 1):.3f}  "
+                  f"longest counted {longest}  {el:.0f} s  eta {el / (step + 1) * (t.steps - step - 1):.0f} s", flush=True)  # fmt: skip
+            window = []
+    model.eval()
+    erng = np.random.default_rng(task.seed)
+    print("split  " + "".join(f"{f'@{n}':>7}" for n in cfg.eval.loops))
+    with torch.no_grad():
+        for split in cfg.eval.splits:
+            batch = chains(args.n_eval, *task.eval_splits[split], task.modulus, erng)
+            out = answer_forward(model, batch, max(cfg.eval.loops), loops_out=cfg.eval.loops)
+            acc = [
+                (out.loop_logits[n].argmax(-1) == batch["answer"]).float().mean().item()
+                for n in cfg.eval.loops
+            ]
+            print(f"{split:<7}" + "".join(f"{100 * a:7.1f}" for a in acc), flush=True)
+
+
+if __name__ == "__main__":
+    main()
