@@ -77,10 +77,14 @@ def loss_and_metrics(
     graph, so every rank runs the same backward.
     """
     answer = batch["answer"]
-    ce_B = F.cross_entropy(out.logits.float(), answer, reduction="none")
-    w_B = torch.ones_like(ce_B) if longest is None else (batch["length"] <= longest).to(ce_B.dtype)
+    logits = out.logits.float()
+    if longest is None:  # torch's mean reduction: bit-for-bit the loss before chains could be masked
+        ce = F.cross_entropy(logits, answer)
+        w_B = torch.ones_like(ce).expand(len(answer))
+    else:
+        w_B = (batch["length"] <= longest).to(logits.dtype)
+        ce = (F.cross_entropy(logits, answer, reduction="none") * w_B).sum() / w_B.sum().clamp_min(1)
     n = w_B.sum()
-    ce = (ce_B * w_B).sum() / n.clamp_min(1)
     loss = ce + out.aux_loss
     if cfg.act_enabled:
         loss = loss + cfg.act_ponder_coef * out.ponder_cost
