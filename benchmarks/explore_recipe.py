@@ -14,7 +14,6 @@ shards in a fixed order, so it cannot choose lengths).
 from __future__ import annotations
 
 import argparse
-import math
 import time
 
 import numpy as np
@@ -25,6 +24,7 @@ from data_pipeline.digit_chain import EQ, PAD
 from mythos_dist.config import load_config
 from mythos_dist.model import RDT, LoopPolicy
 from mythos_dist.objective import answer_forward, curriculum_cap, longest_counted, loss_and_metrics
+from mythos_dist.parallel import lr_ratio, param_groups
 
 
 def chains(n: int, lo: int, hi: int, modulus: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
@@ -48,22 +48,14 @@ def main() -> None:
     t, task = cfg.train, cfg.data.task
     torch.manual_seed(t.seed)
     model = RDT(cfg.model)
-    matrices = [p for p in model.parameters() if p.dim() >= 2]
-    others = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW(
-        [{"params": matrices, "weight_decay": t.weight_decay}, {"params": others, "weight_decay": 0.0}],
-        lr=t.lr,
-        betas=t.betas,
+    opt = torch.optim.AdamW(param_groups(model), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: lr_ratio(s, t.warmup_steps, t.steps, t.min_lr_ratio)
     )
     policy, rng = LoopPolicy(t.loops, t.seed), np.random.default_rng(t.seed)
     batch_size = t.micro_batch_size * t.grad_accum_steps
     t0, window = time.perf_counter(), []
     for step in range(t.steps):
-        warm = (step + 1) / max(t.warmup_steps, 1)
-        frac = (step - t.warmup_steps) / max(t.steps - t.warmup_steps, 1)
-        cosine = t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-        for g in opt.param_groups:
-            g["lr"] = t.lr * (warm if step < t.warmup_steps else cosine)
         n_loops = policy(step).n_loops
         longest = longest_counted(cfg, step, n_loops)
         lo, hi = task.train_lengths
@@ -76,6 +68,7 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         opt.step()
+        schedule.step()
         for moe in model.moe_layers():
             moe.router.update_bias()
         window.append((m["ce"].item(), m["correct"].item(), m["n"].item()))

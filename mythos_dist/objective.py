@@ -80,7 +80,7 @@ def loss_and_metrics(
     logits = out.logits.float()
     if longest is None:  # torch's mean reduction: bit-for-bit the loss before chains could be masked
         ce = F.cross_entropy(logits, answer)
-        w_B = torch.ones_like(ce).expand(len(answer))
+        w_B = torch.ones_like(answer, dtype=logits.dtype)
     else:
         w_B = (batch["length"] <= longest).to(logits.dtype)
         ce = (F.cross_entropy(logits, answer, reduction="none") * w_B).sum() / w_B.sum().clamp_min(1)
