@@ -4,11 +4,7 @@ loss, loop policy, counted chains, model and optimiser settings are the library'
 and the distributed engine are not).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/explore_recipe.py --config configs/digit_chain_recipe3.yaml \\
-        [--set model.attn_window=3 ...] [--sample-curriculum]
-
---sample-curriculum draws training lengths only up to the curriculum's current cap (every chain of
-the batch counts) instead of masking the longer ones out of the loss as the trainer does (it reads
-shards in a fixed order, so it cannot choose lengths).
+        [--set model.attn_window=3 --set train.length_curriculum_mode=crop ...]
 """
 
 from __future__ import annotations
@@ -19,7 +15,7 @@ import time
 import numpy as np
 import torch
 
-from data_pipeline.batch import as_tensors, batch_arrays
+from data_pipeline.batch import as_tensors, batch_arrays, crop_batch
 from data_pipeline.digit_chain import EQ, PAD
 from mythos_dist.config import load_config
 from mythos_dist.model import RDT, LoopPolicy
@@ -27,21 +23,22 @@ from mythos_dist.objective import answer_forward, curriculum_cap, longest_counte
 from mythos_dist.parallel import lr_ratio, param_groups
 
 
-def chains(n: int, lo: int, hi: int, modulus: int, rng: np.random.Generator) -> dict[str, torch.Tensor]:
+def chains(
+    n: int, lo: int, hi: int, modulus: int, rng: np.random.Generator, first_id: int = 0
+) -> dict[str, torch.Tensor]:
     length = rng.integers(lo, hi + 1, n)
     digits = rng.integers(0, 10, (n, hi + 1))
     inside = np.arange(hi + 1)[None] < length[:, None]
     inputs = np.where(inside, digits, PAD)
     inputs[np.arange(n), length] = EQ
     answer = np.where(inside, digits, 0).sum(1) % modulus
-    return as_tensors(batch_arrays(inputs, length, answer, np.arange(n)))
+    return as_tensors(batch_arrays(inputs, length, answer, first_id + np.arange(n)))
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[])
-    ap.add_argument("--sample-curriculum", action="store_true")
     ap.add_argument("--n-eval", type=int, default=1000)
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
@@ -58,10 +55,9 @@ def main() -> None:
     for step in range(t.steps):
         n_loops = policy(step).n_loops
         longest = longest_counted(cfg, step, n_loops)
-        lo, hi = task.train_lengths
-        if args.sample_curriculum and t.length_curriculum_steps:
-            hi = curriculum_cap(cfg, step)
-        batch = chains(batch_size, lo, hi, task.modulus, rng)
+        batch = chains(batch_size, *task.train_lengths, task.modulus, rng, step * batch_size)
+        if t.length_curriculum_mode == "crop":  # as the trainer does
+            batch = crop_batch(batch, task, curriculum_cap(cfg, step), t.seed << 32 | step)
         model.train()
         loss, m = loss_and_metrics(answer_forward(model, batch, n_loops), batch, cfg.model, longest)
         opt.zero_grad()

@@ -15,7 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from data_pipeline.digit_chain import Chains
+from data_pipeline.digit_chain import Chains, crop_chains
+from mythos_dist.config import TaskConfig
 
 Batch = dict[str, torch.Tensor]
 
@@ -41,3 +42,15 @@ def as_tensors(arrays: dict[str, np.ndarray]) -> Batch:
 def chains_batch(c: Chains) -> Batch:
     """Generated chains (no shards) as a batch: tests, benchmarks, evaluation by sample index."""
     return as_tensors(batch_arrays(c.inputs, c.lengths, c.answers, c.sample_ids))
+
+
+def crop_batch(batch: Batch, task: TaskConfig, longest: int, key: int) -> Batch:
+    """The batch with chains of more than `longest` digits cropped (digit_chain.crop_chains);
+    columns past the last EQ dropped."""
+    if not bool((batch["length"] > longest).any()):
+        return batch
+    inputs, length, answer = crop_chains(
+        task, batch["input_ids"].numpy(), batch["length"].numpy(), batch["sample_id"].numpy(), longest, key
+    )
+    inputs = inputs[:, : int(length.max()) + 1]
+    return {**batch, **as_tensors(batch_arrays(inputs, length, answer, batch["sample_id"].numpy()))}

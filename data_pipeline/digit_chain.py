@@ -140,6 +140,50 @@ def generate(task: TaskConfig, split: str, start: int = 0, stop: int | None = No
     return Chains(inputs=inputs, lengths=lengths, answers=answer_of(digits, task.modulus), sample_ids=ids)
 
 
+def crop_chains(
+    task: TaskConfig, inputs: np.ndarray, lengths: np.ndarray, sample_ids: np.ndarray, longest: int, key: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Train chains of more than `longest` digits cut to their first n digits, n drawn uniformly
+    from [shortest train length, longest]: the length curriculum's crop. Shorter chains are kept.
+
+    inputs (N, T) model inputs (digits, EQ, PAD), lengths (N,), sample_ids (N,) -> new inputs
+    (N, T), lengths and answers ((Σ digits) mod modulus). Lengths uniform over [lo, L] become
+    uniform over [lo, longest]. A prefix that is an eval chain is replaced by fresh digits, as the
+    generator redraws train chains (train never holds an eval chain). Everything depends only on
+    (key, sample id): a resumed run or another world size crops each sample the same way.
+    """
+    lo, hi = task.train_lengths
+    if not lo <= longest <= hi:
+        raise DataError(f"crop length {longest} outside the train lengths [{lo}, {hi}]")
+    inputs, lengths = inputs.copy(), lengths.astype(np.int64).copy()
+    exclude = _eval_chain_keys(_eval_key(task))
+    base = _mix64(_mix64(np.array([key], np.uint64)) ^ sample_ids.astype(np.uint64))
+    cols = np.arange(longest, dtype=np.uint64)
+    todo = np.flatnonzero(lengths > longest)
+    for attempt in range(_MAX_REJECTION_ROUNDS):
+        if not todo.size:
+            answers = answer_of(
+                np.where(np.arange(inputs.shape[1]) < lengths[:, None], inputs, PAD), task.modulus
+            )
+            return inputs, lengths, answers
+        h = _mix64(base[todo] ^ np.uint64(attempt * 0x9E3779B97F4A7C15 % 2**64))
+        n = lo + (h % np.uint64(longest - lo + 1)).astype(np.int64)
+        digits = inputs[todo, :longest]
+        if attempt:  # the prefix drawn before is an eval chain
+            digits = (_mix64(h[:, None] ^ (cols[None, :] + np.uint64(1))) % np.uint64(N_DIGITS)).astype(
+                inputs.dtype
+            )
+        digits = np.where(np.arange(longest) < n[:, None], digits, PAD)
+        inputs[todo] = PAD
+        inputs[todo, :longest] = digits
+        inputs[todo, n] = EQ
+        lengths[todo] = n
+        keys = np.full((todo.size, hi), PAD, np.uint8)
+        keys[:, :longest] = digits
+        todo = todo[np.isin(_keys(keys), exclude)]
+    raise DataError(f"crop to ≤ {longest} digits: (nearly) every such chain is an eval chain; raise the cap")
+
+
 def check_chains(c: Chains, task: TaskConfig, split: str, where: str) -> None:
     """Raise DataError naming `where` and the first bad sample unless every sample is well formed.
 
@@ -177,6 +221,15 @@ def check_chains(c: Chains, task: TaskConfig, split: str, where: str) -> None:
 
 
 # --------------------------------------------------------------------------- sampling internals
+
+
+def _mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finaliser: a well-spread uint64 hash of each element."""
+    x = x.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
 
 
 def _draw(rng: np.random.Generator, count: int, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray]:

@@ -250,8 +250,12 @@ class TrainConfig:
     # field at the step's loop count (needs model.attn_window > 0), so no step asks for an answer
     # the model cannot see; length_curriculum_steps: the longest counted chain grows linearly from
     # the shortest train length + 1 to the longest over these steps (0 = all lengths from the start).
+    # length_curriculum_mode: how chains past the cap are kept out: "mask" (weight 0 in the loss) or
+    # "crop" (cut to a prefix of a length drawn uniformly up to the cap, answer recomputed, so every
+    # chain of the batch counts and early steps are shorter).
     reachable_only: bool = False
     length_curriculum_steps: int = 0
+    length_curriculum_mode: Literal["mask", "crop"] = "mask"
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):
@@ -262,6 +266,11 @@ class TrainConfig:
         _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be ≥ 0 (0 disables)")
         _require(
             self.length_curriculum_steps >= 0, f"{prefix}.length_curriculum_steps", "must be ≥ 0 (0 = off)"
+        )
+        _require(
+            self.length_curriculum_mode == "mask" or self.length_curriculum_steps > 0,
+            f"{prefix}.length_curriculum_mode",
+            "'crop' needs train.length_curriculum_steps > 0 (there is no cap to crop to)",
         )
         self.loops.validate(f"{prefix}.loops")
 

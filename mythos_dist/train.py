@@ -21,11 +21,17 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from data_pipeline.batch import Batch, chains_batch
+from data_pipeline.batch import Batch, chains_batch, crop_batch
 from mythos_dist import checkpoint
 from mythos_dist.config import Config, TaskConfig, to_dict
 from mythos_dist.model import RDT, LoopPolicy
-from mythos_dist.objective import answer_forward, longest_counted, loss_and_metrics, valid_positions
+from mythos_dist.objective import (
+    answer_forward,
+    curriculum_cap,
+    longest_counted,
+    loss_and_metrics,
+    valid_positions,
+)
 from mythos_dist.parallel import (
     build_engine,
     init_distributed,
@@ -215,9 +221,11 @@ def train(
         for step in range(start, end):
             choice = policy(step)
             longest = longest_counted(cfg, step, choice.n_loops)
+            crop_to = curriculum_cap(cfg, step) if t.length_curriculum_mode == "crop" else None
             log_now = (step + 1) % t.log_every == 0 or step + 1 == end
             stats_S.zero_()  # loss sum, ce sum, correct, samples, non-finite losses (this rank)
             sample_ids: list[int] = []
+            longest_chain = 0  # in this rank's micro batches of the step, after any cropping
             dropped = False
             for micro in range(t.grad_accum_steps):
                 last_micro = micro == t.grad_accum_steps - 1
@@ -226,6 +234,10 @@ def train(
                 except StopIteration:  # epoch end of a finite loader
                     it = iter(batches)
                     batch = next(it)
+                if crop_to is not None:
+                    key = t.seed << 32 | step  # the same crop on resume and at any world size
+                    batch = crop_batch(batch, cfg.data.task, crop_to, key)
+                longest_chain = max(longest_chain, int(batch["length"].max()))
                 batch = {k: v.to(info.device) for k, v in batch.items()}
                 track = log_now and last_micro  # loop stability metrics from one micro batch
                 out = answer_forward(
@@ -284,6 +296,9 @@ def train(
                 }
                 if longest is not None:  # the loss counted only chains this long (curriculum / reach)
                     metrics["longest_counted"] = longest
+                longest_S = torch.tensor([longest_chain])
+                dist.all_reduce(longest_S, op=dist.ReduceOp.MAX)
+                metrics["longest_chain"] = longest_S.item()  # the longest chain trained on this step
                 # ‖h_t − h_{t−1}‖ over the real tokens (up to EQ) of this rank's last micro batch
                 valid_BT = valid_positions(batch["loss_mask"]).cpu()
                 deltas = [(d.cpu() * valid_BT).square().sum().sqrt().item() for d in out.delta_norms]

@@ -6,7 +6,9 @@ import dataclasses
 
 import numpy as np
 import pytest
+import torch
 
+from data_pipeline.batch import chains_batch, crop_batch
 from data_pipeline.digit_chain import (
     EQ,
     PAD,
@@ -114,3 +116,44 @@ def test_split_names_validated() -> None:
         TaskConfig(eval_splits={"train": (2, 3)}).validate()
     with pytest.raises(ConfigError, match="eval_splits"):
         TaskConfig(eval_splits={"a/b": (2, 3)}).validate()
+
+
+def test_crop_cuts_long_chains_to_prefixes_with_their_own_answer() -> None:
+    """The crop curriculum's data side: chains past the cap become their own prefixes (EQ after
+    them, answer recomputed, lengths uniform up to the cap) unless the prefix is an eval chain;
+    shorter chains are left alone, and the crop of a sample depends only on (key, sample id)."""
+    batch = chains_batch(generate(TASK, TRAIN, 0, 5000))
+    out = crop_batch(batch, TASK, longest=6, key=7)
+    n_B = out["length"]
+    assert out["input_ids"].shape[1] == int(n_B.max()) + 1 == 7
+    short = batch["length"] <= 6
+    assert torch.equal(n_B[short], batch["length"][short])
+    assert torch.equal(out["answer"][short], batch["answer"][short])
+    prefix_B = torch.zeros(len(n_B), dtype=torch.bool)
+    for i in range(len(n_B)):
+        n, ids = int(n_B[i]), out["input_ids"][i]
+        prefix_B[i] = torch.equal(ids[:n], batch["input_ids"][i, :n])
+        assert ids[n] == EQ and (ids[n + 1 :] == PAD).all() and (ids[:n] < 10).all()
+        assert int(out["answer"][i]) == int(ids[:n].sum()) % TASK.modulus
+        assert out["loss_mask"][i].nonzero().flatten().tolist() == [n]
+    # fresh digits only where a prefix is an eval chain: often at 2-3 digits (TASK's 2,000 ID
+    # chains hold most 2-digit chains), so mostly prefixes, and every short chain untouched
+    assert prefix_B.float().mean() > 0.8 and prefix_B[short].all()
+    cropped = Chains(out["input_ids"].numpy().astype(np.uint8), n_B.numpy(), out["answer"].numpy(),
+                     out["sample_id"].numpy())  # fmt: skip
+    check_chains(cropped, TASK, TRAIN, "cropped")
+    evals = set().union(*(_chains(generate(TASK, s)) for s in TASK.eval_splits))
+    assert not _chains(cropped) & evals  # train still never holds an eval chain
+    # uniform over 2..6 but for the chains the eval splits take (most 2-digit ones), as in the
+    # generator's own train split
+    counts = torch.bincount(n_B, minlength=7)[2:].tolist()
+    assert counts[0] < 0.3 * counts[-1] and max(counts[2:]) < 1.1 * min(counts[2:]), counts
+    again = crop_batch(batch, TASK, 6, key=7)
+    assert all(torch.equal(again[k], out[k]) for k in out)
+    half = crop_batch({k: v[1::2] for k, v in batch.items()}, TASK, 6, key=7)
+    assert torch.equal(half["length"], n_B[1::2])  # per sample: the same at any world size
+    other = crop_batch(batch, TASK, 6, key=8)
+    assert (other["length"] != n_B).float().mean() > 0.3  # another step crops differently
+    assert crop_batch(batch, TASK, 12, key=7) is batch  # nothing past the cap
+    with pytest.raises(DataError, match="crop length 1 outside the train lengths"):
+        crop_batch(batch, TASK, 1, key=7)

@@ -1,6 +1,7 @@
 """Training that counts only some chains (length curriculum + receptive field of windowed
-attention): one real 2-rank run (EP=2, ZeRO-2). Each step's cap is the one the objective computes
-for the step's drawn loop count, on both ranks, also when a rank's micro batch counts no chain."""
+attention): real 2-rank runs (EP=2, ZeRO-2). Each step's cap is the one the objective computes
+for the step's drawn loop count, on both ranks, also when a rank's micro batch counts no chain;
+with the crop curriculum no chain past the curriculum's cap is trained on, with the mask there are."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 
 from mythos_dist.config import load_config
 from mythos_dist.model import LoopPolicy
-from mythos_dist.objective import longest_counted
+from mythos_dist.objective import curriculum_cap, longest_counted
 from tests.reliability._common import TINY, logs, result, run_ranks, steps
 
 SETS = [
@@ -31,9 +32,11 @@ SETS = [
 
 
 @pytest.mark.distributed
-def test_counted_chains_follow_curriculum_and_reach(tmp_path: Path) -> None:
+@pytest.mark.parametrize("mode", ["mask", "crop"])
+def test_counted_chains_follow_curriculum_and_reach(tmp_path: Path, mode: str) -> None:
     out = tmp_path / "out"
-    sets = [*SETS, f"checkpoint.dir={tmp_path / 'ckpt'}", f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    sets = [*SETS, f"train.length_curriculum_mode={mode}", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}"]  # fmt: skip
     run_ranks(tmp_path, out, 2, sets=sets)
     for rank in (0, 1):
         assert result(out, rank)["end_step"] == 8, logs(out)
@@ -44,6 +47,9 @@ def test_counted_chains_follow_curriculum_and_reach(tmp_path: Path) -> None:
     assert min(want.values()) < 6 < max(want.values())  # both caps bind somewhere in these 8 steps
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
         got = dict(db.execute("SELECT step, value FROM metrics WHERE key = 'longest_counted'").fetchall())
+        trained = dict(db.execute("SELECT step, value FROM metrics WHERE key = 'longest_chain'").fetchall())
         acc = [v for (v,) in db.execute("SELECT value FROM metrics WHERE key = 'acc'")]
     assert got == want
     assert len(acc) == 8 and all(0.0 <= a <= 1.0 for a in acc)
+    over_cap = [trained[s + 1] > curriculum_cap(cfg, s) for s in range(8)]
+    assert not any(over_cap) if mode == "crop" else any(over_cap), trained

@@ -37,6 +37,11 @@ def write(tmp_path: Path, text: str) -> Path:
         (["model.attn_window=-1"], r"model\.attn_window: must be ≥ 0"),
         (["train.reachable_only=true"], r"train\.reachable_only: needs model\.attn_window > 0"),
         (["train.length_curriculum_steps=-1"], r"train\.length_curriculum_steps: must be ≥ 0"),
+        (["train.length_curriculum_mode=drop"], r"train\.length_curriculum_mode: must be one of \['mask', 'crop'\], got 'drop'"),
+        (
+            ["train.length_curriculum_mode=crop"],
+            r"train\.length_curriculum_mode: 'crop' needs train\.length_curriculum_steps > 0",
+        ),
         (["model.embed_init_std=0"], r"model\.embed_init_std: must be > 0, got 0"),
         (["nosuch=1"], r"nosuch: unknown key"),
     ],
