@@ -27,6 +27,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from mythos_dist.comm import all_reduce_host
 from mythos_dist.config import Config, ModelConfig, from_dict, to_dict
 from mythos_dist.model import RDT, count_params
 from mythos_dist.model.moe import MoEFFN
@@ -110,9 +111,7 @@ def preflight(cfg: Config) -> None:
 def _agree(error: OSError | None, root: Path, tag: str) -> None:
     """Collective: when a write failed on any rank, every rank raises (none waits at a barrier for
     a rank that gave up) and the partial tag directory is removed; `latest` was not touched."""
-    failed = torch.tensor([float(error is not None)])
-    if dist.is_initialized():
-        dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    failed = all_reduce_host(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX)
     if not failed.item():
         return
     if _rank() == 0 and latest_tag(root) != tag:

@@ -23,6 +23,7 @@ import torch.distributed as dist
 
 from data_pipeline.batch import Batch, chains_batch, crop_batch
 from mythos_dist import checkpoint
+from mythos_dist.comm import all_reduce_host
 from mythos_dist.config import Config, TaskConfig, to_dict
 from mythos_dist.model import RDT, LoopPolicy
 from mythos_dist.objective import (
@@ -122,8 +123,7 @@ def _any_nonfinite_grad(engine: Any) -> bool:
     """All-reduced, so every rank agrees (expert gradients are reduced within their group only)."""
     grads = [p.grad for p in engine.module.parameters() if p.grad is not None]
     bad = torch.tensor([float(not all(torch.isfinite(g).all() for g in grads))])
-    dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-    return bool(bad.item())
+    return bool(all_reduce_host(bad, dist.ReduceOp.MAX).item())
 
 
 def _step_without_update(engine: Any) -> None:
@@ -261,8 +261,7 @@ def train(
                 sample_ids += batch["sample_id"].tolist()
                 tokens += batch["input_ids"].numel()
             loads = sync_router_biases(engine.module)
-            global_S = stats_S.clone()
-            dist.all_reduce(global_S)
+            global_S = all_reduce_host(stats_S)
             n_micro = t.grad_accum_steps * info.world_size
             step_loss = global_S[0].item() / n_micro
             losses.append(step_loss)
@@ -296,8 +295,7 @@ def train(
                 }
                 if longest is not None:  # the loss counted only chains this long (curriculum / reach)
                     metrics["longest_counted"] = longest
-                longest_S = torch.tensor([longest_chain])
-                dist.all_reduce(longest_S, op=dist.ReduceOp.MAX)
+                longest_S = all_reduce_host(torch.tensor([longest_chain]), dist.ReduceOp.MAX)
                 metrics["longest_chain"] = longest_S.item()  # the longest chain trained on this step
                 # ‖h_t − h_{t−1}‖ over the real tokens (up to EQ) of this rank's last micro batch
                 valid_BT = valid_positions(batch["loss_mask"]).cpu()

@@ -112,3 +112,17 @@ def test_bf16_training_on_cuda_fits_a_batch() -> None:
         losses.append(loss.item())
     assert all(map(math.isfinite, losses))
     assert losses[0] > 1.5 and min(losses[-10:]) < 0.65, losses[::10]
+
+
+def test_host_tensor_collectives_under_nccl(tmp_path) -> None:
+    """The trainer's counters and flags are CPU tensors; NCCL reduces CUDA tensors only."""
+    import torch.distributed as dist
+
+    from mythos_dist.comm import all_reduce_host
+
+    dist.init_process_group("nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        out = all_reduce_host(torch.tensor([3.0, 1.0], dtype=torch.float64), dist.ReduceOp.MAX)
+        assert out.device.type == "cpu" and out.tolist() == [3.0, 1.0]
+    finally:
+        dist.destroy_process_group()

@@ -37,7 +37,10 @@ def write(tmp_path: Path, text: str) -> Path:
         (["model.attn_window=-1"], r"model\.attn_window: must be ≥ 0"),
         (["train.reachable_only=true"], r"train\.reachable_only: needs model\.attn_window > 0"),
         (["train.length_curriculum_steps=-1"], r"train\.length_curriculum_steps: must be ≥ 0"),
-        (["train.length_curriculum_mode=drop"], r"train\.length_curriculum_mode: must be one of \['mask', 'crop'\], got 'drop'"),
+        (
+            ["train.length_curriculum_mode=drop"],
+            r"train\.length_curriculum_mode: must be one of \['mask', 'crop'\], got 'drop'",
+        ),
         (
             ["train.length_curriculum_mode=crop"],
             r"train\.length_curriculum_mode: 'crop' needs train\.length_curriculum_steps > 0",
