@@ -57,7 +57,7 @@ def main() -> None:
         longest = longest_counted(cfg, step, n_loops)
         batch = chains(batch_size, *task.train_lengths, task.modulus, rng, step * batch_size)
         if t.length_curriculum_mode == "crop":  # as the trainer does
-            batch = crop_batch(batch, task, curriculum_cap(cfg, step), t.seed << 32 | step)
+            batch = crop_batch(batch, task, curriculum_cap(cfg, step), t.seed, step)
         model.train()
         loss, m = loss_and_metrics(answer_forward(model, batch, n_loops), batch, cfg.model, longest)
         opt.zero_grad()

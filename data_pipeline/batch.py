@@ -44,13 +44,19 @@ def chains_batch(c: Chains) -> Batch:
     return as_tensors(batch_arrays(c.inputs, c.lengths, c.answers, c.sample_ids))
 
 
-def crop_batch(batch: Batch, task: TaskConfig, longest: int, key: int) -> Batch:
+def crop_batch(batch: Batch, task: TaskConfig, longest: int, seed: int, step: int) -> Batch:
     """The batch with chains of more than `longest` digits cropped (digit_chain.crop_chains);
     columns past the last EQ dropped."""
     if not bool((batch["length"] > longest).any()):
         return batch
     inputs, length, answer = crop_chains(
-        task, batch["input_ids"].numpy(), batch["length"].numpy(), batch["sample_id"].numpy(), longest, key
+        task,
+        batch["input_ids"].numpy(),
+        batch["length"].numpy(),
+        batch["sample_id"].numpy(),
+        longest,
+        seed,
+        step,
     )
     inputs = inputs[:, : int(length.max()) + 1]
     return {**batch, **as_tensors(batch_arrays(inputs, length, answer, batch["sample_id"].numpy()))}

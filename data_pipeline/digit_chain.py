@@ -141,7 +141,13 @@ def generate(task: TaskConfig, split: str, start: int = 0, stop: int | None = No
 
 
 def crop_chains(
-    task: TaskConfig, inputs: np.ndarray, lengths: np.ndarray, sample_ids: np.ndarray, longest: int, key: int
+    task: TaskConfig,
+    inputs: np.ndarray,
+    lengths: np.ndarray,
+    sample_ids: np.ndarray,
+    longest: int,
+    seed: int,
+    step: int,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Train chains of more than `longest` digits cut to their first n digits, n drawn uniformly
     from [shortest train length, longest]: the length curriculum's crop. Shorter chains are kept.
@@ -150,22 +156,19 @@ def crop_chains(
     (N, T), lengths and answers ((Σ digits) mod modulus). Lengths uniform over [lo, L] become
     uniform over [lo, longest]. A prefix that is an eval chain is replaced by fresh digits, as the
     generator redraws train chains (train never holds an eval chain). Everything depends only on
-    (key, sample id): a resumed run or another world size crops each sample the same way.
+    (seed, step, sample id): a resumed run or another world size crops each sample the same way.
     """
     lo, hi = task.train_lengths
     if not lo <= longest <= hi:
         raise DataError(f"crop length {longest} outside the train lengths [{lo}, {hi}]")
     inputs, lengths = inputs.copy(), lengths.astype(np.int64).copy()
     exclude = _eval_chain_keys(_eval_key(task))
-    base = _mix64(_mix64(np.array([key], np.uint64)) ^ sample_ids.astype(np.uint64))
+    base = _mix64(_mix64(np.array([seed << 32 | step], np.uint64)) ^ sample_ids.astype(np.uint64))
     cols = np.arange(longest, dtype=np.uint64)
     todo = np.flatnonzero(lengths > longest)
     for attempt in range(_MAX_REJECTION_ROUNDS):
         if not todo.size:
-            answers = answer_of(
-                np.where(np.arange(inputs.shape[1]) < lengths[:, None], inputs, PAD), task.modulus
-            )
-            return inputs, lengths, answers
+            return inputs, lengths, answer_of(inputs, task.modulus)  # EQ and PAD count as 0
         h = _mix64(base[todo] ^ np.uint64(attempt * 0x9E3779B97F4A7C15 % 2**64))
         n = lo + (h % np.uint64(longest - lo + 1)).astype(np.int64)
         digits = inputs[todo, :longest]

@@ -234,9 +234,8 @@ def train(
                 except StopIteration:  # epoch end of a finite loader
                     it = iter(batches)
                     batch = next(it)
-                if crop_to is not None:
-                    key = t.seed << 32 | step  # the same crop on resume and at any world size
-                    batch = crop_batch(batch, cfg.data.task, crop_to, key)
+                if crop_to is not None:  # per (seed, step, sample): the same on resume, at any world size
+                    batch = crop_batch(batch, cfg.data.task, crop_to, t.seed, step)
                 longest_chain = max(longest_chain, int(batch["length"].max()))
                 batch = {k: v.to(info.device) for k, v in batch.items()}
                 track = log_now and last_micro  # loop stability metrics from one micro batch

@@ -121,9 +121,9 @@ def test_split_names_validated() -> None:
 def test_crop_cuts_long_chains_to_prefixes_with_their_own_answer() -> None:
     """The crop curriculum's data side: chains past the cap become their own prefixes (EQ after
     them, answer recomputed, lengths uniform up to the cap) unless the prefix is an eval chain;
-    shorter chains are left alone, and the crop of a sample depends only on (key, sample id)."""
+    shorter chains are left alone, and the crop of a sample depends only on (seed, step, sample id)."""
     batch = chains_batch(generate(TASK, TRAIN, 0, 5000))
-    out = crop_batch(batch, TASK, longest=6, key=7)
+    out = crop_batch(batch, TASK, longest=6, seed=0, step=7)
     n_B = out["length"]
     assert out["input_ids"].shape[1] == int(n_B.max()) + 1 == 7
     short = batch["length"] <= 6
@@ -148,12 +148,12 @@ def test_crop_cuts_long_chains_to_prefixes_with_their_own_answer() -> None:
     # generator's own train split
     counts = torch.bincount(n_B, minlength=7)[2:].tolist()
     assert counts[0] < 0.3 * counts[-1] and max(counts[2:]) < 1.1 * min(counts[2:]), counts
-    again = crop_batch(batch, TASK, 6, key=7)
+    again = crop_batch(batch, TASK, 6, seed=0, step=7)
     assert all(torch.equal(again[k], out[k]) for k in out)
-    half = crop_batch({k: v[1::2] for k, v in batch.items()}, TASK, 6, key=7)
+    half = crop_batch({k: v[1::2] for k, v in batch.items()}, TASK, 6, seed=0, step=7)
     assert torch.equal(half["length"], n_B[1::2])  # per sample: the same at any world size
-    other = crop_batch(batch, TASK, 6, key=8)
+    other = crop_batch(batch, TASK, 6, seed=0, step=8)
     assert (other["length"] != n_B).float().mean() > 0.3  # another step crops differently
-    assert crop_batch(batch, TASK, 12, key=7) is batch  # nothing past the cap
+    assert crop_batch(batch, TASK, 12, seed=0, step=7) is batch  # nothing past the cap
     with pytest.raises(DataError, match="crop length 1 outside the train lengths"):
-        crop_batch(batch, TASK, 1, key=7)
+        crop_batch(batch, TASK, 1, seed=0, step=7)
