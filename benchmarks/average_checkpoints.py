@@ -13,6 +13,7 @@ averaged in fp32.
 from __future__ import annotations
 
 import argparse
+import copy
 
 import torch
 
@@ -25,16 +26,17 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--loops", default="4,8,12,24")
-    ap.add_argument("--n-samples", type=int, default=1000)
+    ap.add_argument("--n-samples", type=int, help="per split (default: eval.n_samples)")
     ap.add_argument("checkpoints", nargs="+", help="DeepSpeed step_* dirs or export dirs, oldest first")
     args = ap.parse_args()
     if len(args.checkpoints) < 2:
         ap.error("give at least two checkpoints to average")
     cfg = load_config(args.config, args.set)
     loops = parse_loops(args.loops)
+    n_samples = args.n_samples or cfg.eval.n_samples
     models = [load_model(c, cfg) for c in args.checkpoints]
     states = [m.state_dict() for m in models]
-    averaged = load_model(args.checkpoints[-1], cfg)
+    averaged = copy.deepcopy(models[-1])
     averaged.load_state_dict(
         {
             k: (sum(s[k].float() for s in states) / len(states)).to(v.dtype)
@@ -44,7 +46,7 @@ def main() -> None:
     print("weights     split  " + "".join(f"{f'@{n}':>7}" for n in loops))
     for name, model in (("final", models[-1]), (f"mean of {len(models)}", averaged)):
         for split in cfg.eval.splits:
-            r = sweep(model, chain_batches(cfg, split, 0, args.n_samples, 250), loops)
+            r = sweep(model, chain_batches(cfg, split, 0, n_samples, cfg.eval.batch_size), loops)
             print(
                 f"{name:<11} {split:<6} " + "".join(f"{100 * a:7.1f}" for a in r.correct_NL.mean(0)),
                 flush=True,
