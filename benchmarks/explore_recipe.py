@@ -4,7 +4,7 @@ loss, loop policy, counted chains, model and optimiser settings are the library'
 and the distributed engine are not).
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/explore_recipe.py --config configs/digit_chain_recipe3.yaml \\
-        [--set model.attn_window=3 --set train.length_curriculum_mode=crop ...]
+        [--set model.attn_window=3 --set train.attn_windows=[2,3,4] ...] [--save state.pt]
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import torch
 from data_pipeline.batch import as_tensors, batch_arrays, crop_batch
 from data_pipeline.digit_chain import EQ, PAD
 from mythos_dist.config import load_config
-from mythos_dist.model import RDT, LoopPolicy
+from mythos_dist.model import RDT, LoopPolicy, attention_window
 from mythos_dist.objective import answer_forward, curriculum_cap, longest_counted, loss_and_metrics
 from mythos_dist.parallel import lr_ratio, param_groups
 
@@ -40,6 +40,7 @@ def main() -> None:
     ap.add_argument("--config", required=True)
     ap.add_argument("--set", action="append", default=[])
     ap.add_argument("--n-eval", type=int, default=1000)
+    ap.add_argument("--save", default="", help="write the final state dict here")
     args = ap.parse_args()
     cfg = load_config(args.config, args.set)
     t, task = cfg.train, cfg.data.task
@@ -49,17 +50,20 @@ def main() -> None:
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: lr_ratio(s, t.warmup_steps, t.steps, t.min_lr_ratio)
     )
-    policy, rng = LoopPolicy(t.loops, t.seed), np.random.default_rng(t.seed)
+    policy, rng = LoopPolicy(t.loops, t.seed, t.attn_windows), np.random.default_rng(t.seed)
     batch_size = t.micro_batch_size * t.grad_accum_steps
     t0, window = time.perf_counter(), []
     for step in range(t.steps):
-        n_loops = policy(step).n_loops
-        longest = longest_counted(cfg, step, n_loops)
+        choice = policy(step)
+        n_loops = choice.n_loops
+        longest = longest_counted(cfg, step, n_loops, choice.attn_window)
         batch = chains(batch_size, *task.train_lengths, task.modulus, rng, step * batch_size)
         if t.length_curriculum_mode == "crop":  # as the trainer does
             batch = crop_batch(batch, task, curriculum_cap(cfg, step), t.seed, step)
         model.train()
-        loss, m = loss_and_metrics(answer_forward(model, batch, n_loops), batch, cfg.model, longest)
+        with attention_window(model, choice.attn_window):
+            out = answer_forward(model, batch, n_loops)
+        loss, m = loss_and_metrics(out, batch, cfg.model, longest)
         opt.zero_grad()
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
@@ -74,6 +78,8 @@ def main() -> None:
             print(f"step {step + 1}/{t.steps}  ce {ce.mean():.3f}  acc {correct.sum() / max(n.sum(), 1):.3f}  "
                   f"longest counted {longest}  {el:.0f} s  eta {el / (step + 1) * (t.steps - step - 1):.0f} s", flush=True)  # fmt: skip
             window = []
+    if args.save:
+        torch.save(model.state_dict(), args.save)
     model.eval()
     erng = np.random.default_rng(task.seed)
     print("split  " + "".join(f"{f'@{n}':>7}" for n in cfg.eval.loops))

@@ -87,12 +87,14 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.dim // self.n_heads
 
-    def receptive_field(self, n_loops: int) -> int | None:
-        """How many tokens back a position can see after n_loops: (attn_window − 1) per attention
-        layer (prelude, each loop, coda); None for full causal attention (no bound)."""
-        if not self.attn_window:
+    def receptive_field(self, n_loops: int, attn_window: int | None = None) -> int | None:
+        """How many tokens back a position can see after n_loops: (window − 1) per attention layer
+        (prelude, each loop, coda), window = attn_window if given else the model's; None for full
+        causal attention (no bound)."""
+        window = attn_window or self.attn_window
+        if not window:
             return None
-        return (self.attn_window - 1) * (self.prelude_layers + n_loops + self.coda_layers)
+        return (window - 1) * (self.prelude_layers + n_loops + self.coda_layers)
 
     def validate(self, prefix: str = "model") -> None:
         p = prefix
@@ -256,6 +258,11 @@ class TrainConfig:
     reachable_only: bool = False
     length_curriculum_steps: int = 0
     length_curriculum_mode: Literal["mask", "crop"] = "mask"
+    # Attention windows drawn per step, uniformly from this list (repeat a value to weight it), as
+    # a pure function of (seed, step); empty = model.attn_window at every step. Evaluation always
+    # uses model.attn_window. A narrower window makes chains of the same length need more loops,
+    # so steps with it train the loop map to keep carrying information at later loops.
+    attn_windows: tuple[int, ...] = ()
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):
@@ -271,6 +278,11 @@ class TrainConfig:
             self.length_curriculum_mode == "mask" or self.length_curriculum_steps > 0,
             f"{prefix}.length_curriculum_mode",
             "'crop' needs train.length_curriculum_steps > 0 (there is no cap to crop to)",
+        )
+        _require(
+            all(w >= 2 for w in self.attn_windows),
+            f"{prefix}.attn_windows",
+            f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
         )
         self.loops.validate(f"{prefix}.loops")
 
@@ -375,6 +387,11 @@ class Config:
             not self.train.reachable_only or m.attn_window > 0,
             "train.reachable_only",
             "needs model.attn_window > 0 (with full attention every chain is within reach)",
+        )
+        _require(
+            not self.train.attn_windows or m.attn_window > 0,
+            "train.attn_windows",
+            "needs model.attn_window > 0 (the window evaluation uses; full attention has none)",
         )
         _require(m.vocab_size >= 12, "model.vocab_size", "digit chains need ≥ 12 tokens (0-9, EQ, PAD)")
         unknown = set(self.eval.splits) - set(self.data.task.eval_splits)

@@ -55,13 +55,14 @@ def curriculum_cap(cfg: Config, step: int) -> int | None:
     return min(hi, lo + 1 + (hi - lo - 1) * step // steps) if steps else None
 
 
-def longest_counted(cfg: Config, step: int, n_loops: int) -> int | None:
-    """The longest chain that counts in the loss at this step and loop count (None = every chain):
-    the curriculum's cap, and with train.reachable_only the answer position's receptive field (a
-    chain of n digits puts its first digit n tokens before EQ)."""
+def longest_counted(cfg: Config, step: int, n_loops: int, attn_window: int | None = None) -> int | None:
+    """The longest chain that counts in the loss at this step, loop count and attention window
+    (None = the model's) (returns None = every chain): the curriculum's cap, and with
+    train.reachable_only the answer position's receptive field (a chain of n digits puts its first
+    digit n tokens before EQ)."""
     caps = [
         curriculum_cap(cfg, step),
-        cfg.model.receptive_field(n_loops) if cfg.train.reachable_only else None,
+        cfg.model.receptive_field(n_loops, attn_window) if cfg.train.reachable_only else None,
     ]
     caps = [c for c in caps if c is not None]
     return min(caps) if caps else None

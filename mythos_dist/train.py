@@ -25,7 +25,7 @@ from data_pipeline.batch import Batch, chains_batch, crop_batch
 from mythos_dist import checkpoint
 from mythos_dist.comm import all_reduce_host
 from mythos_dist.config import Config, TaskConfig, to_dict
-from mythos_dist.model import RDT, LoopPolicy
+from mythos_dist.model import RDT, LoopPolicy, attention_window
 from mythos_dist.objective import (
     answer_forward,
     curriculum_cap,
@@ -202,7 +202,7 @@ def train(
                 "git_commit": git_commit()}  # fmt: skip
     run_name = cfg.tracking.run_name or f"train-w{info.world_size}-ep{cfg.parallel.ep_size}"
     tracker.start(run_name, {**to_dict(cfg), "run": run_info})
-    policy = LoopPolicy(t.loops, t.seed)
+    policy = LoopPolicy(t.loops, t.seed, t.attn_windows)
     end = t.steps if stop_after_steps is None else min(t.steps, start + stop_after_steps)
     losses: list[float] = []
     grad_norms: list[float] = []  # global, before clipping
@@ -220,7 +220,7 @@ def train(
         engine.train()
         for step in range(start, end):
             choice = policy(step)
-            longest = longest_counted(cfg, step, choice.n_loops)
+            longest = longest_counted(cfg, step, choice.n_loops, choice.attn_window)
             crop_to = curriculum_cap(cfg, step) if t.length_curriculum_mode == "crop" else None
             log_now = (step + 1) % t.log_every == 0 or step + 1 == end
             stats_S.zero_()  # loss sum, ce sum, correct, samples, non-finite losses (this rank)
@@ -239,9 +239,14 @@ def train(
                 longest_chain = max(longest_chain, int(batch["length"].max()))
                 batch = {k: v.to(info.device) for k, v in batch.items()}
                 track = log_now and last_micro  # loop stability metrics from one micro batch
-                out = answer_forward(
-                    engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops, track_deltas=track
-                )
+                with attention_window(engine.module, choice.attn_window):
+                    out = answer_forward(
+                        engine,
+                        batch,
+                        choice.n_loops,
+                        backprop_loops=choice.backprop_loops,
+                        track_deltas=track,
+                    )
                 loss, m = loss_and_metrics(out, batch, cfg.model, longest)
                 finite = bool(torch.isfinite(loss))
                 if not finite:
@@ -294,6 +299,8 @@ def train(
                 }
                 if longest is not None:  # the loss counted only chains this long (curriculum / reach)
                     metrics["longest_counted"] = longest
+                if choice.attn_window is not None:
+                    metrics["attn_window"] = choice.attn_window
                 longest_S = all_reduce_host(torch.tensor([longest_chain]), dist.ReduceOp.MAX)
                 metrics["longest_chain"] = longest_S.item()  # the longest chain trained on this step
                 # ‖h_t − h_{t−1}‖ over the real tokens (up to EQ) of this rank's last micro batch

@@ -1,7 +1,16 @@
 """Architecture only: no DeepSpeed, MLflow or files in here (parallelism is applied from outside)."""
 
-from mythos_dist.model.attention import KVCache
+from mythos_dist.model.attention import KVCache, attention_window
 from mythos_dist.model.rdt import RDT, ParamCount, RDTOutput, count_params
 from mythos_dist.model.recurrent import LoopChoice, LoopPolicy
 
-__all__ = ["RDT", "KVCache", "LoopChoice", "LoopPolicy", "ParamCount", "RDTOutput", "count_params"]
+__all__ = [
+    "RDT",
+    "KVCache",
+    "LoopChoice",
+    "LoopPolicy",
+    "ParamCount",
+    "RDTOutput",
+    "attention_window",
+    "count_params",
+]

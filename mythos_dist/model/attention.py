@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -235,3 +237,20 @@ class MLAttention(nn.Module):
 
 def make_attention(cfg: ModelConfig) -> nn.Module:
     return MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)
+
+
+@contextmanager
+def attention_window(model: nn.Module, window: int | None) -> Iterator[None]:
+    """Inside the block every attention layer of `model` sees `window` tokens (None: unchanged);
+    the layers' own windows are restored after, also on error. For per-step window draws in
+    training (train.attn_windows); autograd keeps the masks it used, so backward may run outside."""
+    layers = [m for m in model.modules() if isinstance(m, (GQAttention, MLAttention))]
+    saved = [m.window for m in layers]
+    try:
+        if window is not None:
+            for m in layers:
+                m.window = window
+        yield
+    finally:
+        for m, w in zip(layers, saved):
+            m.window = w

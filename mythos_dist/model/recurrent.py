@@ -8,7 +8,7 @@ exit, which would desynchronise expert-parallel ranks) and the output is the ACT
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -170,14 +170,16 @@ class RecurrentBlock(nn.Module):
 class LoopChoice:
     n_loops: int
     backprop_loops: int  # 0 = through all loops
+    attn_window: int | None = None  # None = the model's own
 
 
 class LoopPolicy:
-    """Loop count per training step, a pure function of (seed, step): every rank draws the same
-    count without communication, and a resumed run draws what the uninterrupted run would have."""
+    """Loop count (and attention window, when windows are given) per training step, a pure function
+    of (seed, step): every rank draws the same without communication, and a resumed run draws what
+    the uninterrupted run would have."""
 
-    def __init__(self, cfg: LoopPolicyConfig, seed: int):
-        self.cfg, self.seed = cfg, seed
+    def __init__(self, cfg: LoopPolicyConfig, seed: int, attn_windows: Sequence[int] = ()):
+        self.cfg, self.seed, self.attn_windows = cfg, seed, tuple(attn_windows)
 
     def __call__(self, step: int) -> LoopChoice:
         c = self.cfg
@@ -191,4 +193,9 @@ class LoopPolicy:
             n = int(rng.poisson(math.exp(tau))) + 1
         if c.kind != "fixed":
             n = min(max(n, c.min_loops), c.max_loops)
-        return LoopChoice(n, min(c.backprop_loops, n))
+        window = None
+        if self.attn_windows:  # its own stream: adding windows leaves the loop counts unchanged
+            window = self.attn_windows[
+                np.random.default_rng([self.seed, step, 1]).integers(len(self.attn_windows))
+            ]
+        return LoopChoice(n, min(c.backprop_loops, n), window)

@@ -36,6 +36,8 @@ def write(tmp_path: Path, text: str) -> Path:
         (["data.task.train_lengths=[5, 2]"], r"data\.task\.train_lengths: needs 1 ≤ lo ≤ hi"),
         (["model.attn_window=-1"], r"model\.attn_window: must be ≥ 0"),
         (["train.reachable_only=true"], r"train\.reachable_only: needs model\.attn_window > 0"),
+        (["train.attn_windows=[2, 1]"], r"train\.attn_windows: every window must be ≥ 2 .*got \(2, 1\)"),
+        (["train.attn_windows=[2]"], r"train\.attn_windows: needs model\.attn_window > 0"),
         (["train.length_curriculum_steps=-1"], r"train\.length_curriculum_steps: must be ≥ 0"),
         (
             ["train.length_curriculum_mode=drop"],

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
-from mythos_dist.model import RDT, KVCache, LoopPolicy
+from mythos_dist.model import RDT, KVCache, LoopPolicy, attention_window
 from mythos_dist.model.attention import TokenLayout, apply_rope, rope_rotations
 from mythos_dist.model.norm import RMSNorm
 from mythos_dist.model.recurrent import LTIInjection
@@ -71,6 +71,25 @@ def test_attention_window_bounds_how_far_information_travels(n_loops: int) -> No
     (grad_ND,) = torch.autograd.grad(logits.square().sum(), embedded[0])  # rows = the 16 tokens
     seen_T = grad_ND.abs().amax(-1) > 0
     assert seen_T.tolist() == [t >= 15 - reach for t in range(16)], reach
+
+
+@pytest.mark.parametrize("attn_type", ["gqa", "mla"])
+def test_attention_window_override_equals_a_model_built_with_that_window(attn_type: str) -> None:
+    """`attention_window(model, w)` gives exactly the function of the same weights built with
+    attn_window=w, and restores the model's own window after, also when the body raises."""
+    model = make_model(attn_type=attn_type, attn_window=4, attn_sink=True)
+    narrow = RDT(tiny(attn_type=attn_type, attn_window=2, attn_sink=True)).eval()
+    narrow.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 10, (2, 12))
+    own = model(ids, n_loops=3).logits
+    with attention_window(model, 2):
+        torch.testing.assert_close(model(ids, n_loops=3).logits, narrow(ids, n_loops=3).logits)
+    assert not torch.allclose(own, narrow(ids, n_loops=3).logits)  # the window matters here
+    with pytest.raises(RuntimeError), attention_window(model, 2):
+        raise RuntimeError
+    with attention_window(model, None):  # None: unchanged
+        torch.testing.assert_close(model(ids, n_loops=3).logits, own)
+    torch.testing.assert_close(model(ids, n_loops=3).logits, own)
 
 
 def test_embedding_init_std_is_its_own_setting() -> None:
@@ -200,6 +219,22 @@ def test_loop_policies() -> None:
     pln = LoopPolicy(LoopPolicyConfig(kind="poisson_lognormal", n_loops=6, min_loops=1, max_loops=32), 0)
     ns = torch.tensor([pln(s).n_loops for s in range(3000)], dtype=torch.float)
     assert 5.0 < ns.mean() < 7.0 and ns.std() > 1.5 and ns.max() <= 32
+    assert {d.attn_window for d in draws} == {None}  # no windows given: the model's own
+
+
+def test_loop_policy_draws_attention_windows() -> None:
+    """Windows come from their own stream of (seed, step): the loop counts stay those drawn
+    without windows, repeats weight a window, and the draw is resumable."""
+    cfg = LoopPolicyConfig(kind="uniform", n_loops=5, min_loops=1, max_loops=8)
+    plain, windowed = LoopPolicy(cfg, 3), LoopPolicy(cfg, 3, attn_windows=(2, 4, 4))
+    draws = [windowed(s) for s in range(600)]
+    assert [d.n_loops for d in draws] == [plain(s).n_loops for s in range(600)]
+    share_4 = sum(d.attn_window == 4 for d in draws) / len(draws)
+    assert {d.attn_window for d in draws} == {2, 4} and 0.6 < share_4 < 0.73
+    assert [LoopPolicy(cfg, 3, (2, 4, 4))(s) for s in range(20)] == draws[:20]
+    assert [LoopPolicy(cfg, 4, (2, 4, 4))(s).attn_window for s in range(50)] != [
+        d.attn_window for d in draws[:50]
+    ]
 
 
 def test_model_is_device_agnostic_dtype_bf16() -> None:

@@ -23,6 +23,8 @@ def test_longest_counted_follows_curriculum_and_receptive_field() -> None:
     assert [longest_counted(cur, s, 4) for s in (0, 99, 100, 450, 899, 900, 5000)] == [3, 3, 4, 7, 11, 12, 12]
     reach = config(reachable_only=True)  # window 4: 3 tokens per layer, prelude + loops + coda layers
     assert [longest_counted(reach, 0, n) for n in (1, 2, 8)] == [9, 12, 30]
+    # a step's own window (train.attn_windows) overrides the model's: window 2 moves 1 token per layer
+    assert [longest_counted(reach, 0, n, attn_window=2) for n in (1, 2, 8)] == [3, 4, 10]
     both = config(reachable_only=True, length_curriculum_steps=900)
     assert longest_counted(both, 800, 1) == 9 and longest_counted(both, 100, 8) == 4
 
