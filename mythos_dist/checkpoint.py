@@ -5,7 +5,8 @@ Layout under `checkpoint.dir`:
                                optimizer shards) + extra_rank<r>.pt (step, data-loader state, RNG)
                                + mythos_meta.json, written last: a tag without it is partial
   latest                       tag of the newest complete checkpoint, replaced atomically
-  export/model.safetensors     consolidated weights, experts keyed by global id (see `export`)
+  export/model.safetensors     consolidated weights, experts keyed by global id (see `export`):
+                               the final ones, or the mean of the last checkpoint.average_last
   export/config.json           the model config; `load_exported` needs nothing else
 """
 
@@ -275,11 +276,44 @@ def _plain_key(key: str, moe_prefixes: list[str]) -> str:
     return key
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Consolidate a DeepSpeed checkpoint (a checkpoint dir with `latest`, or one step_* dir) into
-    out_dir/model.safetensors + config.json. Runs in one CPU process, whatever world/ep size wrote it:
-    DeepSpeed stores the dense weights once and each routed expert in its own file by global id.
-    """
+def retained(root: str | Path) -> list[Path]:
+    """The complete checkpoints (step_* dirs with their meta file) in root, oldest first, up to `latest`."""
+    tag = latest_tag(root)
+    if tag is None:
+        return []
+    return sorted(p for p in Path(root).glob("step_*") if p.name <= tag and (p / META).is_file())
+
+
+def latest_dir(root: str | Path) -> Path | None:
+    """The step dir `latest` names, or None when root holds no checkpoint yet."""
+    tag = latest_tag(root)
+    return None if tag is None else Path(root) / tag
+
+
+def export_run(cfg: Config) -> Path:
+    """Collective: rank 0 writes checkpoint.dir/export from the run's final checkpoint, or from the
+    mean of its last checkpoint.average_last ones; if that fails, every rank raises."""
+    root, k = Path(cfg.checkpoint.dir), cfg.checkpoint.average_last
+    out = root / "export"
+    error: Exception | None = None
+    if _rank() == 0:
+        try:
+            averaged = retained(root)[-k:]
+            if len(averaged) < k:
+                raise CheckpointError(
+                    f"checkpoint.average_last={k}, but {root} holds {len(averaged)} complete checkpoint(s)"
+                )
+            export(averaged, out)
+        except (CheckpointError, OSError) as e:
+            error = e
+    failed = all_reduce_host(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX)
+    if failed.item():
+        raise CheckpointError(f"exporting {root} failed: {error or 'see rank 0'}")
+    return out
+
+
+def _consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
+    """(weights with experts keyed by global id, mythos meta, step dir) of a DeepSpeed checkpoint."""
     src = Path(checkpoint)
     if not (src / META).exists() and latest_tag(src) is not None:
         src = src / latest_tag(src)
@@ -297,15 +331,53 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
             if m is None:
                 raise CheckpointError(f"{f.name}: unexpected key {k}")
             state[f"{m.group(1)}.experts.{m.group(2)}.{m.group(3)}"] = v
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous() for k, v in state.items()}
     _check_keys(_expected_export_shapes(model_cfg), {k: tuple(v.shape) for k, v in tensors.items()}, src)
+    return tensors, meta, src
+
+
+def export(checkpoints: str | Path | list[str | Path], out_dir: str | Path) -> Path:
+    """Consolidate DeepSpeed checkpoints (checkpoint dirs with `latest`, or step_* dirs) into
+    out_dir/model.safetensors + config.json. Runs in one CPU process, whatever world/ep size wrote them:
+    DeepSpeed stores the dense weights once and each routed expert in its own file by global id.
+
+    Several checkpoints: the export holds the mean of their weights (in fp32, stored in each tensor's
+    dtype); they must share the model config. config.json records every averaged step.
+    """
+    sources = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
+    if not sources:
+        raise CheckpointError("no checkpoint to export")
+    tensors, meta, first = _consolidate(sources[0])
+    steps = [int(meta["step"])]
+    if len(sources) > 1:
+        sum_ = {k: v.double() for k, v in tensors.items()}  # fp64 sums: the mean is exact to fp32
+        for src in sources[1:]:
+            more, more_meta, where = _consolidate(src)
+            diff = config_diff(more_meta["config"]["model"], meta["config"]["model"], "model")
+            if diff:
+                raise CheckpointError(
+                    f"cannot average {where} with {first} (as 'this run'): the model configs differ:\n  "
+                    + "\n  ".join(diff)
+                )
+            for k, v in more.items():
+                sum_[k] += v.double()
+            steps.append(int(more_meta["step"]))
+        tensors = {k: (v / len(sources)).to(tensors[k].dtype) for k, v in sum_.items()}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": EXPORT_FORMAT})
     os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    config = {"format": EXPORT_FORMAT, "step": meta["step"], "model": meta["config"]["model"]}
+    config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": meta["config"]["model"]}
+    if len(steps) > 1:
+        config["averaged_steps"] = steps
     _write_atomic(out / "config.json", json.dumps(config, indent=1))
     return out
+
+
+def exported_steps(export_dir: str | Path) -> list[int]:
+    """The training steps whose weights an export holds: one, or every averaged one."""
+    saved = json.loads((Path(export_dir) / "config.json").read_text())
+    return [int(n) for n in saved.get("averaged_steps", [saved["step"]])]
 
 
 def _expected_export_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -99,7 +99,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(tmp.with_name(SUMMARY_FILE))  # last: its presence means training finished
         print(
-            f"done: step {summary['end_step']}, loss {summary['final_loss']:.4f}, export {summary.get('export')}"
+            f"done: step {summary['end_step']}, loss {summary['final_loss']}, export {summary.get('export')}"
         )
     return 0
 

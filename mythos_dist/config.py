@@ -308,11 +308,24 @@ class CheckpointConfig:
     every: int = 500  # steps; 0 = only at the end
     keep_last: int = 2
     resume: bool = True  # resume from `latest` in dir when present
+    # The export (what evaluation loads) holds the mean of the weights of the last `average_last`
+    # checkpoints, the final one included; 1 = the final weights.
+    average_last: int = 1
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _require(bool(self.dir), f"{prefix}.dir", "must be set")
         _require(self.every >= 0, f"{prefix}.every", "must be ≥ 0")
         _require(self.keep_last >= 1, f"{prefix}.keep_last", "must be ≥ 1")
+        _require(self.average_last >= 1, f"{prefix}.average_last", "must be ≥ 1")
+        _require(
+            self.average_last <= self.keep_last,
+            f"{prefix}.average_last",
+            f"{self.average_last} checkpoints to average, but keep_last={self.keep_last} retains fewer",
+        )
+
+    def n_saved(self, steps: int) -> int:
+        """How many checkpoints a run of `steps` steps writes: every `every` steps, and at the end."""
+        return (steps - 1) // self.every + 1 if self.every else 1
 
 
 @dataclass
@@ -392,6 +405,13 @@ class Config:
             not self.train.attn_windows or m.attn_window > 0,
             "train.attn_windows",
             "needs model.attn_window > 0 (the window evaluation uses; full attention has none)",
+        )
+        ck = self.checkpoint
+        _require(
+            ck.average_last <= ck.n_saved(self.train.steps),
+            "checkpoint.average_last",
+            f"{ck.average_last} checkpoints to average, but a run of train.steps={self.train.steps} with "
+            f"checkpoint.every={ck.every} writes {ck.n_saved(self.train.steps)}",
         )
         _require(m.vocab_size >= 12, "model.vocab_size", "digit chains need ≥ 12 tokens (0-9, EQ, PAD)")
         unknown = set(self.eval.splits) - set(self.data.task.eval_splits)

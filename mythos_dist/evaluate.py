@@ -561,12 +561,16 @@ def _track(
     parent_run_id: str | None,
     over_training: list[dict] | None = None,
 ) -> str | None:
+    from mythos_dist import checkpoint as ckpt
     from mythos_dist.tracking import Tracker
 
     tracker = Tracker(cfg.tracking, enabled_on_this_rank=True)
     # The config as a training run logs it, plus what this evaluation actually ran (CLI overrides).
     run = {k: summary[k] for k in ("loops", "store")} | {"splits": list(summary["splits"])}
-    params = to_dict(cfg) | {"eval_run": run | {"checkpoint": checkpoint or ""}}
+    run["checkpoint"] = checkpoint or ""
+    if checkpoint and (Path(checkpoint) / "config.json").is_file():  # an export: whose weights
+        run["weights_of_steps"] = ",".join(map(str, ckpt.exported_steps(checkpoint)))
+    params = to_dict(cfg) | {"eval_run": run}
     name = f"{Path(checkpoint).name if checkpoint else 'init'}/{version_dir.name}"
     tracker.start(name, params, parent_run_id=parent_run_id, tags={"kind": "eval"})
     metrics = {"spectral/rho_A": spectral["rho_A"], "spectral/jacobian_radius": spectral["jacobian_radius"]}

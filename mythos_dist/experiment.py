@@ -33,6 +33,7 @@ def _check_writable(path: Path, what: str) -> None:
 
 def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     from data_pipeline import shards
+    from mythos_dist.checkpoint import exported_steps
     from mythos_dist.evaluate import format_table, load_model, run_eval, stability_over_training
     from mythos_dist.tracking import resolve_uri
 
@@ -65,7 +66,9 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     train_summary = json.loads(summary_path.read_text())
     train_s = time.perf_counter() - t0
 
-    print(f"[3/3] loop-sweep evaluation of {train_summary['export']}", flush=True)
+    steps = exported_steps(train_summary["export"])
+    weights = f"the mean of the weights at steps {steps}" if len(steps) > 1 else f"step {steps[0]}"
+    print(f"[3/3] loop-sweep evaluation of {train_summary['export']} ({weights})", flush=True)
     # Stability over training: every retained checkpoint, after the trained and the longest loop count.
     loop_counts = sorted({cfg.train.loops.n_loops, max(cfg.eval.loops)})
     over_training = stability_over_training(cfg, ckpt_dir, loop_counts)

@@ -213,6 +213,8 @@ def train(
     summary: dict[str, Any] = {"rank": info.rank, "start_step": start, "run_id": tracker.run_id}
     summary["ds_config"] = ds_cfg
     summary["model"] = engine.module
+    if start:
+        summary["checkpoint"] = str(checkpoint.latest_dir(cfg.checkpoint.dir))
     status = "FAILED"
     try:
         it = iter(batches)
@@ -338,13 +340,9 @@ def train(
                     f"{summary['checkpoint']} holds the last good state (that of step {done - in_row}). "
                     "Lower train.lr or train.grad_clip, or check the data, then resume"
                 )
-        if end == t.steps and "checkpoint" in summary:
-            export_dir = f"{cfg.checkpoint.dir}/export"
-            if rank0:
-                checkpoint.export(summary["checkpoint"], export_dir)
-                tracker.log_artifact(f"{export_dir}/config.json")
-            dist.barrier()
-            summary["export"] = export_dir
+        if end == t.steps:  # also when resumed at the end: the export follows the config
+            summary["export"] = str(checkpoint.export_run(cfg))
+            tracker.log_artifact(f"{summary['export']}/config.json")
         status = "FINISHED"
     finally:
         tracker.finish(status)

@@ -8,6 +8,7 @@ exactly the samples the two ranks see per step (see ChainBatches). Runs are modu
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,6 +91,40 @@ def test_export_from_ep2_loads_in_one_process(runs: dict[str, Path]) -> None:
         with torch.no_grad():
             logits = model(dumped["input_ids"], 2).logits
         torch.testing.assert_close(logits, dumped["logits"], rtol=1e-4, atol=1e-5)
+
+
+def test_relaunched_finished_run_exports_mean_of_last_checkpoints(runs: dict[str, Path]) -> None:
+    """A finished run launched again (2 ranks) trains nothing and exports as now configured: with
+    checkpoint.average_last=2, the mean of the weights at steps 2 and 4, experts by global id."""
+    from mythos_dist.checkpoint import META, CheckpointError, export, exported_steps
+
+    tmp = runs["tmp"]
+    shutil.copytree(tmp / "ckpt" / "ep2_z2", tmp / "ckpt" / "avg")
+    out = launch(tmp, "avg", 2, *EP2_Z2, "checkpoint.average_last=2")
+    for rank in (0, 1):
+        assert summary(out, rank)["start_step"] == summary(out, rank)["end_step"] == 4
+        assert summary(out, rank)["losses"] == []
+    averaged = Path(summary(out)["export"])
+    assert exported_steps(averaged) == [2, 4]
+    ends = [load_file(str(export(tmp / "ckpt" / "avg" / f"step_0000000{n}", tmp / f"at{n}") / "model.safetensors"))
+            for n in (2, 4)]  # fmt: skip
+    got = load_file(str(averaged / "model.safetensors"))
+    assert got.keys() == ends[0].keys() and any(".experts.3.w_in_DH" in k for k in got)
+    moved = [k for k in got if not torch.equal(ends[0][k], ends[1][k])]
+    assert any(".experts." in k for k in moved) and any(".experts." not in k for k in moved)
+    for k in got:
+        torch.testing.assert_close(got[k], (ends[0][k] + ends[1][k]) / 2, rtol=1e-6, atol=1e-7)
+    # checkpoints of another model config are not averaged
+    other = shutil.copytree(tmp / "ckpt" / "avg" / "step_00000002", tmp / "other" / "step_00000002")
+    meta = json.loads((other / META).read_text())
+    meta["config"]["model"]["rope_theta"] = 500.0
+    (other / META).write_text(json.dumps(meta))
+    with pytest.raises(
+        CheckpointError,
+        match=r"model configs differ:\n  model\.rope_theta: checkpoint 500\.0, this run 10000\.0",
+    ):
+        export([tmp / "ckpt" / "avg" / "step_00000004", other], tmp / "mixed")
+    assert not (tmp / "mixed").exists()
 
 
 @pytest.fixture(scope="module")

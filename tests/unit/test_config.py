@@ -48,12 +48,35 @@ def write(tmp_path: Path, text: str) -> Path:
             r"train\.length_curriculum_mode: 'crop' needs train\.length_curriculum_steps > 0",
         ),
         (["model.embed_init_std=0"], r"model\.embed_init_std: must be > 0, got 0"),
+        (["checkpoint.average_last=0"], r"checkpoint\.average_last: must be ≥ 1"),
+        (["checkpoint.average_last=3"], r"checkpoint\.average_last: 3 .* keep_last=2 retains fewer"),
+        (
+            [
+                "checkpoint.keep_last=5",
+                "checkpoint.average_last=4",
+                "train.steps=1000",
+                "checkpoint.every=400",
+            ],
+            r"checkpoint\.average_last: 4 .* train\.steps=1000 with checkpoint\.every=400 writes 3",
+        ),
+        (
+            ["checkpoint.average_last=2", "checkpoint.every=0"],
+            r"checkpoint\.average_last: 2 .* checkpoint\.every=0 writes 1",
+        ),
         (["nosuch=1"], r"nosuch: unknown key"),
     ],
 )
 def test_bad_config_names_the_field(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)
+
+
+@pytest.mark.parametrize(
+    ("steps", "every", "n"), [(1000, 400, 3), (1000, 500, 2), (1001, 500, 3), (1000, 0, 1)]
+)
+def test_checkpoints_a_run_writes(steps: int, every: int, n: int) -> None:
+    cfg = load_config(None, [f"train.steps={steps}", f"checkpoint.every={every}"])
+    assert cfg.checkpoint.n_saved(steps) == n  # every `every` steps, and at the end
 
 
 def test_world_size_must_divide_by_ep_size() -> None:
