@@ -545,18 +545,40 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def _merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def read_config_file(path: str | Path, _including: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """A config file's raw mapping. `base: other.yaml` (relative to the file) starts from that file:
+    mappings merge key by key, every other value (lists included) replaces the base's."""
+    p = Path(path)
+    where = f" (the base of {_including[-1]})" if _including else ""
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}{where}")
+    try:
+        raw = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: top level must be a mapping of sections")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if not isinstance(base, str):
+        raise ConfigError(f"{p}: base must be the path of another config file, got {base!r}")
+    chain = (*_including, p.resolve())
+    base_path = (p.parent / base).resolve()
+    if base_path in chain:
+        raise ConfigError(f"{p}: base {base} includes itself: " + " -> ".join(map(str, (*chain, base_path))))
+    return _merge(read_config_file(base_path, chain), raw)
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """YAML file (optional) + overrides -> validated Config."""
-    raw: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file not found: {p}")
-        try:
-            raw = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{p}: not valid YAML: {e}") from e
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{p}: top level must be a mapping of sections")
+    """YAML file (optional, with its `base` chain) + overrides -> validated Config."""
+    raw = read_config_file(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return from_dict(Config, raw).validate()

@@ -110,6 +110,47 @@ def test_shipped_configs_validate() -> None:
         assert isinstance(load_config(p), Config), p
 
 
+def test_base_file_merges_sections_and_replaces_values(tmp_path: Path) -> None:
+    (tmp_path / "common").mkdir()
+    write(tmp_path / "common", "model:\n  dim: 64\n  n_heads: 2\neval:\n  loops: [1, 2, 4]\n")
+    (tmp_path / "mid.yaml").write_text("base: common/c.yaml\nmodel:\n  n_heads: 4\ntrain:\n  steps: 700\n")
+    (tmp_path / "top.yaml").write_text("base: mid.yaml\neval:\n  loops: [8]\n")
+    cfg = load_config(tmp_path / "top.yaml", ["train.steps=800"])
+    assert (cfg.model.dim, cfg.model.n_heads) == (64, 4)  # the section merged key by key
+    assert cfg.eval.loops == (8,)  # a list replaces the base's
+    assert cfg.train.steps == 800  # overrides come last
+
+
+def test_bad_base_files_are_named(tmp_path: Path) -> None:
+    (tmp_path / "a.yaml").write_text("base: nope.yaml\n")
+    with pytest.raises(ConfigError, match=r"config file not found: .*nope\.yaml \(the base of .*a\.yaml\)"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "b.yaml").write_text("base: c.yaml\n")
+    (tmp_path / "c.yaml").write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match=r"b\.yaml includes itself: .*b\.yaml -> .*c\.yaml -> .*b\.yaml"):
+        load_config(tmp_path / "b.yaml")
+    (tmp_path / "d.yaml").write_text("base: [c.yaml]\n")
+    with pytest.raises(ConfigError, match=r"d\.yaml: base must be the path of another config file"):
+        load_config(tmp_path / "d.yaml")
+
+
+@pytest.mark.parametrize(
+    ("name", "base", "changed"),
+    [
+        ("recipe4", "recipe3", {"train.attn_windows"}),
+        ("recipe5", "recipe4", {"checkpoint.every", "checkpoint.average_last"}),
+    ],
+)
+def test_recipes_differ_from_their_base_only_where_they_say(name: str, base: str, changed: set[str]) -> None:
+    def flat(path: Path) -> dict[str, object]:
+        d = to_dict(load_config(path))
+        return {f"{s}.{k}": v for s, sec in d.items() for k, v in sec.items()}
+
+    a, b = flat(ROOT / f"configs/digit_chain_{name}.yaml"), flat(ROOT / f"configs/digit_chain_{base}.yaml")
+    paths = {"checkpoint.dir", "eval.out_dir", "tracking.experiment"}
+    assert {k for k in a if a[k] != b[k]} == changed | paths
+
+
 SCALES = {"1b": 1e9, "3b": 3e9, "10b": 10e9, "50b": 50e9, "100b": 100e9, "500b": 500e9, "1t": 1e12}
 
 
