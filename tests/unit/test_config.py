@@ -137,6 +137,21 @@ def test_bad_base_files_are_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("name", "base", "changed"),
     [
+        (
+            "recipe3",
+            "recipe2",
+            {
+                "model.attn_window",
+                "model.attn_sink",
+                "model.pos_encoding",
+                "train.steps",
+                "train.reachable_only",
+                "train.length_curriculum_steps",
+                "train.length_curriculum_mode",
+                "checkpoint.every",
+                "eval.loops",
+            },
+        ),  # fmt: skip
         ("recipe4", "recipe3", {"train.attn_windows"}),
         ("recipe5", "recipe4", {"checkpoint.every", "checkpoint.average_last"}),
     ],
