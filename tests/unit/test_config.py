@@ -151,7 +151,7 @@ def test_bad_base_files_are_named(tmp_path: Path) -> None:
                 "checkpoint.every",
                 "eval.loops",
             },
-        ),  # fmt: skip
+        ),
         ("recipe4", "recipe3", {"train.attn_windows"}),
         ("recipe5", "recipe4", {"checkpoint.every", "checkpoint.average_last"}),
     ],
