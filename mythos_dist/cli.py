@@ -98,9 +98,9 @@ def _cmd_train(args: argparse.Namespace) -> int:
         tmp = Path(cfg.checkpoint.dir) / f".{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(tmp.with_name(SUMMARY_FILE))  # last: its presence means training finished
-        print(
-            f"done: step {summary['end_step']}, loss {summary['final_loss']}, export {summary.get('export')}"
-        )
+        # No loss when launched again after the run had finished (nothing left to train).
+        loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
+        print(f"done: step {summary['end_step']}, loss {loss}, export {summary.get('export')}")
     return 0
 
 

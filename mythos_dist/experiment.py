@@ -84,9 +84,13 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
 
     print(f"\naccuracy (split × loops), trained at {cfg.train.loops.kind} {cfg.train.loops.n_loops} loops:")
     print(format_table(res.summary))
-    print(f"\ntraining: {train_summary['end_step']} steps, {train_summary['wall_s']:.0f} s, "
-          f"final batch acc {train_summary['final_acc']:.3f}; whole job {time.perf_counter() - t0:.0f} s "
-          f"(train+data {train_s:.0f} s)")  # fmt: skip
+    start, end = train_summary["start_step"], train_summary["end_step"]
+    if end > start:
+        done = f"steps {start + 1}-{end}" if start else f"{end} steps"
+        trained = f"{done}, {train_summary['wall_s']:.0f} s, final batch acc {train_summary['final_acc']:.3f}"
+    else:  # launched again after the run had finished: re-export and evaluate only
+        trained = f"nothing left to train (resumed at step {end})"
+    print(f"\ntraining: {trained}; whole job {time.perf_counter() - t0:.0f} s (train+data {train_s:.0f} s)")
     radii = "; ".join(
         f"step {r['step']}: ρ(A) {r['rho_A']:.3f}, "
         + ", ".join(f"J@{n} {v:.3f}" for n, v in r["jacobian_radius"].items())

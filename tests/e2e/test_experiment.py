@@ -36,24 +36,16 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     args = [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
     env = {**os.environ, "TMPDIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "mythos_dist.cli",
-            "experiment",
-            "--config",
-            "configs/digit_chain.yaml",
-            *args,
-        ],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    out = proc.stdout
+
+    def experiment(*more: str) -> str:
+        cmd = [sys.executable, "-m", "mythos_dist.cli", "experiment", "--config", "configs/digit_chain.yaml"]
+        proc = subprocess.run(
+            [*cmd, *args, *more], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600
+        )
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        return proc.stdout
+
+    out = experiment()
 
     # shards with a manifest
     assert (tmp_path / "shards" / "manifest.json").is_file()
@@ -101,3 +93,13 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     assert plots.get("plots/accuracy_vs_loops.png", 0) > 1000
     tables = {a.path for a in client.list_artifacts(ev.info.run_id, "summary")}
     assert "summary/accuracy.csv" in tables
+
+    # Launched again with checkpoint.average_last=2: nothing is trained, the export becomes the mean
+    # of the weights at steps 3 and 6, and a second evaluation records whose weights it evaluated.
+    again = experiment("--set", "checkpoint.average_last=2")
+    assert "nothing left to train (resumed at step 6)" in again
+    assert "the mean of the weights at steps [3, 6]" in again
+    assert json.loads((ckpt / "export" / "config.json").read_text())["averaged_steps"] == [3, 6]
+    assert (tmp_path / "eval" / "eval-2" / "accuracy_vs_loops.png").stat().st_size > 1000
+    evals = client.search_runs([train_run.info.experiment_id], filter_string="tags.kind = 'eval'")
+    assert sorted(r.data.params.get("eval_run.weights_of_steps") for r in evals) == ["3,6", "6"]
