@@ -198,8 +198,9 @@ def train(
     tracker = Tracker(cfg.tracking, enabled_on_this_rank=rank0)
     hosts: list[str | None] = [None] * info.world_size
     dist.all_gather_object(hosts, socket.gethostname())
+    # Threads per rank: CPU reductions, hence the trajectory, depend on it (docs/results.md, recipe 5).
     run_info = {"world_size": info.world_size, "hosts": ",".join(sorted(set(map(str, hosts)))),
-                "git_commit": git_commit()}  # fmt: skip
+                "git_commit": git_commit(), "torch_threads": torch.get_num_threads()}  # fmt: skip
     run_name = cfg.tracking.run_name or f"train-w{info.world_size}-ep{cfg.parallel.ep_size}"
     tracker.start(run_name, {**to_dict(cfg), "run": run_info})
     policy = LoopPolicy(t.loops, t.seed, t.attn_windows)

@@ -81,6 +81,7 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     params = train_run.data.params
     assert params["run.world_size"] == "2" and params["parallel.ep_size"] == "2" and params["run.hosts"]
     assert len(params["run.git_commit"]) >= 40
+    assert params["run.torch_threads"] == "1"  # OMP_NUM_THREADS=1 above: recorded, it changes results
     children = client.search_runs(
         [train_run.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{train_run.info.run_id}'"
     )
