@@ -277,11 +277,8 @@ def _plain_key(key: str, moe_prefixes: list[str]) -> str:
 
 
 def retained(root: str | Path) -> list[Path]:
-    """The complete checkpoints (step_* dirs with their meta file) in root, oldest first, up to `latest`."""
-    tag = latest_tag(root)
-    if tag is None:
-        return []
-    return sorted(p for p in Path(root).glob("step_*") if p.name <= tag and (p / META).is_file())
+    """The complete checkpoints (step_* dirs with their meta file) in root, oldest first."""
+    return sorted(p for p in Path(root).glob("step_*") if (p / META).is_file())
 
 
 def latest_dir(root: str | Path) -> Path | None:
@@ -298,7 +295,8 @@ def export_run(cfg: Config) -> Path:
     error: Exception | None = None
     if _rank() == 0:
         try:
-            averaged = retained(root)[-k:]
+            latest = latest_tag(root) or ""  # not a later tag left by an earlier, longer run
+            averaged = [p for p in retained(root) if p.name <= latest][-k:]
             if len(averaged) < k:
                 raise CheckpointError(
                     f"checkpoint.average_last={k}, but {root} holds {len(averaged)} complete checkpoint(s)"
@@ -315,8 +313,8 @@ def export_run(cfg: Config) -> Path:
 def _consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
     """(weights with experts keyed by global id, mythos meta, step dir) of a DeepSpeed checkpoint."""
     src = Path(checkpoint)
-    if not (src / META).exists() and latest_tag(src) is not None:
-        src = src / latest_tag(src)
+    if not (src / META).exists():  # a run's checkpoint dir: its `latest`
+        src = latest_dir(src) or src
     meta = read_meta(src)
     model_cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
     prefixes = _moe_prefixes(model_cfg)

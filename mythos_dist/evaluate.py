@@ -423,7 +423,7 @@ def stability_over_training(
     from mythos_dist import checkpoint as ckpt
     from mythos_dist.stability import spectral_report
 
-    tags = sorted(p for p in Path(checkpoint_dir).glob("step_*") if (p / ckpt.META).is_file())
+    tags = ckpt.retained(checkpoint_dir)
     if not tags:
         raise ValueError(f"{checkpoint_dir}: no complete step_* checkpoint")
     ids_BT, valid_BT = spectral_inputs(cfg, cfg.eval.splits[0])
