@@ -113,6 +113,12 @@ def _mm_groups(
     a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None
 ) -> torch.Tensor:
     """Grouped product. a (M,K) @ b (G,K,N) -> (M,N) rows grouped; a (K,M) @ b (M,N) -> (G,K,N)."""
+    if a.is_meta:  # shapes only (the memory planner runs the model on the meta device)
+        return (
+            a.new_empty(a.shape[0], b.shape[-1])
+            if b.dim() == 3
+            else a.new_empty(len(offs), a.shape[0], b.shape[1])
+        )
     if counts is None:
         return F.grouped_mm(a, b, offs=offs)
     if b.dim() == 3:
@@ -144,7 +150,7 @@ def grouped_matmul(x_MK: torch.Tensor, w_GKN: torch.Tensor, tokens_per_group_G: 
     aligned = all(s * x_MK.element_size() % 16 == 0 for s in (w_GKN.shape[1], w_GKN.shape[2]))
     fast = aligned and _grouped_mm_works(x_MK.device.type, x_MK.dtype)
     # The fallback needs the split sizes on the host: one sync for all groups, not one per group.
-    counts = None if fast else tokens_per_group_G.tolist()
+    counts = None if fast or x_MK.is_meta else tokens_per_group_G.tolist()
     return _GroupedMatmul.apply(x_MK.contiguous(), w_GKN, offs_G, counts)
 
 

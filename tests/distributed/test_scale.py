@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,35 @@ def test_activation_checkpointing_trains_like_none_with_ep2(tmp_path: Path) -> N
         torch.testing.assert_close(got["losses"], want["losses"], rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got["grad_norms"], want["grad_norms"], rtol=1e-4, atol=1e-6)
     assert_same_export(Path(want["export"]), Path(summary(loop)["export"]))
+
+
+PLANNED = [*EXPERT_HEAVY[:-3], "model.expert_dim=256", "train.micro_batch_size=4", "train.seed=3",
+           "tracking.enabled=false"]  # fmt: skip
+
+
+@pytest.mark.parametrize(("ep_size", "zero_stage"), [(2, 2), (2, 1), (1, 2), (1, 0)])
+def test_planner_matches_a_real_engine(tmp_path: Path, ep_size: int, zero_stage: int) -> None:
+    """Parameter, fp32 master and AdamW moment bytes of a real 2-rank DeepSpeed engine after one
+    step, against `mythos plan` for the same config and world size (within 5 %)."""
+    from mythos_dist.config import load_config
+    from mythos_dist.plan import plan
+
+    items = [*PLANNED, f"parallel.ep_size={ep_size}", f"parallel.zero_stage={zero_stage}"]
+    out = tmp_path / "engine"
+    run(torchrun(2, WORKER, "engine", str(out), *(a for s in items for a in ("--set", s))),
+        worker_env(tmp_path), tmp_path / "log.txt", timeout=300)  # fmt: skip
+    predicted = plan(load_config(None, items), world_size=2, device_type="cpu")
+    for rank in (0, 1):
+        f = out / f"engine_rank{rank}.json"
+        assert f.is_file(), (tmp_path / "log.txt").read_text()[-3000:]
+        held = json.loads(f.read_text())
+        assert held["moments"] > 0 and held["params"] > 0
+        for key, want in [("params", predicted.params), ("master", predicted.master),
+                          ("moments", predicted.moments)]:  # fmt: skip
+            assert abs(want - held[key]) <= 0.05 * max(held[key], 1), (
+                f"rank {rank} {key}: plan {want}, engine {held[key]}"
+            )
+    # The check is sharp: the plan of another layout for the same model misses by more than 5 %.
+    other = [*items, f"parallel.zero_stage={0 if zero_stage else 1}"]
+    wrong = plan(load_config(None, other), world_size=2, device_type="cpu")
+    assert abs(wrong.master + wrong.moments - held["master"] - held["moments"]) > 0.05 * held["moments"]

@@ -149,7 +149,8 @@ def saved_bytes(model: RDT, ids: torch.Tensor, n_loops: int) -> int:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model(ids, n_loops=n_loops)
+        out = model(ids, n_loops=n_loops)
+    del out  # kept until counted: no saved storage is freed and its address reused
     return sum(seen.values())
 
 
