@@ -7,11 +7,13 @@ W ranks, expert groups over the W/ep_size ranks holding the same experts):
 
   parameters    P in the training dtype
   gradients     ZeRO-0/1: P in the training dtype (ZeRO-1 also turns its partition into an fp32
-                copy at the step); ZeRO-2: p, plus the reduce bucket (reduce_bucket_size elements)
+                copy at the step); ZeRO-2: p, plus the reduce bucket (reduce_bucket_size elements;
+                on CPU only the part the parameters fill is ever touched)
   optimizer     ZeRO-1/2: DeepSpeed's fp32 master copy of p (kept even when training in fp32) and
                 AdamW's two fp32 moments of p; ZeRO-0: the moments of P (bf16: plus an fp32 master)
-  step          AdamW's temporaries while it updates: two fp32 tensors the size of the largest
-                group's partition on CPU (one parameter at a time), of all partitions on CUDA (foreach)
+  step          temporaries while the optimizer steps one group at a time: ZeRO-1/2 flatten its
+                gradient partition into a new tensor (+ an fp32 copy in bf16), AdamW makes two fp32
+                tensors of its size
   activations   per micro batch (micro_batch_size × seq_len tokens, at the most loops a step draws):
                 every tensor autograd saves, counted by running the model's forward on the meta
                 device; with train.activation_checkpointing=loop, what is saved outside the loop
@@ -60,6 +62,7 @@ class MemoryPlan:
     dense_numel: int
     local_expert_numel: int
     partition_numel: int
+    largest_group_numel: int  # this rank's largest optimizer group, before partitioning
     params: int
     grads: int
     grad_bucket: int
@@ -74,6 +77,12 @@ class MemoryPlan:
         return self.master + self.moments
 
     @property
+    def engine_built(self) -> int:
+        """Peak while DeepSpeed builds its engine: it flattens one group at a time into a new buffer
+        (the module's tensors become views of it) and clones its fp32 master partition."""
+        return self.params + self.master + self.largest_group_numel * _elem_bytes(self.dtype)
+
+    @property
     def static(self) -> int:
         """Held through the whole step once the optimizer has stepped once."""
         return self.params + self.grads + self.grad_bucket + self.master + self.moments
@@ -81,6 +90,10 @@ class MemoryPlan:
     def total(self, checkpointing: bool) -> int:
         act = self.activations_checkpointed if checkpointing else self.activations
         return self.static + max(act, self.step_temporaries)
+
+
+def _elem_bytes(dtype: str) -> int:
+    return 2 if dtype == "bf16" else FP32
 
 
 def parse_bytes(text: str) -> int:
@@ -224,17 +237,17 @@ def activation_bytes(
     cfg = dataclasses.replace(model_cfg, capacity_factor=0.0)
     with torch.device("meta"):
         model = RDT(cfg).to(dtype).train()
-    grad_loops = min(backprop_loops, n_loops) if backprop_loops > 0 else n_loops
     if not checkpointing:
         return _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
+    # Outside the iterations, incl. each iteration's inputs (loop state h, injected e) that the
+    # checkpoint saves; plus one iteration's own saved tensors while backward recomputes it.
     model.recurrent.checkpoint_loops = True
     outside = _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
     model.recurrent.checkpoint_loops = False
     one_iteration = _saved_bytes(model, batch, seq_len, 2, 1, device_type) - _saved_bytes(
         model, batch, seq_len, 1, 1, device_type
     )
-    state = batch * seq_len * cfg.dim * dtype.itemsize  # h (N, D)
-    return outside + (grad_loops + 1) * state + one_iteration  # + 1: the injected e
+    return outside + one_iteration
 
 
 # --------------------------------------------------------------------------- the plan
@@ -251,7 +264,7 @@ def plan(cfg: Config, world_size: int, seq_len: int | None = None, device_type: 
     if seq_len < 1:
         raise ValueError(f"sequence length must be ≥ 1, got {seq_len}")
     ep, stage, W = par.ep_size, par.zero_stage, world_size
-    b = 2 if t.dtype == "bf16" else FP32
+    b = _elem_bytes(t.dtype)
     with torch.device("meta"):
         model = RDT(m)
     groups = _param_groups(model, ep)
@@ -274,10 +287,13 @@ def plan(cfg: Config, world_size: int, seq_len: int | None = None, device_type: 
         if stage == 1:
             grads = local * b + FP32 * part
         else:
-            grads = part * b + (FP32 * part if b != FP32 else 0)
+            grads = part * b
             bucket = min(_reduce_bucket(cfg), local) * b if device_type == "cpu" else _reduce_bucket(cfg) * b
-    temp_numel = sum(parts.values()) if device_type == "cuda" else max(parts.values())
-    step_temporaries = 2 * FP32 * temp_numel
+    # DeepSpeed steps one group at a time: ZeRO-1/2 first flatten its gradient partition into a new
+    # tensor (+ an fp32 copy when training in bf16), then AdamW's update makes two fp32 temporaries.
+    largest = max(parts.values())
+    flat_grad = 0 if stage == 0 else largest * (b + (FP32 if b != FP32 else 0))
+    step_temporaries = flat_grad + 2 * FP32 * largest
     n_loops = t.loops.n_loops if t.loops.kind == "fixed" else t.loops.max_loops
     bp = t.loops.backprop_loops
     grad_loops = min(bp, n_loops) if bp > 0 else n_loops
@@ -288,7 +304,8 @@ def plan(cfg: Config, world_size: int, seq_len: int | None = None, device_type: 
     return MemoryPlan(
         world_size=W, ep_size=ep, zero_stage=stage, dtype=t.dtype, device_type=device_type,
         micro_batch_size=mb, seq_len=seq_len, n_loops=n_loops, grad_loops=grad_loops,
-        dense_numel=dense, local_expert_numel=experts, partition_numel=part, params=params,
+        dense_numel=dense, local_expert_numel=experts, partition_numel=part,
+        largest_group_numel=max(sum(v) for v in groups.values()), params=params,
         grads=grads, grad_bucket=bucket, master=master, moments=moments,
         step_temporaries=step_temporaries, activations=act, activations_checkpointed=act_ckpt,
     )  # fmt: skip
@@ -309,6 +326,7 @@ def format_plan(p: MemoryPlan, checkpointing: str, device_mem: int | None) -> st
         f"  optimizer       {_gib(p.optimizer)}   fp32 master {p.master / GiB:.2f} GiB + AdamW moments "
         f"{p.moments / GiB:.2f} GiB over a partition of {p.partition_numel / 1e6:,.1f} M",
         f"  step temporaries{_gib(p.step_temporaries)}",
+        f"  engine build    {_gib(p.engine_built)}   peak while DeepSpeed flattens the groups",
         f"  activations     {_gib(p.activations)}   per micro batch, activation_checkpointing=none",
         f"                  {_gib(p.activations_checkpointed)}   per micro batch, activation_checkpointing=loop",
         f"  total           {_gib(p.total(False))}   activation_checkpointing=none",
