@@ -19,7 +19,8 @@ W ranks, expert groups over the W/ep_size ranks holding the same experts):
                 device; with train.activation_checkpointing=loop, what is saved outside the loop
                 iterations, their (tokens, dim) loop states, and one iteration recomputed in backward
 
-A step's peak is everything but activations and step temporaries, plus the larger of those two.
+A step's peak is everything but activations and step temporaries, plus the larger of those two;
+the job's peak is the larger of that and the engine build's (flattening a group copies it once).
 """
 
 from __future__ import annotations
@@ -88,8 +89,13 @@ class MemoryPlan:
         return self.params + self.grads + self.grad_bucket + self.master + self.moments
 
     def total(self, checkpointing: bool) -> int:
+        """Peak of a training step."""
         act = self.activations_checkpointed if checkpointing else self.activations
         return self.static + max(act, self.step_temporaries)
+
+    def peak(self, checkpointing: bool) -> int:
+        """Peak of the job: building the engine or a training step, whichever is higher."""
+        return max(self.engine_built, self.total(checkpointing))
 
 
 def _elem_bytes(dtype: str) -> int:
@@ -333,7 +339,7 @@ def format_plan(p: MemoryPlan, checkpointing: str, device_mem: int | None) -> st
         f"                  {_gib(p.total(True))}   activation_checkpointing=loop",
     ]
     if device_mem is not None:
-        need = p.total(checkpointing == "loop")
+        need = p.peak(checkpointing == "loop")
         verdict = "fits" if need <= device_mem else "does NOT fit"
         lines.append(
             f"  device memory   {_gib(device_mem)}   {verdict} with train.activation_checkpointing={checkpointing} "
