@@ -22,7 +22,7 @@ from tests.multiproc import run, torchrun, worker_env
 pytestmark = pytest.mark.distributed
 
 WORKER = Path(__file__).with_name("_scale_worker.py")
-# Routed experts are 25.2 M of 26.1 M parameters: each rank's own part is about half the model.
+# Routed experts are 25.2 M of 26.8 M parameters: each rank's own part is about half the model.
 EXPERT_HEAVY = ["model.dim=256", "model.n_heads=4", "model.n_kv_heads=2", "model.n_experts=16",
                 "model.expert_dim=2048", "model.n_shared_experts=0", "model.lora_rank=4",
                 "parallel.ep_size=2", "train.seed=7", "tracking.enabled=false"]  # fmt: skip
