@@ -177,10 +177,10 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     """This rank's expert-parallel RDT, never holding more than its own part.
 
     Built on the meta device, then only the dense parameters and this rank's n_experts/ep_size
-    routed experts are materialised on `device` and initialised by `RDT.reset_parameters(train.seed)`,
-    keyed by (seed, parameter name, global expert id): a rank's experts equal the same slice of
-    the ep_size=1 model, and dense parameters are identical on every rank. Applies
-    train.activation_checkpointing.
+    routed experts are materialised on `device` (in bf16 when training in it) and initialised by
+    `RDT.reset_parameters(train.seed)`, keyed by (seed, parameter name, global expert id): a
+    rank's experts equal the same slice of the ep_size=1 model, and dense parameters are identical
+    on every rank. Applies train.activation_checkpointing.
     """
     ep_size = cfg.parallel.ep_size
     with torch.device("meta"):
@@ -189,6 +189,8 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     first = expert_parallel_rank(ep_size) * n_local
     for moe in model.moe_layers():
         moe.experts.shard(first, n_local)
+    if use_bf16(cfg):  # materialised in the dtype DeepSpeed trains in: no fp32 copy on the way
+        model.to(torch.bfloat16)
     model.to_empty(device=device)
     model.reset_parameters(cfg.train.seed)
     model.recurrent.checkpoint_loops = cfg.train.activation_checkpointing == "loop"

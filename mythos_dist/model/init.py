@@ -23,14 +23,15 @@ def keyed_generator(seed: int, name: str, expert_id: int | None = None) -> torch
 def normal_(t: torch.Tensor, std: float, seed: int | None, name: str, expert_id: int | None = None) -> None:
     """In place: N(0, std²) from the keyed generator; seed None draws from torch's global RNG.
 
-    Values are drawn on the CPU, so a CUDA tensor gets the same values as a CPU one.
+    Values are drawn in fp32 on the CPU, so a CUDA or bf16 tensor gets the same values as an fp32
+    CPU one (rounded to its dtype).
     """
     if seed is None:
         t.normal_(0.0, std)
     elif t.device.type == "meta":
         return
-    elif t.device.type == "cpu":
+    elif t.device.type == "cpu" and t.dtype == torch.float32:
         t.normal_(0.0, std, generator=keyed_generator(seed, name, expert_id))
     else:
         g = keyed_generator(seed, name, expert_id)
-        t.copy_(torch.empty(t.shape, dtype=t.dtype).normal_(0.0, std, generator=g))
+        t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=g))

@@ -86,6 +86,19 @@ def test_keyed_init_keeps_the_distributions_and_constants_of_the_default_init() 
     assert torch.equal(meta_shard(cfg, 3, 2, 1).recurrent.block.ffn.experts.w_in_EDH[0], w[2])
 
 
+def test_keyed_init_in_bf16_is_the_fp32_init_rounded() -> None:
+    """A model materialised in bf16 (build_model when training in bf16; values drawn in fp32 on the
+    CPU and copied, as for CUDA tensors) holds the fp32 initialisation rounded to bf16."""
+    cfg = tiny()
+    with torch.device("meta"):
+        model = RDT(cfg).to(torch.bfloat16)
+    model.to_empty(device="cpu")
+    model.reset_parameters(seed=5)
+    want = meta_shard(cfg, 5, 1, 0).to(torch.bfloat16)
+    for (name, got), ref in zip(tensors(model).items(), tensors(want).values()):
+        assert got.dtype == torch.bfloat16 and torch.equal(got, ref), name
+
+
 def test_shard_refuses_experts_it_does_not_hold() -> None:
     experts = GroupedExperts(8, 4, n_local=2, first_expert_id=2)
     with pytest.raises(ValueError, match=r"experts \[0, 2\) are not among the \[2, 4\) held"):
