@@ -8,8 +8,8 @@ exit, which would desynchronise expert-parallel ranks) and the output is the ACT
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
-from contextlib import nullcontext
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,7 +18,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
-from mythos_dist.model.attention import KVCache, Rope, TokenLayout
+from mythos_dist.model.attention import GQAttention, KVCache, MLAttention, Rope, TokenLayout
 from mythos_dist.model.block import TransformerBlock
 from mythos_dist.model.moe import load_counting_paused
 from mythos_dist.model.norm import RMSNorm
@@ -116,6 +116,27 @@ class RecurrentBlock(nn.Module):
             out = out + self.lora(out, t)
         return self.injection(h, e, out), aux
 
+    def _recompute_context(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """For torch's checkpoint, called at forward: the recomputation in backward sees the attention
+        windows of the forward (`attention_window` may set them around the forward only), and the
+        routers do not count the same tokens' load again."""
+        layers = [m for m in self.block.modules() if isinstance(m, (GQAttention, MLAttention))]
+        forward_windows = [m.window for m in layers]
+
+        @contextmanager
+        def as_in_forward() -> Iterator[None]:
+            now = [m.window for m in layers]
+            for m, w in zip(layers, forward_windows):
+                m.window = w
+            try:
+                with load_counting_paused(self.block):
+                    yield
+            finally:
+                for m, w in zip(layers, now):
+                    m.window = w
+
+        return nullcontext(), as_in_forward()
+
     def forward(
         self,
         e: torch.Tensor,
@@ -149,12 +170,10 @@ class RecurrentBlock(nn.Module):
         for t in range(n_loops):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
                 if self.checkpoint_loops and torch.is_grad_enabled() and cache is None:
-                    # Only the loop state h is kept; backward runs the iteration again (the same
-                    # collectives in the same order on every rank), without counting expert load twice.
+                    # Only the iteration's inputs are kept; backward runs it again (the same
+                    # collectives in the same order on every rank) as it ran in the forward.
                     h_next, aux = checkpoint(
-                        self.step, h, e, t, rope, layout,
-                        use_reentrant=False,
-                        context_fn=lambda: (nullcontext(), load_counting_paused(self.block)),
+                        self.step, h, e, t, rope, layout, use_reentrant=False, context_fn=self._recompute_context
                     )  # fmt: skip
                 else:
                     h_next, aux = self.step(h, e, t, rope, layout, cache)

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from mythos_dist.config import ConfigError, ModelConfig, load_config
-from mythos_dist.model import RDT
+from mythos_dist.model import RDT, attention_window
 from mythos_dist.model.moe import GroupedExperts
 
 
@@ -151,6 +151,23 @@ def test_loop_checkpointing_gives_the_same_losses_gradients_and_load(model_kw: d
     for name in grads0:
         torch.testing.assert_close(grads1[name], grads0[name], rtol=1e-5, atol=1e-7, msg=name)
     assert torch.equal(load1, load0) and load0.sum() > 0  # the recomputation does not count load again
+
+
+def test_recomputation_uses_the_attention_window_of_the_forward() -> None:
+    """train.attn_windows sets the window around the forward only; backward (which recomputes the
+    iterations) runs after it is restored, and must still see the forward's window."""
+    model = RDT(tiny(attn_window=6, act_enabled=False)).train()
+    ids = torch.randint(0, 12, (2, 12), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for checkpointing in (False, True):
+        model.recurrent.checkpoint_loops = checkpointing
+        model.zero_grad()
+        with attention_window(model, 2):
+            out = model(ids, n_loops=3)
+        out.logits.square().mean().backward()  # outside: windows back to 6
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-7, msg=name)
 
 
 def saved_bytes(model: RDT, ids: torch.Tensor, n_loops: int) -> int:
