@@ -199,9 +199,10 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> 
     ]
 
 
-# Settings a resumed run may change: its length and logging, where the shards live, how they are read.
+# Settings a resumed run may change: its length and logging, activation recomputation, where the
+# shards live, how they are read.
 RESUMABLE_CHANGES = {
-    "train": {"steps", "log_every", "max_nonfinite_steps"},
+    "train": {"steps", "log_every", "max_nonfinite_steps", "activation_checkpointing"},
     "data": {"remote", "local", "num_workers", "predownload"},
 }
 

@@ -70,8 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("eval_dirs", nargs="+", help="eval-K directories (each holds summary.json)")
     rp.add_argument("--out", required=True, help="directory for the table, JSON and plot")
     from data_pipeline.cli import add_data_commands
+    from mythos_dist.plan import add_plan_command
 
     add_data_commands(sub)
+    add_plan_command(sub)
     return parser
 
 

@@ -273,6 +273,10 @@ class TrainConfig:
     # uses model.attn_window. A narrower window makes chains of the same length need more loops,
     # so steps with it train the loop map to keep carrying information at later loops.
     attn_windows: tuple[int, ...] = ()
+    # "loop": each loop iteration's activations are recomputed in backward instead of kept, so a
+    # step's activation memory grows with the loop count only by the (tokens, dim) loop state.
+    # Same losses and gradients as "none"; costs about one more forward of the looped block.
+    activation_checkpointing: Literal["none", "loop"] = "none"
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):

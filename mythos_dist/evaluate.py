@@ -323,15 +323,17 @@ def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
 
     checkpoint: an export directory (model.safetensors + config.json), or a DeepSpeed checkpoint
     directory (a run's checkpoint dir with `latest`, or one step_* dir), consolidated into a
-    temporary export first. None: a freshly initialised model from cfg.model and cfg.train.seed.
+    temporary export first. None: a freshly initialised model from cfg.model and cfg.train.seed
+    (the initial weights of training).
     """
     import tempfile
 
     from mythos_dist import checkpoint as ckpt
 
-    if checkpoint is None:
-        torch.manual_seed(cfg.train.seed)
-        return RDT(cfg.model).eval()
+    if checkpoint is None:  # the weights training starts from (keyed by train.seed)
+        model = RDT(cfg.model)
+        model.reset_parameters(cfg.train.seed)
+        return model.eval()
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
