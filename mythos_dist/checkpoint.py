@@ -23,7 +23,7 @@ import random
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -406,7 +406,7 @@ def export_run(cfg: Config) -> Path:
     return out
 
 
-class _CheckpointTensors:
+class CheckpointTensors:
     """One DeepSpeed checkpoint's weights in export form (experts keyed by global id), read tensor
     by tensor: the dense file is memory-mapped, each expert file is read when one of its tensors is
     asked for. So an export never holds the model, whatever world/ep size wrote the checkpoint:
@@ -523,7 +523,7 @@ def export(
     sources = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not sources:
         raise CheckpointError("no checkpoint to export")
-    readers = [_CheckpointTensors(s) for s in sources]
+    readers = [CheckpointTensors(s) for s in sources]
     first = readers[0]
     for r in readers[1:]:
         diff = config_diff(r.meta["config"]["model"], first.meta["config"]["model"], "model")
@@ -532,6 +532,31 @@ def export(
                 f"cannot average {r.src} with {first.src} (as 'this run'): the model configs differ:\n  "
                 + "\n  ".join(diff)
             )
+
+    def mean(name: str) -> torch.Tensor:
+        tensor = first.get(name)
+        if len(readers) == 1:
+            return tensor
+        total = tensor.double()  # fp64 sums: the mean is exact to fp32
+        for r in readers[1:]:
+            total.add_(r.get(name))
+        return total.div_(len(readers)).to(tensor.dtype)
+
+    steps = [r.step for r in readers]
+    config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": first.meta["config"]["model"]}
+    if len(steps) > 1:
+        config["averaged_steps"] = steps
+    return write_export(((name, mean(name)) for name in first.names), config, out_dir, max_shard_bytes)
+
+
+def write_export(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    config: dict[str, Any],
+    out_dir: str | Path,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write an export directory from (export key, tensor) pairs consumed one at a time, and its
+    config.json; out_dir is replaced as a whole once complete (a non-export dir is refused)."""
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise CheckpointError(f"{out} exists and is not an export directory: refusing to replace it")
@@ -539,22 +564,50 @@ def export(
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
     partial.mkdir(parents=True)
     writer = _ShardWriter(partial, max_shard_bytes)
-    for name in first.names:
-        tensor = first.get(name)
-        if len(readers) > 1:
-            total = tensor.double()  # fp64 sums: the mean is exact to fp32
-            for r in readers[1:]:
-                total.add_(r.get(name))
-            tensor = total.div_(len(readers)).to(tensor.dtype)
+    for name, tensor in named_tensors:
         writer.add(name, tensor)
     writer.close()
-    steps = [r.step for r in readers]
-    config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": first.meta["config"]["model"]}
-    if len(steps) > 1:
-        config["averaged_steps"] = steps
     (partial / "config.json").write_text(json.dumps(config, indent=1))
     _replace_dir(partial, out)
     return out
+
+
+def export_keys(model: RDT) -> Iterator[tuple[str, torch.Tensor]]:
+    """(export key, tensor) of a model or one rank's shard of it: stacked local experts become one
+    entry per global id."""
+    for k, v in model.state_dict().items():
+        prefix, _, name = k.rpartition(".experts.")
+        single = dict(_EXPERT_WEIGHTS).get(name)
+        if not (prefix and single):
+            yield k, v
+            continue
+        first = model.get_submodule(f"{prefix}.experts").first_expert_id
+        for i in range(v.shape[0]):
+            yield f"{prefix}.experts.{first + i}.{single}", v[i]
+
+
+def init_export(
+    cfg: Config, out_dir: str | Path, max_shard_bytes: int | None = None, pieces: int = 1
+) -> Path:
+    """A freshly initialised model (keyed by train.seed: training's initial weights) written as an
+    export, built `pieces` parts at a time (the dense part once, then n_experts/pieces experts per
+    part), so no more than one part is ever held."""
+    if cfg.model.n_experts % pieces:
+        raise CheckpointError(f"n_experts={cfg.model.n_experts} is not divisible by {pieces} pieces")
+    n_local = cfg.model.n_experts // pieces
+
+    def parts() -> Iterator[tuple[str, torch.Tensor]]:
+        for r in range(pieces):
+            with torch.device("meta"):
+                model = RDT(cfg.model)
+            for moe in model.moe_layers():
+                moe.experts.shard(r * n_local, n_local)
+            model.to_empty(device="cpu")
+            model.reset_parameters(cfg.train.seed)
+            yield from ((k, v) for k, v in export_keys(model) if r == 0 or _expert_id(k) is not None)
+
+    config = {"format": EXPORT_FORMAT, "step": 0, "model": to_dict(cfg.model), "init_seed": cfg.train.seed}
+    return write_export(parts(), config, out_dir, max_shard_bytes)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -633,6 +686,8 @@ class ExportReader:
                     raise CheckpointError(f"{d / INDEX_FILE} names {f.name}, which does not exist")
         else:
             self.file_of = dict.fromkeys(self._open(d / SINGLE_FILE).keys(), d / SINGLE_FILE)
+        self.names = list(self.file_of)
+        _check_keys(_expected_export_shapes(self.model_cfg), self.shapes(), d)  # headers only
         self.bytes_read = 0
 
     def _open(self, f: Path) -> Any:
@@ -658,11 +713,117 @@ class ExportReader:
         return tensor
 
 
+def upcycle(
+    source_dir: str | Path, out_dir: str | Path, n_experts: int, max_shard_bytes: int | None = None
+) -> Path:
+    """Grow an export's E routed experts to E' = m·E, preserving the function at step 0.
+
+    Each expert's hidden units are split into m experts of expert_dim/m (expert e becomes experts
+    e·m .. e·m+m-1; their output weights are scaled by m), the router's gate rows and balancing
+    bias are repeated (the bias divided by m) and top-k becomes m·k. A token then picks the m
+    pieces of each expert it picked before, each with 1/m of that expert's renormalised weight:
+    the same sum of the same hidden units. Active compute per token is unchanged. Written tensor
+    by tensor; a top-1 source is refused (its unnormalised weight cannot be split so).
+    """
+    reader = ExportReader(source_dir)
+    cfg = reader.model_cfg
+    m = n_experts // cfg.n_experts
+    if n_experts <= cfg.n_experts or n_experts % cfg.n_experts:
+        raise CheckpointError(
+            f"--n-experts {n_experts} must be a multiple > 1 of the export's {cfg.n_experts}"
+        )
+    if cfg.expert_dim % m:
+        raise CheckpointError(f"expert_dim={cfg.expert_dim} is not divisible by the growth factor {m}")
+    if cfg.n_experts_per_tok == 1:
+        raise CheckpointError(
+            "a top-1 source keeps its softmax weight unnormalised: it cannot be split exactly"
+        )
+    h = cfg.expert_dim // m
+
+    def grown() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in reader.names:
+            t, g = reader.get(name), _expert_id(name)
+            if name.endswith(".router.gate.weight"):
+                yield name, t.repeat_interleave(m, dim=0)
+            elif name.endswith(".router.expert_bias"):
+                yield name, t.repeat_interleave(m) / m
+            elif g is None:
+                yield name, t
+            elif name.endswith(".w_in_DH"):  # [gate | up]: the same hidden slice of both halves
+                gate, up = t.chunk(2, dim=-1)
+                for j in range(m):
+                    part = slice(j * h, (j + 1) * h)
+                    yield (
+                        _EXPERT_ID.sub(f".experts.{g * m + j}.w_in_DH", name),
+                        torch.cat([gate[:, part], up[:, part]], -1),
+                    )
+            else:  # w_out_HD
+                for j in range(m):
+                    yield _EXPERT_ID.sub(f".experts.{g * m + j}.w_out_HD", name), t[j * h : (j + 1) * h] * m
+
+    model = dict(
+        reader.saved["model"], n_experts=n_experts, n_experts_per_tok=m * cfg.n_experts_per_tok, expert_dim=h
+    )
+    from_dict(ModelConfig, model, "model").validate()
+    config = dict(
+        reader.saved, model=model, upcycled_from={"dir": str(reader.dir), "n_experts": cfg.n_experts}
+    )
+    return write_export(grown(), config, out_dir, max_shard_bytes)
+
+
+def load_shard(source: ExportReader | CheckpointTensors, ep_size: int = 1, ep_rank: int = 0) -> RDT:
+    """The RDT (CPU, eval mode) holding the dense part and routed experts [r·E/ep, (r+1)·E/ep)
+    only (every expert at ep_size=1), read tensor by tensor from an export or a DeepSpeed
+    checkpoint: another rank's experts are neither allocated nor read. Wrap it with
+    `mythos_dist.parallel.parallelize(model, ep_size)` to run it expert-parallel."""
+    cfg = source.model_cfg
+    if cfg.n_experts % ep_size:
+        raise CheckpointError(f"n_experts={cfg.n_experts} is not divisible by ep_size={ep_size}")
+    n_local = cfg.n_experts // ep_size
+    first = ep_rank * n_local
+    with torch.device("meta"):
+        model = RDT(cfg)
+    for moe in model.moe_layers():
+        moe.experts.shard(first, n_local)
+    model.to_empty(device="cpu")
+    load_into(model, source)
+    persistent = set(model.state_dict())
+    for name, buf in model.named_buffers():  # counters (the router's load since the last step)
+        if name not in persistent:
+            buf.zero_()
+    return model.eval()
+
+
+def load_into(model: RDT, source: ExportReader | CheckpointTensors) -> None:
+    """Copy the source's weights into `model`, the whole RDT or one rank's shard of it (before
+    `parallelize`): the dense tensors and the experts it holds, read tensor by tensor."""
+    diff = config_diff(to_dict(source.model_cfg), to_dict(model.cfg), "model")
+    if diff:
+        raise CheckpointError(
+            f"{getattr(source, 'dir', source)} holds another model:\n  " + "\n  ".join(diff)
+        )
+    state = {k: source.get(k) for k in source.names if _expert_id(k) is None}
+    for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoEFFN)):
+        first, n_local = moe.experts.first_expert_id, moe.experts.n_local
+        for stacked, single in _EXPERT_WEIGHTS:
+            keys = [f"{name}.experts.{g}.{single}" for g in range(first, first + n_local)]
+            state[f"{name}.experts.{stacked}"] = torch.stack([source.get(k) for k in keys])
+    model.load_state_dict(state, strict=True)
+
+
+_EXPERT_ID = re.compile(r"\.experts\.(\d+)\.(w_in_DH|w_out_HD)$")
+
+
+def _expert_id(key: str) -> int | None:
+    m = _EXPERT_ID.search(key)
+    return None if m is None else int(m.group(1))
+
+
 def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT:
     """Full RDT (all experts, CPU, eval mode) from an export directory; no DeepSpeed involved.
 
     model_cfg: when given, must equal the exported config (mismatched fields are listed).
-    Apply `mythos_dist.parallel.parallelize` afterwards to shard it for any ep_size.
+    One rank's part only: `load_shard(ExportReader(path), ep_size, ep_rank)`.
     """
     reader = ExportReader(path)
     if model_cfg is not None:
@@ -671,14 +832,4 @@ def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT
             raise CheckpointError(
                 f"{reader.dir} was exported with another model config:\n  " + "\n  ".join(diff)
             )
-    cfg = reader.model_cfg
-    _check_keys(_expected_export_shapes(cfg), reader.shapes(), reader.dir)
-    tensors = {k: reader.get(k) for k in reader.file_of}
-    model = RDT(cfg)
-    for name, m in model.named_modules():
-        if isinstance(m, MoEFFN):
-            for stacked, single in _EXPERT_WEIGHTS:
-                keys = [f"{name}.experts.{g}.{single}" for g in range(m.n_experts)]
-                tensors[f"{name}.experts.{stacked}"] = torch.stack([tensors.pop(k) for k in keys])
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+    return load_shard(reader)
