@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import pickle
 import random
@@ -30,7 +31,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mythos_dist.comm import all_reduce_host
@@ -444,6 +444,9 @@ class CheckpointTensors:
     def step(self) -> int:
         return int(self.meta["step"])
 
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self.get(name))
+
     def get(self, name: str) -> torch.Tensor:
         if name in self._dense:
             return self._dense[name]
@@ -652,10 +655,44 @@ def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         raise CheckpointError(f"{where} does not match the model config:\n  " + "\n  ".join(lines))
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _safetensors_header(f: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, first byte, end byte) of a safetensors file, from its header only
+    (8-byte length, JSON); every range is checked against the file's size."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} in a file of {size} bytes")
+            header = json.loads(fh.read(n))
+        entries = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (lo, hi) = _SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if hi - lo != nbytes or 8 + n + hi > size:
+                raise ValueError(
+                    f"{name}: bytes [{lo}, {hi}) do not hold {shape} {e['dtype']} within the file"
+                )
+            entries[name] = (dtype, shape, 8 + n + lo, 8 + n + hi)
+        return entries
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {f}: truncated or corrupt ({e})") from e
+
+
 class ExportReader:
     """An export directory (single model.safetensors, or shards + model.safetensors.index.json),
-    read lazily one tensor at a time: a caller that needs some tensors (a rank's dense part and its
-    own experts) reads only those. bytes_read counts what was read."""
+    read one tensor at a time straight from the files (no memory map): a caller that needs some
+    tensors (a rank's dense part and its own experts) reads only those, and `read_into` reads a
+    tensor's bytes into its destination with no copy in between. bytes_read counts what was read."""
 
     def __init__(self, path: str | Path):
         d = Path(path)
@@ -671,7 +708,6 @@ class ExportReader:
                 f"{d}: unknown export format {saved.get('format')!r}, expected {EXPORT_FORMAT}"
             )
         self.dir, self.saved = d, saved
-        self._handles: dict[Path, Any] = {}
         self.model_cfg = from_dict(ModelConfig, saved["model"], "model")
         if (d / INDEX_FILE).is_file():
             try:
@@ -680,37 +716,49 @@ class ExportReader:
                 raise CheckpointError(f"{d / INDEX_FILE}: not valid JSON ({e})") from e
             if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
                 raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
-            self.file_of = {k: d / f for k, f in index["weight_map"].items()}
-            for f in sorted(set(self.file_of.values())):
+            files = {d / f for f in index["weight_map"].values()}
+            for f in sorted(files):
                 if not f.is_file():
                     raise CheckpointError(f"{d / INDEX_FILE} names {f.name}, which does not exist")
         else:
-            self.file_of = dict.fromkeys(self._open(d / SINGLE_FILE).keys(), d / SINGLE_FILE)
-        self.names = list(self.file_of)
+            files = {d / SINGLE_FILE}
+        self._where = {}  # name -> (file, dtype, shape, first byte, end byte)
+        for f in sorted(files):
+            self._where |= {k: (f, *e) for k, e in _safetensors_header(f).items()}
+        self.names = list(self._where)
         _check_keys(_expected_export_shapes(self.model_cfg), self.shapes(), d)  # headers only
         self.bytes_read = 0
 
-    def _open(self, f: Path) -> Any:
-        """One safe_open handle per file for the reader's life."""
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"cannot read {f}: truncated or corrupt ({e})") from e
-        return self._handles[f]
-
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the files' headers (no tensor data is read)."""
-        return {k: tuple(self._open(f).get_slice(k).get_shape()) for k, f in self.file_of.items()}
+        return {k: w[2] for k, w in self._where.items()}
 
     def get(self, name: str) -> torch.Tensor:
-        f = self.file_of[name]
-        try:
-            tensor = self._open(f).get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {name} from {f}: truncated or corrupt ({e})") from e
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        _, dtype, shape, _, _ = self._where[name]
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """out := the tensor `name`; read into out's own memory when dtype, shape and layout allow."""
+        f, dtype, shape, lo, hi = self._where[name]
+        if (
+            out.dtype != dtype
+            or tuple(out.shape) != shape
+            or not out.is_contiguous()
+            or out.device.type != "cpu"
+        ):
+            out.copy_(self.get(name))
+            return
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(lo)
+            dest = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
+            got = fh.readinto(dest) if hi > lo else 0
+        if got != hi - lo:
+            raise CheckpointError(
+                f"cannot read {name} from {f}: truncated or corrupt ({got} of {hi - lo} bytes)"
+            )
+        self.bytes_read += hi - lo
 
 
 def upcycle(
@@ -802,13 +850,19 @@ def load_into(model: RDT, source: ExportReader | CheckpointTensors) -> None:
         raise CheckpointError(
             f"{getattr(source, 'dir', source)} holds another model:\n  " + "\n  ".join(diff)
         )
-    state = {k: source.get(k) for k in source.names if _expert_id(k) is None}
-    for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoEFFN)):
-        first, n_local = moe.experts.first_expert_id, moe.experts.n_local
-        for stacked, single in _EXPERT_WEIGHTS:
-            keys = [f"{name}.experts.{g}.{single}" for g in range(first, first + n_local)]
-            state[f"{name}.experts.{stacked}"] = torch.stack([source.get(k) for k in keys])
-    model.load_state_dict(state, strict=True)
+    targets = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
+    with torch.no_grad():
+        for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoEFFN)):
+            first = moe.experts.first_expert_id
+            for stacked, single in _EXPERT_WEIGHTS:
+                dest = targets.pop(f"{name}.experts.{stacked}")
+                for i in range(dest.shape[0]):
+                    source.read_into(f"{name}.experts.{first + i}.{single}", dest[i])
+        dense = [k for k in source.names if _expert_id(k) is None]
+        if set(dense) != set(targets):
+            raise CheckpointError(f"{getattr(source, 'dir', source)}: dense tensors do not match the model")
+        for k in dense:
+            source.read_into(k, targets[k])
 
 
 _EXPERT_ID = re.compile(r"\.experts\.(\d+)\.(w_in_DH|w_out_HD)$")

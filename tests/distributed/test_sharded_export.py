@@ -91,7 +91,7 @@ def test_streamed_mean_equals_the_fp64_mean(ckpt: Path, tmp_path: Path) -> None:
     mean = ExportReader(export(steps, tmp_path / "mean", max_shard_bytes=SHARD))
     assert json.loads((mean.dir / "config.json").read_text())["averaged_steps"] == [2, 4]
     moved = 0
-    for k in ends[0].file_of:
+    for k in ends[0].names:
         want = ((ends[0].get(k).double() + ends[1].get(k).double()) / 2).float()
         assert torch.equal(mean.get(k), want), k
         moved += not torch.equal(ends[0].get(k), ends[1].get(k))
