@@ -336,10 +336,10 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         if ep > 1:
             from mythos_dist.parallel import build_model
 
-            return build_model(cfg, torch.device("cpu")).eval()
+            return build_model(cfg, torch.device("cpu")).eval().requires_grad_(False)
         model = RDT(cfg.model)
         model.reset_parameters(cfg.train.seed)
-        return model.eval()
+        return model.eval().requires_grad_(False)
     path = Path(checkpoint)
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
@@ -359,7 +359,7 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
             f"{path}: model.max_seq_len={model.cfg.max_seq_len} < longest eval input ({longest})"
         )
     cfg.model = model.cfg
-    return model
+    return model.requires_grad_(False)  # evaluated, never trained: no weight gradients (the spectral tools)
 
 
 def _join(cfg: Config) -> tuple[torch.device, int]:
