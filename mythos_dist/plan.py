@@ -15,9 +15,10 @@ W ranks, expert groups over the W/ep_size ranks holding the same experts):
                 gradient partition into a new tensor (+ an fp32 copy in bf16), AdamW makes two fp32
                 tensors of its size
   activations   per micro batch (micro_batch_size × seq_len tokens, at the most loops a step draws):
-                every tensor autograd saves, counted by running the model's forward on the meta
-                device; with train.activation_checkpointing=loop, what is saved outside the loop
-                iterations, their (tokens, dim) loop states, and one iteration recomputed in backward
+                every tensor autograd saves (but the parameters), counted by running the model's
+                forward on the meta device, plus backward's working set (one loop iteration's worth);
+                with train.activation_checkpointing=loop, what is saved outside the iterations
+                (incl. their (tokens, dim) inputs), one iteration recomputed, and that working set
 
 A step's peak is everything but activations and step temporaries, plus the larger of those two;
 the job's peak is the larger of that and the engine build's (flattening a group copies it once).
@@ -185,12 +186,15 @@ def _register_meta_kernels() -> None:
 def _saved_bytes(
     model: RDT, batch: int, seq_len: int, n_loops: int, backprop_loops: int, device_type: str
 ) -> int:
-    """Bytes of the distinct storages autograd saves in one forward on the meta device."""
+    """Bytes of the distinct storages autograd saves in one forward on the meta device, less the
+    parameters it saves (resident anyway)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        storages[s._cdata] = s.nbytes()
+        if s._cdata not in params:
+            storages[s._cdata] = s.nbytes()
         return t
 
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
@@ -226,6 +230,27 @@ def _attend_matmul_on_meta(
         attention._attend = real
 
 
+def saved_bytes(
+    model_cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    n_loops: int,
+    backprop_loops: int = 0,
+    checkpointing: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cuda",
+) -> int:
+    """Bytes a training forward saves for backward (parameters excluded), micro batch of
+    batch × seq_len tokens, every token counted; run on the meta device."""
+    _register_meta_kernels()
+    # Dropless: every routed copy is kept (an upper bound with a capacity factor).
+    cfg = dataclasses.replace(model_cfg, capacity_factor=0.0)
+    with torch.device("meta"):
+        model = RDT(cfg).to(dtype).train()
+    model.recurrent.checkpoint_loops = checkpointing
+    return _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
+
+
 def activation_bytes(
     model_cfg: ModelConfig,
     batch: int,
@@ -236,24 +261,15 @@ def activation_bytes(
     dtype: torch.dtype = torch.float32,
     device_type: str = "cuda",
 ) -> int:
-    """Activation bytes a training forward keeps for backward (micro batch of batch × seq_len
-    tokens, every token counted); with checkpointing, also the one iteration recomputed at a time."""
-    _register_meta_kernels()
-    # Dropless: every routed copy is kept (an upper bound with a capacity factor).
-    cfg = dataclasses.replace(model_cfg, capacity_factor=0.0)
-    with torch.device("meta"):
-        model = RDT(cfg).to(dtype).train()
-    if not checkpointing:
-        return _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
-    # Outside the iterations, incl. each iteration's inputs (loop state h, injected e) that the
-    # checkpoint saves; plus one iteration's own saved tensors while backward recomputes it.
-    model.recurrent.checkpoint_loops = True
-    outside = _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
-    model.recurrent.checkpoint_loops = False
-    one_iteration = _saved_bytes(model, batch, seq_len, 2, 1, device_type) - _saved_bytes(
-        model, batch, seq_len, 1, 1, device_type
+    """Activation memory of a training step's forward + backward: what the forward saves, plus
+    backward's working set, taken as one loop iteration's saved tensors (the gradients it holds
+    at a time). With checkpointing, the forward saves the iterations' inputs only, and backward
+    recomputes one iteration at a time: one more iteration's worth."""
+    one_iteration = saved_bytes(model_cfg, batch, seq_len, 2, 0, False, dtype, device_type) - saved_bytes(
+        model_cfg, batch, seq_len, 1, 0, False, dtype, device_type
     )
-    return outside + one_iteration
+    saved = saved_bytes(model_cfg, batch, seq_len, n_loops, backprop_loops, checkpointing, dtype, device_type)
+    return saved + (2 if checkpointing else 1) * one_iteration
 
 
 # --------------------------------------------------------------------------- the plan
