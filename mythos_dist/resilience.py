@@ -33,11 +33,18 @@ EXIT_STUCK = 75  # EX_TEMPFAIL: a peer or the network failed; relaunching resume
 _COLLECTIVE_FILES = ("torch/distributed/distributed_c10d.py", "deepspeed/comm/")
 
 
-def blocked_in(frame: FrameType | None) -> str:
+class PeerLost(RuntimeError):
+    """A collective failed: a peer rank died, stopped or became unreachable."""
+
+
+def blocked_in(frame: FrameType | None, error: BaseException | None = None) -> str:
     """'in collective all_reduce (called from mythos_dist/comm.py:17 all_reduce_host)': the innermost
     collective on `frame`'s stack and the innermost frame of ours; just the latter when no collective."""
-    stack = traceback.extract_stack(frame) if frame is not None else []
-    ours = [f for f in stack if "/mythos_dist/" in f.filename]
+    if error is not None:  # the frames from the handler down to where the error was raised
+        stack = traceback.extract_tb(error.__traceback__)
+    else:
+        stack = traceback.extract_stack(frame) if frame is not None else []
+    ours = [f for f in stack if "/mythos_dist/" in f.filename and not f.filename.endswith("/comm.py")]
     collectives = [f for f in stack if any(c in f.filename for c in _COLLECTIVE_FILES)]
     where = ""
     if ours:
@@ -86,6 +93,19 @@ class PeerWatchdog:
     def mark(self, step: int, phase: str) -> None:
         """Step `step` (1-based) is now in `phase` (named in the failure line)."""
         self._phase = (step, phase)
+
+    def collective_failed(self, error: BaseException) -> PeerLost:
+        """The exception to raise when a collective of the training loop failed (the backend's own
+        timeout, or a connection reset by a dead peer): one line with the step, phase and collective."""
+        self.stop()  # no second line from the heartbeat check while this one unwinds
+        step, phase = self._phase
+        where = blocked_in(error.__traceback__.tb_frame if error.__traceback__ else None, error)
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        return PeerLost(
+            f"rank {self.rank} on {socket.gethostname()}: step {step}, {phase}, failed {where}: {cause} "
+            f"(parallel.timeout_s={self.timeout_s:g}): a peer is unreachable, stopped or dead. Relaunch to "
+            "resume from the last complete checkpoint"
+        )
 
     def stop(self) -> None:
         self._stopped.set()

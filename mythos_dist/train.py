@@ -357,6 +357,8 @@ def train(
             summary["export"] = str(checkpoint.export_run(cfg))
             tracker.log_artifact(f"{summary['export']}/config.json")
         status = "FINISHED"
+    except dist.DistError as e:  # a collective failed: a peer died or went silent
+        raise watchdog.collective_failed(e) from e
     finally:
         watchdog.stop()
         preemption.close()
