@@ -34,6 +34,9 @@ else
   dev=$(awk '{for (i = 1; i < NF; i++) if ($i == "dev") print $(i + 1)}' <<<"$route")
   addr=$(awk '{for (i = 1; i < NF; i++) if ($i == "src") print $(i + 1)}' <<<"$route")
 fi
+# Workers get a store of their own per attempt: with the agent's shared store, ranks restarted by
+# --max-restarts read the previous attempt's gloo addresses and fail to connect (seen with torch 2.13).
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=${TORCH_DISABLE_SHARE_RDZV_TCP_STORE:-1}
 export GLOO_SOCKET_IFNAME=${GLOO_SOCKET_IFNAME:-$dev} NCCL_SOCKET_IFNAME=${NCCL_SOCKET_IFNAME:-$dev}
 echo "torchrun_multinode: $(hostname): rendezvous $MASTER (${rdzv_conf[*]:-is_host by torch}), local address ${LOCAL_ADDR:-$addr}, collectives on $GLOO_SOCKET_IFNAME" >&2
 # shellcheck disable=SC2086  # PROGRAM is a command line

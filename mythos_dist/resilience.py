@@ -94,12 +94,15 @@ class PeerWatchdog:
         """Step `step` (1-based) is now in `phase` (named in the failure line)."""
         self._phase = (step, phase)
 
-    def collective_failed(self, error: BaseException) -> PeerLost:
-        """The exception to raise when a collective of the training loop failed (the backend's own
-        timeout, or a connection reset by a dead peer): one line with the step, phase and collective."""
+    def collective_failed(self, error: BaseException) -> PeerLost | None:
+        """For an error raised inside a collective (the backend's own timeout, a connection reset by a
+        dead peer): a PeerLost whose message is one line with the step, phase and collective. None for
+        any other error."""
+        where = blocked_in(None, error)
+        if not where.startswith("in collective"):
+            return None
         self.stop()  # no second line from the heartbeat check while this one unwinds
         step, phase = self._phase
-        where = blocked_in(error.__traceback__.tb_frame if error.__traceback__ else None, error)
         cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return PeerLost(
             f"rank {self.rank} on {socket.gethostname()}: step {step}, {phase}, failed {where}: {cause} "

@@ -357,8 +357,10 @@ def train(
             summary["export"] = str(checkpoint.export_run(cfg))
             tracker.log_artifact(f"{summary['export']}/config.json")
         status = "FINISHED"
-    except dist.DistError as e:  # a collective failed: a peer died or went silent
-        raise watchdog.collective_failed(e) from e
+    except RuntimeError as e:  # a collective failed (a peer died or went silent): one clear line
+        if (lost := watchdog.collective_failed(e)) is None:
+            raise
+        raise lost from e
     finally:
         watchdog.stop()
         preemption.close()
