@@ -169,8 +169,9 @@ class Hosts:
                 "echo ready && exec sleep infinity"
             )
             h.holder = subprocess.Popen(
-                ["ip", "netns", "exec", h.netns, "unshare", "--uts", "--mount", "--propagation", "private",
-                 "sh", "-c", script],
+                # nsenter, not `ip netns exec`, which remounts /sys and so hides /sys/fs/cgroup (slurmd)
+                ["nsenter", f"--net=/run/netns/{h.netns}", "unshare", "--uts", "--mount", "--propagation",
+                 "private", "sh", "-c", script],
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
             )  # fmt: skip
             line = h.holder.stdout.readline().strip()
