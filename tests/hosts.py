@@ -6,8 +6,9 @@ forwarding, so traffic can only go between these hosts):
   mgmt0  10.213.7.(10+i)/26   the address its hostname resolves to (/etc/hosts of every host)
   fast0  10.213.7.(74+i)/26   a second interface, e.g. for the rendezvous endpoint and collectives
 plus its own hostname (UTS namespace), its own /dev/shm (a tmpfs in its own mount namespace) and
-a node-local directory (`Host.local`, also its TMPDIR). The file system is otherwise shared, as on
-a cluster with a shared home. One holder process per host keeps its namespaces alive; `Host.cmd`
+a node-local directory (`Host.local`, also its TMPDIR: the same path on every host, each host's own
+directory mounted there, like a cluster's node-local scratch). The file system is otherwise shared,
+as on a cluster with a shared home. One holder process per host keeps its namespaces alive; `Host.cmd`
 wraps a command to run inside them.
 
     with Hosts(tmp, 2) as hosts:
@@ -90,7 +91,8 @@ class Host:
     index: int
     hostname: str
     netns: str
-    local: Path  # node-local directory (TMPDIR, caches)
+    local: Path  # node-local directory (TMPDIR, caches): the same path on each host, its own content
+    backing: Path  # the directory mounted there
     holder: subprocess.Popen | None = None
 
     def addr(self, dev: str = "fast0") -> str:
@@ -120,7 +122,9 @@ class Hosts:
         self.tmp = Path(tmp)
         tag = f"{PREFIX}-{os.getpid()}-{next(_counter)}"
         self.switch = f"{tag}-sw"
-        self.hosts = [Host(i, f"node{i}", f"{tag}-n{i}", self.tmp / f"node{i}" / "local") for i in range(n)]
+        self.hosts = [
+            Host(i, f"node{i}", f"{tag}-n{i}", self.tmp / "local", self.tmp / f"node{i}") for i in range(n)
+        ]
 
     def __enter__(self) -> Hosts:
         try:
@@ -163,9 +167,10 @@ class Hosts:
                 _ip("-n", h.netns, "addr", "add", f"{h.addr(dev)}/26", "dev", dev)
                 _ip("-n", h.netns, "link", "set", dev, "up")
             h.local.mkdir(parents=True, exist_ok=True)
+            h.backing.mkdir(parents=True, exist_ok=True)
             script = (
                 f"hostname {h.hostname} && mount -t tmpfs -o size=256m,mode=1777 tmpfs /dev/shm && "
-                f"mount --bind {etc / 'hosts'} /etc/hosts && mount --bind {etc / 'resolv.conf'} /etc/resolv.conf && "
+                f"mount --bind {h.backing} {h.local} && mount --bind {etc / 'hosts'} /etc/hosts && mount --bind {etc / 'resolv.conf'} /etc/resolv.conf && "
                 "echo ready && exec sleep infinity"
             )
             h.holder = subprocess.Popen(

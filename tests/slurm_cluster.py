@@ -57,7 +57,7 @@ class SlurmCluster:
         self.munged = subprocess.Popen(
             ["munged", "--foreground", "--force", f"--socket={self.socket}", f"--key-file={key}",
              f"--pid-file={r / 'munged.pid'}", f"--log-file={r / 'munged.log'}", f"--seed-file={r / 'munge.seed'}"],
-            stdout=subprocess.DEVNULL, stderr=open(r / "munged.err", "w"), start_new_session=True,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,  # see munged.log
         )  # fmt: skip
         nodes = "\n".join(
             f"NodeName={h.hostname} NodeAddr={h.addr('mgmt0')} CPUs=2 State=UNKNOWN" for h in self.hosts.hosts
@@ -99,7 +99,9 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         env = self.env()
         head.popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], r / "slurmctld.out", env)
         for h in self.hosts.hosts:
-            h.popen(["slurmd", "-D", "-f", str(self.conf), "-N", h.hostname], r / f"slurmd-{h.hostname}.out", env)
+            h.popen(
+                ["slurmd", "-D", "-f", str(self.conf), "-N", h.hostname], r / f"slurmd-{h.hostname}.out", env
+            )
         want = len(self.hosts)
         self._wait(lambda: self.idle_nodes() == want, timeout, f"{want} idle nodes")
 
@@ -120,11 +122,14 @@ PartitionName=test Nodes=ALL Default=YES MaxTime=INFINITE State=UP
         return r.stdout.strip()
 
     def wait_done(self, job: str, timeout: float) -> None:
-        self._wait(lambda: self.job_state(job) in ("", "COMPLETED", "FAILED", "CANCELLED"), timeout, f"job {job}")
+        self._wait(
+            lambda: self.job_state(job) in ("", "COMPLETED", "FAILED", "CANCELLED"), timeout, f"job {job}"
+        )
 
     def logs(self) -> str:
         return "".join(
-            f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}\n" for f in sorted(self.root.glob("*.log"))
+            f"--- {f.name}\n{f.read_text(errors='replace')[-2000:]}\n"
+            for f in sorted(self.root.glob("*.log"))
         )
 
     def _wait(self, ok, timeout: float, what: str) -> None:
