@@ -97,13 +97,18 @@ class PeerWatchdog:
     def collective_failed(self, error: BaseException) -> PeerLost | None:
         """For an error raised inside a collective (the backend's own timeout, a connection reset by a
         dead peer): a PeerLost whose message is one line with the step, phase and collective. None for
-        any other error."""
+        any other error. When this rank cannot reach the store either (a cut link, not a dead peer),
+        it prints that line and ends the process and its torchrun agent instead, as the check does."""
         where = blocked_in(None, error)
         if not where.startswith("in collective"):
             return None
+        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        unreached_s = time.monotonic() - self._last_round
+        if self._peers and unreached_s > max(3 * self.period, 5.0):  # the store is gone as well
+            self._give_up(f"failed {where}: {cause}; this rank has not reached the rendezvous store "
+                          f"for {unreached_s:.0f} s", store_lost=True)  # fmt: skip
         self.stop()  # no second line from the heartbeat check while this one unwinds
         step, phase = self._phase
-        cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         return PeerLost(
             f"rank {self.rank} on {socket.gethostname()}: step {step}, {phase}, failed {where}: {cause} "
             f"(parallel.timeout_s={self.timeout_s:g}): a peer is unreachable, stopped or dead. Relaunch to "
@@ -147,20 +152,23 @@ class PeerWatchdog:
                     r, quiet_s = max(silent, key=lambda x: x[1])
                     others = f" (and {len(silent) - 1} more)" if len(silent) > 1 else ""
                     why = f"rank {r} on {self.hosts[r]}{others} has sent no heartbeat for {quiet_s:.0f} s"
-            if why is None:
-                continue
-            step, phase = self._phase
-            where = blocked_in(sys._current_frames().get(self._main))
-            print(
-                f"mythos: rank {self.rank} on {socket.gethostname()}: step {step}, {phase}, blocked {where}: "
-                f"{why} (parallel.timeout_s={self.timeout_s:g}): a peer is unreachable, stopped or dead. "
-                f"Exiting with status {self.exit_code}; relaunch to resume from the last complete checkpoint",
-                file=sys.stderr,
-                flush=True,
-            )
-            if why.startswith("this rank has not reached"):
-                _end_torchrun_agent()
-            os._exit(self.exit_code)  # the main thread may be blocked in a collective: no cleanup can run
+            if why is not None:
+                where = blocked_in(sys._current_frames().get(self._main))
+                self._give_up(f"blocked {where}: {why}", store_lost=why.startswith("this rank has not"))
+
+    def _give_up(self, what: str, store_lost: bool) -> None:
+        """Print the one line and end the process (and, without the store, our torchrun agent)."""
+        step, phase = self._phase
+        print(
+            f"mythos: rank {self.rank} on {socket.gethostname()}: step {step}, {phase}, {what} "
+            f"(parallel.timeout_s={self.timeout_s:g}): a peer is unreachable, stopped or dead. "
+            f"Exiting with status {self.exit_code}; relaunch to resume from the last complete checkpoint",
+            file=sys.stderr,
+            flush=True,
+        )
+        if store_lost:
+            _end_torchrun_agent()
+        os._exit(self.exit_code)  # the main thread may be blocked in a collective: no cleanup can run
 
 
 def _end_torchrun_agent() -> None:
