@@ -204,6 +204,42 @@ class Hosts:
                         raise RuntimeError(f"{h.hostname} {h.addr(dev)} not reachable from node0")
                     time.sleep(0.2)
 
+    def start_ssh(self) -> None:
+        """Passwordless root ssh between the hosts by hostname: a dropbear server on each host's
+        mgmt0 port 22 and, on every host, /root/.ssh replaced (in its mount namespace only) by a
+        directory with a fresh key, authorized_keys and a config that skips host-key checks."""
+        ssh = self.tmp / "ssh"
+        ssh.mkdir(mode=0o700)
+        key = ssh / "id_ed25519"
+        subprocess.run(
+            ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key)], check=True, timeout=30
+        )
+        (ssh / "authorized_keys").write_bytes(key.with_suffix(".pub").read_bytes())
+        os.chmod(ssh / "authorized_keys", 0o600)
+        (ssh / "config").write_text(
+            f"Host *\n  IdentityFile {key}\n  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
+            "  LogLevel ERROR\n  BatchMode yes\n"
+        )
+        host_key = self.tmp / "ssh_host_key"
+        subprocess.run(
+            ["dropbearkey", "-t", "ed25519", "-f", str(host_key)], check=True, capture_output=True, timeout=30
+        )
+        for h in self.hosts:
+            r = h.run(["mount", "--bind", str(ssh), "/root/.ssh"])
+            assert r.returncode == 0, r.stderr
+            # -F foreground, -E log to stderr, -s no passwords
+            cmd = ["dropbear", "-F", "-E", "-s", "-r", str(host_key), "-p", f"{h.addr('mgmt0')}:22",
+                   "-P", str(self.tmp / f"dropbear-{h.hostname}.pid")]  # fmt: skip
+            h.popen(cmd, self.tmp / f"dropbear-{h.hostname}.log")
+        deadline = time.monotonic() + 20
+        for h in self.hosts:
+            while self.hosts[0].run(["ssh", h.hostname, "true"]).returncode:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(
+                        f"no ssh to {h.hostname}: {(self.tmp / f'dropbear-{h.hostname}.log').read_text()}"
+                    )
+                time.sleep(0.2)
+
     def cut(self, i: int, dev: str = "fast0") -> None:
         """Pull host i's cable at the switch: its packets are dropped silently (no reset, no error)."""
         _ip("-n", self.switch, "link", "set", f"h{i}-{dev[:4]}", "down")

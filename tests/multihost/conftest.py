@@ -33,6 +33,10 @@ JOB = [*TINY, "train.steps=8", "checkpoint.every=2", "parallel.ep_size=2", "para
 _ports = iter(range(29400, 30000))
 
 
+def next_port() -> int:
+    return next(_ports)
+
+
 @pytest.fixture(scope="session")
 def hosts(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Hosts]:
     why = available()
@@ -61,12 +65,14 @@ def launch(
     nnodes: int = 2,
     nproc: int = 1,
     max_restarts: int = 0,
+    cli: bool = False,
 ) -> list[subprocess.Popen]:
     """One training job of tests/reliability/_worker.py (streaming loader) started with
     launch/torchrun_multinode.sh on hosts 0..nnodes-1, MASTER = host 0's fast0 address (not the
-    address its hostname resolves to). Logs in out/node<i>.log."""
+    address its hostname resolves to). Logs in out/node<i>.log. cli: `mythos train --config
+    configs/digit_chain.yaml` instead (the launcher's default program)."""
     out.mkdir(parents=True, exist_ok=True)
-    port = next(_ports)
+    port = next_port()
     program = [str(WORKER), str(out), "--streaming", *(a for f in faults for a in ("--fault", f))]
     procs = []
     for h in hosts.hosts[:nnodes]:
@@ -77,10 +83,14 @@ def launch(
             MASTER=f"{hosts[0].addr('fast0')}:{port}",
             RDZV_ID=f"{out.name}-{port}",
             MAX_RESTARTS=str(max_restarts),
-            PROGRAM=" ".join(program),
             PYTHON=sys.executable,
         )
-        args = ["launch/torchrun_multinode.sh", *(a for s in sets for a in ("--set", s))]
+        if cli:
+            env.pop("PROGRAM", None)
+        else:
+            env["PROGRAM"] = " ".join(program)
+        config = ["--config", "configs/digit_chain.yaml"] if cli else []
+        args = ["launch/torchrun_multinode.sh", *config, *(a for s in sets for a in ("--set", s))]
         procs.append(h.popen(args, out / f"node{h.index}.log", env))
     return procs
 

@@ -6,6 +6,7 @@ parameters). Then the faults a cluster sees, each followed by a relaunch that mu
 like the reference (no sample lost or repeated): a silently cut link (both nodes end within
 parallel.timeout_s + 15 s with one clear line), SIGTERM (checkpoint at the next step boundary), and
 a SIGKILLed rank under torchrun's --max-restarts (restarted and resumed without anyone acting).
+Last, launch/deepspeed_hostfile.sh: the DeepSpeed launcher reaching both hosts with pdsh over ssh.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 
 from mythos_dist.checkpoint import latest_tag
 from tests.multihost.conftest import (
@@ -25,12 +27,14 @@ from tests.multihost.conftest import (
     TIMEOUT_S,
     assert_samples_like,
     launch,
+    next_port,
     node_logs,
     records,
     result,
     wait_all,
     wait_for,
 )
+from tests.multiproc import REPO, worker_env
 
 pytestmark = pytest.mark.distributed
 
@@ -192,3 +196,43 @@ def test_elastic_restart_after_sigkill_resumes_by_itself(hosts, shards, ref) -> 
         assert result(out, rank)["end_step"] == 8
     assert [r["step"] for r in records(out, 1)[0]] == [1, 2, 3]
     assert_samples_like(trained, ref["one_node"])
+
+
+def test_deepspeed_hostfile_launch_over_ssh_trains_like_one_node(hosts, shards, ref) -> None:
+    """launch/deepspeed_hostfile.sh on node0, hostfile `node0 slots=1` + `node1 slots=1`: DeepSpeed's
+    runner pdsh-es over ssh into both hosts and `mythos train` runs there. The reference is the same
+    `mythos train` as 1 node × 2 processes (torchrun): the same losses and the same export."""
+    from safetensors.torch import load_file
+
+    tmp = ref["tmp"]
+    one = tmp / "cli_one_node"
+    wait_all(launch(hosts, one, job(tmp, one.name, shards), nnodes=1, nproc=2, cli=True), timeout=240)
+    out = tmp / "deepspeed"
+    out.mkdir()
+    hosts.start_ssh()
+    (out / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    # remote nodes get only NCCL_*/PYTHON*/UCX*/MV2* and the lines of this file (launcher header)
+    env_file = out / "deepspeed_env"
+    env_file.write_text(
+        f"OMP_NUM_THREADS=1\nDS_ACCELERATOR=cpu\nTMPDIR={hosts[0].local}\n"
+        f"TORCH_EXTENSIONS_DIR={REPO / '.venv' / 'torch_extensions'}\n"
+    )
+    env = worker_env(hosts[0].local, HOSTFILE=str(out / "hostfile"), DS_ENV_FILE=str(env_file),
+                     MASTER_PORT=str(next_port()))  # fmt: skip
+    sets = [a for s in job(tmp, out.name, shards) for a in ("--set", s)]
+    proc = hosts[0].popen(["launch/deepspeed_hostfile.sh", "--config", "configs/digit_chain.yaml", *sets],
+                          out / "node0.log", env)  # fmt: skip
+    wait_all([proc], timeout=240)
+    log = (out / "node0.log").read_text()
+    assert proc.returncode == 0, log
+    assert "Running on the following workers: node0,node1" in log
+    assert "nnodes=2" in log and "node1: " in log and "node_rank=1" in log
+    losses = re.findall(r"node0: step (\d+/8  loss \d+\.\d+)", log)
+    assert len(losses) == 8 and losses == re.findall(r"step (\d+/8  loss \d+\.\d+)", node_logs(one))
+    assert "node0: done: step 8" in log
+    a, b = (
+        load_file(str(tmp / "ckpt" / name / "export" / "model.safetensors")) for name in (one.name, out.name)
+    )
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
