@@ -1,8 +1,9 @@
 """Bounded failure and clean preemption for the training loop, on every backend (gloo and NCCL).
 
-`PeerWatchdog`: every rank sends heartbeats through the rendezvous store; when a peer's stop for
-parallel.timeout_s (or this rank loses the store), it prints one line naming the silent rank and the
-step, phase and collective it is blocked in, and ends its process with EXIT_STUCK. The backends' own
+`PeerWatchdog`: every rank sends heartbeats through the rendezvous store; when a peer's heartbeats
+stop for parallel.timeout_s (or this rank loses the store), it prints one line naming the silent rank
+and the step, phase and collective it is blocked in, and ends its process with EXIT_STUCK. An error
+raised inside a collective (the backend's timeout, a reset) becomes `PeerLost` with the same line. The backends' own
 timeouts do not cover a silent peer: when a link drops packets without a reset, gloo ranks were
 seen blocked for well over 10× their timeout. Threads, because the blocked main thread cannot act
 (the collectives release the GIL).

@@ -7,6 +7,7 @@ Usage: _worker.py OUT [--streaming] [--fault KIND@STEP:RANK ...] [--set section.
   inf-grad@S:R        rank R's forward is finite during step S but its backward gives inf gradients
   kill-save@S:R       rank R SIGKILLs itself while saving step S: after DeepSpeed's files, before ours
   enospc-save@S:R     rank R's write of its own file of checkpoint S fails with ENOSPC (disk full)
+  term@S:R            rank R sends itself SIGTERM right after step S (as SLURM or torchrun would)
   pause@S:R           rank R, right after step S, writes OUT/paused_rank<R> and waits (≤ 120 s) for
                       OUT/go: the test cuts a link or sends a signal at a known step
 Faults apply on a launch's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0).
@@ -114,6 +115,8 @@ def main() -> None:
         current["step"] = info.step + 1
         if faults.get(("kill", info.step)):
             os.kill(os.getpid(), signal.SIGKILL)
+        if faults.get(("term", info.step)):
+            os.kill(os.getpid(), signal.SIGTERM)
         if faults.get(("pause", info.step)):
             (args.out / f"paused_rank{rank}").touch()
             deadline = time.monotonic() + 120
