@@ -65,12 +65,10 @@ def launch(
     nnodes: int = 2,
     nproc: int = 1,
     max_restarts: int = 0,
-    cli: bool = False,
 ) -> list[subprocess.Popen]:
     """One training job of tests/reliability/_worker.py (streaming loader) started with
     launch/torchrun_multinode.sh on hosts 0..nnodes-1, MASTER = host 0's fast0 address (not the
-    address its hostname resolves to). Logs in out/node<i>.log. cli: `mythos train --config
-    configs/digit_chain.yaml` instead (the launcher's default program)."""
+    address its hostname resolves to). Logs in out/node<i>.log."""
     out.mkdir(parents=True, exist_ok=True)
     port = next_port()
     program = [str(WORKER), str(out), "--streaming", *(a for f in faults for a in ("--fault", f))]
@@ -83,14 +81,10 @@ def launch(
             MASTER=f"{hosts[0].addr('fast0')}:{port}",
             RDZV_ID=f"{out.name}-{port}",
             MAX_RESTARTS=str(max_restarts),
+            PROGRAM=" ".join(program),
             PYTHON=sys.executable,
         )
-        if cli:
-            env.pop("PROGRAM", None)
-        else:
-            env["PROGRAM"] = " ".join(program)
-        config = ["--config", "configs/digit_chain.yaml"] if cli else []
-        args = ["launch/torchrun_multinode.sh", *config, *(a for s in sets for a in ("--set", s))]
+        args = ["launch/torchrun_multinode.sh", *(a for s in sets for a in ("--set", s))]
         procs.append(h.popen(args, out / f"node{h.index}.log", env))
     return procs
 

@@ -165,6 +165,7 @@ def preempted(hosts, shards, ref) -> dict[str, Any]:
 
 def test_sigterm_checkpoints_at_next_step_boundary_and_resumes(ref, preempted: dict[str, Any]) -> None:
     out = preempted["out"]
+    print(f"SIGTERM: nodes ended {preempted['ended_s'][0]:.1f} s / {preempted['ended_s'][1]:.1f} s after it")
     for rank in (0, 1):
         r = result(out, rank)
         assert r["error"] is None and r["preempted"] and r["end_step"] == 3, node_logs(out)
@@ -185,7 +186,8 @@ def test_elastic_restart_after_sigkill_resumes_by_itself(hosts, shards, ref) -> 
     tmp = ref["tmp"]
     out = tmp / "elastic"
     procs = launch(hosts, out, job(tmp, "elastic", shards), "kill@3:1", max_restarts=1)
-    wait_all(procs, timeout=300)
+    took = wait_all(procs, timeout=300)
+    print(f"elastic restart: launch to the end (8 steps, one restart) {max(took):.0f} s")
     assert [p.returncode for p in procs] == [0, 0], node_logs(out)
     trained = {}
     for rank in (0, 1):
@@ -200,17 +202,16 @@ def test_elastic_restart_after_sigkill_resumes_by_itself(hosts, shards, ref) -> 
 
 def test_deepspeed_hostfile_launch_over_ssh_trains_like_one_node(hosts, shards, ref) -> None:
     """launch/deepspeed_hostfile.sh on node0, hostfile `node0 slots=1` + `node1 slots=1`: DeepSpeed's
-    runner pdsh-es over ssh into both hosts and `mythos train` runs there. The reference is the same
-    `mythos train` as 1 node × 2 processes (torchrun): the same losses and the same export."""
+    runner pdsh-es over ssh into both hosts and `mythos train` runs there, with an empty config file
+    (so the job is the reference's: defaults + the same --set): the reference's losses and export."""
     from safetensors.torch import load_file
 
     tmp = ref["tmp"]
-    one = tmp / "cli_one_node"
-    wait_all(launch(hosts, one, job(tmp, one.name, shards), nnodes=1, nproc=2, cli=True), timeout=240)
     out = tmp / "deepspeed"
     out.mkdir()
     hosts.start_ssh()
     (out / "hostfile").write_text("node0 slots=1\nnode1 slots=1\n")
+    (out / "defaults.yaml").write_text("{}\n")
     # remote nodes get only NCCL_*/PYTHON*/UCX*/MV2* and the lines of this file (launcher header)
     env_file = out / "deepspeed_env"
     env_file.write_text(
@@ -220,18 +221,20 @@ def test_deepspeed_hostfile_launch_over_ssh_trains_like_one_node(hosts, shards, 
     env = worker_env(hosts[0].local, HOSTFILE=str(out / "hostfile"), DS_ENV_FILE=str(env_file),
                      MASTER_PORT=str(next_port()))  # fmt: skip
     sets = [a for s in job(tmp, out.name, shards) for a in ("--set", s)]
-    proc = hosts[0].popen(["launch/deepspeed_hostfile.sh", "--config", "configs/digit_chain.yaml", *sets],
+    proc = hosts[0].popen(["launch/deepspeed_hostfile.sh", "--config", str(out / "defaults.yaml"), *sets],
                           out / "node0.log", env)  # fmt: skip
     wait_all([proc], timeout=240)
     log = (out / "node0.log").read_text()
     assert proc.returncode == 0, log
     assert "Running on the following workers: node0,node1" in log
     assert "nnodes=2" in log and "node1: " in log and "node_rank=1" in log
-    losses = re.findall(r"node0: step (\d+/8  loss \d+\.\d+)", log)
-    assert len(losses) == 8 and losses == re.findall(r"step (\d+/8  loss \d+\.\d+)", node_logs(one))
+    losses = [float(x) for x in re.findall(r"node0: step \d+/8  loss (\d+\.\d+)", log)]
+    want = [r["loss"] for r in records(ref["one_node"], 0)[0]]  # the mean over ranks, as printed
+    assert losses == pytest.approx(want, abs=6e-5)  # printed with 4 decimals
     assert "node0: done: step 8" in log
     a, b = (
-        load_file(str(tmp / "ckpt" / name / "export" / "model.safetensors")) for name in (one.name, out.name)
+        load_file(str(tmp / "ckpt" / name / "export" / "model.safetensors"))
+        for name in ("one_node", out.name)
     )
     assert a.keys() == b.keys()
     for k in a:
