@@ -157,11 +157,15 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mythos_dist.checkpoint import CheckpointError
+    from mythos_dist.resilience import EXIT_STUCK, PeerLost
     from mythos_dist.train import TrainingStopped, train
 
     cfg = load_config(args.config, args.set)
     try:
         summary = train(cfg, stop_after_steps=args.stop_after)
+    except PeerLost as e:  # the same status as a rank that the heartbeat watchdog ends
+        print(f"mythos train: error: {e}", file=sys.stderr)
+        return EXIT_STUCK
     except (CheckpointError, TrainingStopped) as e:
         # Explained failures (unwritable/full checkpoint dir, failed save, divergence): no traceback.
         print(f"mythos train: error: {e}", file=sys.stderr)

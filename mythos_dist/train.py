@@ -39,6 +39,7 @@ from mythos_dist.parallel import (
     init_distributed,
     sync_router_biases,
 )
+from mythos_dist.resilience import PeerWatchdog, Preemption
 from mythos_dist.stability import injection_radius
 
 
@@ -216,6 +217,8 @@ def train(
     if start:
         summary["checkpoint"] = str(checkpoint.latest_dir(cfg.checkpoint.dir))
     status = "FAILED"
+    watchdog = PeerWatchdog(cfg.parallel.timeout_s, info.rank, [str(h) for h in hosts])
+    preemption = Preemption()  # SIGTERM: checkpoint at the next step boundary, then stop
     try:
         it = iter(batches)
         t0, tokens = time.perf_counter(), 0.0
@@ -230,6 +233,7 @@ def train(
             longest_chain = 0  # in this rank's micro batches of the step, after any cropping
             dropped = False
             for micro in range(t.grad_accum_steps):
+                watchdog.mark(step + 1, f"micro batch {micro + 1} (forward, backward, optimizer step)")
                 last_micro = micro == t.grad_accum_steps - 1
                 try:
                     batch = next(it)
@@ -266,6 +270,7 @@ def train(
                 )
                 sample_ids += batch["sample_id"].tolist()
                 tokens += batch["input_ids"].numel()
+            watchdog.mark(step + 1, "router balancing and step statistics")
             loads = sync_router_biases(engine.module)
             global_S = all_reduce_host(stats_S)
             n_micro = t.grad_accum_steps * info.world_size
@@ -330,7 +335,10 @@ def train(
             if on_step is not None:
                 on_step(StepInfo(done, sample_ids, skipped, step_loss, engine.module))
             stop = in_row >= t.max_nonfinite_steps
+            if preemption.requested():  # collective: the same answer on every rank
+                summary["preempted"], end = True, done  # checkpointed below, then the loop ends
             if stop or done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                watchdog.mark(done, "checkpoint save")
                 state = batches.state_dict() if hasattr(batches, "state_dict") else None
                 summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state))
             if stop:
@@ -340,11 +348,21 @@ def train(
                     f"{summary['checkpoint']} holds the last good state (that of step {done - in_row}). "
                     "Lower train.lr or train.grad_clip, or check the data, then resume"
                 )
+            if summary.get("preempted"):
+                say(f"step {done}: {preemption.received or 'SIGTERM on another rank'}: saved "
+                    f"{summary['checkpoint']}, stopping; launch again to resume")  # fmt: skip
+                break
         if end == t.steps:  # also when resumed at the end: the export follows the config
             summary["export"] = str(checkpoint.export_run(cfg))
             tracker.log_artifact(f"{summary['export']}/config.json")
         status = "FINISHED"
+    except RuntimeError as e:  # a collective failed (a peer died or went silent): one clear line
+        if (lost := watchdog.collective_failed(e)) is None:
+            raise
+        raise lost from e
     finally:
+        watchdog.stop()
+        preemption.close()
         tracker.finish(status)
     summary.update(
         end_step=end,

@@ -7,6 +7,10 @@ Usage: _worker.py OUT [--streaming] [--fault KIND@STEP:RANK ...] [--set section.
   inf-grad@S:R        rank R's forward is finite during step S but its backward gives inf gradients
   kill-save@S:R       rank R SIGKILLs itself while saving step S: after DeepSpeed's files, before ours
   enospc-save@S:R     rank R's write of its own file of checkpoint S fails with ENOSPC (disk full)
+  term@S:R            rank R sends itself SIGTERM right after step S (as SLURM or torchrun would)
+  pause@S:R           rank R, right after step S, writes OUT/paused_rank<R> and waits (≤ 120 s) for
+                      OUT/go: the test cuts a link or sends a signal at a known step
+Faults apply on a launch's first attempt only (torchrun's TORCHELASTIC_RESTART_COUNT unset or 0).
 
 Writes OUT/steps_rank<r>.jsonl, one line per optimizer step: step, sample ids, skipped, loss and a
 digest of this rank's parameters; then OUT/result_rank<r>.json: start/end step, skipped steps, and
@@ -22,6 +26,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -62,7 +67,8 @@ def main() -> None:
     cfg = load_config(None, args.set)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     faults: dict[tuple[str, int], bool] = {}  # (kind, step) -> applies on this rank
-    for spec in args.fault:
+    first_attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0"
+    for spec in args.fault if first_attempt else ():
         kind, _, where = spec.partition("@")
         step, _, r = where.partition(":")
         if int(r) == rank:
@@ -109,12 +115,20 @@ def main() -> None:
         current["step"] = info.step + 1
         if faults.get(("kill", info.step)):
             os.kill(os.getpid(), signal.SIGKILL)
+        if faults.get(("term", info.step)):
+            os.kill(os.getpid(), signal.SIGTERM)
+        if faults.get(("pause", info.step)):
+            (args.out / f"paused_rank{rank}").touch()
+            deadline = time.monotonic() + 120
+            while not (args.out / "go").exists() and time.monotonic() < deadline:
+                time.sleep(0.1)
 
     batches = None if args.streaming else ChainBatches(cfg.data.task, cfg.train.micro_batch_size, rank, world)
     result: dict[str, Any] = {"error_type": None, "error": None}
     try:
         summary = train(cfg, batches, on_step=on_step)
         result |= {k: summary[k] for k in ("start_step", "end_step", "skipped_steps")}
+        result["preempted"] = summary.get("preempted", False)
     except Exception as e:  # recorded for the test, which checks the message
         result |= {"error_type": type(e).__name__, "error": str(e)}
     (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))
