@@ -129,16 +129,18 @@ def _any_nonfinite_grad(engine: Any) -> bool:
 def _step_without_update(engine: Any) -> None:
     """engine.step() with the optimizer's update disabled, for ZeRO-0 in fp32, where DeepSpeed has
     no overflow check and would apply non-finite gradients. Gradients are zeroed first since its
-    clipping still runs on them. Parameters and AdamW moments stay untouched (the LR schedule
-    advances)."""
+    clipping still runs on them. Parameters and AdamW moments stay untouched, and the optimizer
+    reports an overflow, so DeepSpeed leaves the LR schedule where it was and was_step_applied()
+    is False: what ZeRO-1/2 do with a non-finite gradient."""
     for p in engine.module.parameters():
         if p.grad is not None:
             p.grad.zero_()
     engine.optimizer.step = lambda *_, **__: None  # an instance attribute shadows the method
+    engine.optimizer.overflow = True  # read by DeepSpeed's _take_model_step
     try:
         engine.step()
     finally:
-        del engine.optimizer.step
+        del engine.optimizer.step, engine.optimizer.overflow
 
 
 def default_batches(cfg: Config) -> BatchSource:
@@ -229,7 +231,6 @@ def train(
             stats_S.zero_()  # loss sum, ce sum, correct, samples, non-finite losses (this rank)
             sample_ids: list[int] = []
             longest_chain = 0  # in this rank's micro batches of the step, after any cropping
-            dropped = False
             for micro in range(t.grad_accum_steps):
                 last_micro = micro == t.grad_accum_steps - 1
                 try:
@@ -258,7 +259,6 @@ def train(
                     loss = loss * float("nan")
                 engine.backward(loss)
                 if last_micro and cfg.parallel.zero_stage == 0 and _any_nonfinite_grad(engine):
-                    dropped = True
                     _step_without_update(engine)
                 else:
                     engine.step()
@@ -267,7 +267,9 @@ def train(
                 )
                 sample_ids += batch["sample_id"].tolist()
                 tokens += batch["input_ids"].numel()
-            loads = sync_router_biases(engine.module)
+            skipped = not engine.was_step_applied()  # the same on every rank
+            # A skipped step leaves the router biases too: the loads came from a non-finite forward.
+            loads = sync_router_biases(engine.module, update=not skipped)
             global_S = all_reduce_host(stats_S)
             n_micro = t.grad_accum_steps * info.world_size
             step_loss = global_S[0].item() / n_micro
@@ -275,7 +277,6 @@ def train(
             norm = engine.get_global_grad_norm()  # None at ZeRO-0: a plain torch optimizer reports none
             grad_norms.append(math.nan if norm is None else float(norm))
             done = step + 1
-            skipped = dropped or not engine.was_step_applied()
             if skipped:
                 skipped_steps.append(done)
                 in_row += 1
