@@ -109,7 +109,38 @@ def preflight(cfg: Config) -> None:
         )
 
 
-def _agree(error: OSError | None, root: Path, tag: str) -> None:
+def _save_deepspeed(engine: Any, root: Path, tag: str) -> Exception | None:
+    """engine.save_checkpoint, returning the first write error instead of raising it.
+
+    DeepSpeed's save has collectives of its own (barriers between and after the writes): a rank
+    that raised out of a failed write would meet the others in a different collective and hang
+    (gloo: until parallel.timeout_s). So a failed write of its checkpoint engine is recorded, the
+    rank's remaining writes are skipped, and it goes through the rest of the save like the others.
+    RuntimeError too: torch's zip writer reports a full disk as one.
+    """
+    writer = engine.checkpoint_engine
+    errors: list[Exception] = []
+    write = writer.save
+
+    def write_or_record(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        if errors:
+            return
+        try:
+            write(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            errors.append(e)
+
+    writer.save = write_or_record  # an instance attribute shadows the method
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    except OSError as e:  # a write outside the checkpoint engine
+        errors.append(e)
+    finally:
+        del writer.save
+    return errors[0] if errors else None
+
+
+def _agree(error: Exception | None, root: Path, tag: str) -> None:
     """Collective: when a write failed on any rank, every rank raises (none waits at a barrier for
     a rank that gave up) and the partial tag directory is removed; `latest` was not touched."""
     failed = all_reduce_host(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX)
@@ -133,13 +164,13 @@ def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None)
     """
     root = Path(cfg.checkpoint.dir)
     tag = tag_for(step)
-    error = None
-    try:
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-        extra = {"step": step, "data": data_state, "rng": rng_state()}
-        torch.save(extra, root / tag / f"extra_rank{_rank()}.pt")
-    except OSError as e:
-        error = e
+    error = _save_deepspeed(engine, root, tag)
+    if error is None:
+        try:
+            extra = {"step": step, "data": data_state, "rng": rng_state()}
+            torch.save(extra, root / tag / f"extra_rank{_rank()}.pt")
+        except (OSError, RuntimeError) as e:
+            error = e
     _agree(error, root, tag)
     if _rank() == 0:
         try:
@@ -157,8 +188,17 @@ def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None)
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in tags[:-keep_last]:
+    """Keep the last keep_last complete checkpoints up to the one `latest` names (just saved).
+
+    Partial tags and tags past `latest` (left by an earlier, longer run in this directory, e.g.
+    relaunched with checkpoint.resume=false) are not counted: sorting them in would delete the
+    checkpoint `latest` names. Those past `latest` stay; partial ones before it (killed saves) go."""
+    latest = latest_tag(root)
+    if latest is None:
+        return
+    ours = [p for p in retained(root) if p.name <= latest]
+    dead = [p for p in root.glob("step_*") if p.name < latest and not (p / META).is_file()]  # killed saves
+    for old in ours[:-keep_last] + dead:
         shutil.rmtree(old, ignore_errors=True)
 
 
