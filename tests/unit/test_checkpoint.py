@@ -79,8 +79,26 @@ def test_prune_keeps_last_k(tmp_path: Path) -> None:
     for s in (2, 4, 6, 8):
         (tmp_path / f"step_{s:08d}").mkdir()
         (tmp_path / f"step_{s:08d}" / META).write_text("{}")
+    (tmp_path / "latest").write_text("step_00000008")
     _prune(tmp_path, 2)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_00000006", "step_00000008"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["latest", "step_00000006", "step_00000008"]
+
+
+def test_prune_counts_only_complete_checkpoints_up_to_latest(tmp_path: Path) -> None:
+    """Tags past `latest` (an earlier, longer run) are kept and not counted; partial ones are not
+    counted either, and those before `latest` (killed saves) are removed."""
+    for s in (2, 4, 6, 8):
+        (tmp_path / f"step_{s:08d}").mkdir()
+        (tmp_path / f"step_{s:08d}" / META).write_text("{}")
+    (tmp_path / "step_00000003").mkdir()  # partial
+    (tmp_path / "latest").write_text("step_00000004")
+    _prune(tmp_path, 1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "latest",
+        "step_00000004",
+        "step_00000006",
+        "step_00000008",
+    ]
 
 
 def test_config_diff_names_each_key() -> None:
