@@ -66,6 +66,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)  # readers see the old or the new content, never a torn file
 
 
+def read_json(path: Path, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+    """A JSON object from a file we wrote; a malformed one raises `error` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}; the file is corrupt")
+    return value
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -205,7 +216,12 @@ def _prune(root: Path, keep_last: int) -> None:
 def latest_tag(root: str | Path) -> str | None:
     """Tag named by `latest`, or None when the directory holds no checkpoint yet."""
     pointer = Path(root) / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not re.fullmatch(r"step_\d{8}", tag):
+        raise CheckpointError(f"{pointer}: names {tag[:80]!r}, not a step_* tag; the file is corrupt")
+    return tag
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
@@ -215,7 +231,7 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {tag_dir} is partial ({META} missing): it was interrupted while saving"
         )
-    return json.loads((tag_dir / META).read_text())
+    return read_json(tag_dir / META)
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
@@ -414,8 +430,14 @@ def export(checkpoints: str | Path | list[str | Path], out_dir: str | Path) -> P
 
 def exported_steps(export_dir: str | Path) -> list[int]:
     """The training steps whose weights an export holds: one, or every averaged one."""
-    saved = json.loads((Path(export_dir) / "config.json").read_text())
-    return [int(n) for n in saved.get("averaged_steps", [saved["step"]])]
+    path = Path(export_dir) / "config.json"
+    saved = read_json(path)
+    try:
+        return [int(n) for n in saved.get("averaged_steps", [saved["step"]])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: no valid 'step' / 'averaged_steps' ({e!r}); the file is corrupt"
+        ) from e
 
 
 def _expected_export_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -452,9 +474,11 @@ def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT
     d = Path(path)
     if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
         raise CheckpointError(f"{d} is not an export directory (needs config.json and model.safetensors)")
-    saved = json.loads((d / "config.json").read_text())
+    saved = read_json(d / "config.json")
     if saved.get("format") != EXPORT_FORMAT:
         raise CheckpointError(f"{d}: unknown export format {saved.get('format')!r}, expected {EXPORT_FORMAT}")
+    if not isinstance(saved.get("model"), dict):
+        raise CheckpointError(f"{d / 'config.json'}: no 'model' section; the file is corrupt")
     if model_cfg is not None:
         diff = config_diff(saved["model"], to_dict(model_cfg), "model")
         if diff:

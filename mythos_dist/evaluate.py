@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.batch import Batch, chains_batch
+from mythos_dist.checkpoint import read_json
 from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.model.rdt import RDT
 from mythos_dist.objective import answer_forward, answer_positions, valid_positions
@@ -48,10 +49,10 @@ def parse_loops(spec: str | Sequence[Any]) -> tuple[int, ...]:
         if text is not None and text.isascii() and text.isdigit():
             item = int(text)
         if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-            raise ValueError(f"loop counts must be integers ≥ 1, got {item!r}")
+            raise ConfigError(f"loop counts must be integers ≥ 1, got {item!r}")
         out.append(item)
     if not out:
-        raise ValueError("need at least one loop count")
+        raise ConfigError("need at least one loop count")
     return tuple(sorted(set(out)))
 
 
@@ -254,17 +255,17 @@ def aggregate_runs(eval_dirs: Sequence[str | Path]) -> dict[str, Any]:
     """Several evaluations of one recipe (e.g. seeds) -> mean, std, min and max accuracy per split ×
     loop count, plus each run's accuracies. Every run must have the same loop counts and splits."""
     if len(eval_dirs) < 1:
-        raise ValueError("report needs at least one eval directory")
+        raise ConfigError("report needs at least one eval directory")
     runs = []
     for d in eval_dirs:
         path = Path(d) / "summary.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass eval-K directories written by `mythos eval`")
-        runs.append(json.loads(path.read_text()))
+            raise ConfigError(f"{path} not found: pass eval-K directories written by `mythos eval`")
+        runs.append(read_json(path, ConfigError))
     loops, splits = runs[0]["loops"], list(runs[0]["splits"])
     for d, r in zip(eval_dirs, runs):
         if r["loops"] != loops or list(r["splits"]) != splits:
-            raise ValueError(
+            raise ConfigError(
                 f"{d}: loops {r['loops']} / splits {list(r['splits'])} differ from {eval_dirs[0]}: "
                 f"{loops} / {splits}"
             )
@@ -334,7 +335,7 @@ def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
         return RDT(cfg.model).eval()
     path = Path(checkpoint)
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise ConfigError(f"checkpoint {path} does not exist")
     try:
         if (path / "config.json").is_file():
             model = ckpt.load_exported(path)
@@ -342,7 +343,7 @@ def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
             with tempfile.TemporaryDirectory(prefix="mythos-export-") as tmp:
                 model = ckpt.load_exported(ckpt.export(path, tmp))
     except ckpt.CheckpointError as e:
-        raise ValueError(str(e)) from e
+        raise ConfigError(str(e)) from e
     longest = cfg.data.task.max_length() + 1
     if model.cfg.max_seq_len < longest:
         raise ConfigError(
@@ -490,11 +491,11 @@ def run_eval(
     n = cfg.eval.n_samples if n_samples is None else n_samples
     bs = cfg.eval.batch_size if batch_size is None else batch_size
     if not isinstance(n, int) or not 1 <= n <= cfg.data.task.n_eval:
-        raise ValueError(
+        raise ConfigError(
             f"n_samples must be an integer in [1, data.task.n_eval={cfg.data.task.n_eval}], got {n!r}"
         )
     if not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"batch_size must be an integer ≥ 1, got {bs!r}")
+        raise ConfigError(f"batch_size must be an integer ≥ 1, got {bs!r}")
     rank, world = _dist()
 
     # Rank 0 picks the version directory and creates the store; the others learn its name.

@@ -217,7 +217,7 @@ def test_load_model_from_export_and_bad_checkpoints(tmp_path):
     np.testing.assert_array_equal(
         sweep(loaded, batches, (1, 3)).prediction_NL, sweep(model, batches, (1, 3)).prediction_NL
     )
-    with pytest.raises(FileNotFoundError, match="nope"):
+    with pytest.raises(ConfigError, match="nope"):
         load_model(tmp_path / "nope", cfg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):
