@@ -483,9 +483,6 @@ def run_eval(
     Returns the result on rank 0 and None elsewhere. Arguments left None come from cfg.eval.
     over_training: `stability_over_training` rows, written, plotted and tracked with the results.
     """
-    from mythos_dist.plots import write_plots
-    from mythos_dist.stability import spectral_report
-
     loops = parse_loops(cfg.eval.loops if loops is None else loops)
     splits = check_splits(cfg, cfg.eval.splits if splits is None else splits)
     n = cfg.eval.n_samples if n_samples is None else n_samples
@@ -521,8 +518,44 @@ def run_eval(
             res = sweep(model, chain_batches(cfg, split, start, stop, bs), loops)
             write_region(store, split, start, res)
     _barrier()
-    if rank != 0:
-        return None
+    # Rank 0 summarises, plots and tracks; every rank learns whether that worked, so none is left
+    # waiting for a rank that failed (e.g. at main_eval's closing barrier) and all end with the error.
+    result: EvalResult | None = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            result = _report(
+                model, cfg, loops, splits, n, version_dir, store, checkpoint, parent_run_id, over_training
+            )
+        except Exception as e:
+            error = e
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(
+            f"evaluation failed on rank 0 while writing the results in {version_dir}: {outcome[0]}"
+        )
+    return result
+
+
+def _report(
+    model: RDT,
+    cfg: Config,
+    loops: tuple[int, ...],
+    splits: tuple[str, ...],
+    n: int,
+    version_dir: Path,
+    store: Path,
+    checkpoint: str | None,
+    parent_run_id: str | None,
+    over_training: list[dict] | None,
+) -> EvalResult:
+    """Rank 0, after every rank wrote its region: summary, spectral report, plots, MLflow."""
+    from mythos_dist.plots import write_plots
+    from mythos_dist.stability import spectral_report
 
     summary = summarize(store)
     files = write_summary(summary, version_dir)
