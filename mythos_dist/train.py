@@ -164,7 +164,8 @@ def train(
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> dict[str, Any]:
     """Train (resuming from checkpoint.dir/latest when enabled); returns a summary on every rank:
-    per-step losses, final loss/acc, tokens/s, checkpoint and export paths, MLflow run id, the
+    per-step losses, final loss/acc, tokens (valid ones, all ranks) and tokens/s over train_s at
+    the last log step, checkpoint and export paths, MLflow run id, the
     DeepSpeed config used, and `model`, the trained (expert-parallel) module for in-process use.
 
     stop_after_steps: leave after that many steps of this call (after checkpointing), e.g. to fit
@@ -221,7 +222,7 @@ def train(
     status = "FAILED"
     try:
         it = iter(batches)
-        t0, tokens = time.perf_counter(), 0.0
+        t0, tokens = time.perf_counter(), 0  # this rank's valid tokens (up to each EQ), this launch
         engine.train()
         for step in range(start, end):
             choice = policy(step)
@@ -266,7 +267,7 @@ def train(
                     [loss.item(), m["ce"].item(), m["correct"].item(), m["n"].item(), not finite]
                 )
                 sample_ids += batch["sample_id"].tolist()
-                tokens += batch["input_ids"].numel()
+                tokens += int(valid_positions(batch["loss_mask"]).sum())  # the padding is skipped
             skipped = not engine.was_step_applied()  # the same on every rank
             # A skipped step leaves the router biases too: the loads came from a non-finite forward.
             loads = sync_router_biases(engine.module, update=not skipped)
@@ -289,7 +290,8 @@ def train(
                 in_row = 0
             if log_now:
                 elapsed = time.perf_counter() - t0
-                tok_s = tokens * info.world_size / elapsed
+                all_tokens = int(all_reduce_host(torch.tensor([tokens], dtype=torch.float64)).item())
+                tok_s = all_tokens / elapsed
                 metrics = {
                     "loss": step_loss,
                     "ce": global_S[1].item() / n_micro,
@@ -328,7 +330,9 @@ def train(
                     f"lr {metrics['lr']:.2e}  gnorm {grad_norms[-1]:.3f}  loops {choice.n_loops}  tok/s {tok_s:,.0f}  eta {_fmt_time(eta)}"
                 )
                 tracker.log_metrics(metrics, step=done)
-                summary.update(final_acc=metrics["acc"], tokens_per_s=tok_s)
+                summary.update(
+                    final_acc=metrics["acc"], tokens_per_s=tok_s, tokens=all_tokens, train_s=elapsed
+                )
             if on_step is not None:
                 on_step(StepInfo(done, sample_ids, skipped, step_loss, engine.module))
             stop = in_row >= t.max_nonfinite_steps

@@ -30,7 +30,17 @@ def main() -> None:
     batches = ChainBatches(cfg.data.task, cfg.train.micro_batch_size, rank, world)
     summary = train(cfg, batches, stop_after_steps=args.stop_after)
     args.out.mkdir(parents=True, exist_ok=True)
-    keep = ("start_step", "end_step", "losses", "grad_norms", "final_loss", "export")
+    keep = (
+        "start_step",
+        "end_step",
+        "losses",
+        "grad_norms",
+        "final_loss",
+        "export",
+        "tokens",
+        "tokens_per_s",
+        "train_s",
+    )
     (args.out / f"summary_rank{rank}.json").write_text(json.dumps({k: summary.get(k) for k in keep}))
     if summary["end_step"] == cfg.train.steps:
         model = summary["model"].eval()
