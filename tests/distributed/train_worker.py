@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mythos_dist.config import load_config
 from mythos_dist.train import ChainBatches, train
@@ -48,6 +49,9 @@ def main() -> None:
         with torch.no_grad():
             logits = model(batch["input_ids"], cfg.train.loops.n_loops).logits
         torch.save({"input_ids": batch["input_ids"], "logits": logits}, args.out / f"logits_rank{rank}.pt")
+    if dist.is_initialized():  # leave together: a rank exiting with a live process group may abort
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from mythos_dist import checkpoint
@@ -154,6 +155,8 @@ def main() -> None:
         result |= {"error_type": type(e).__name__, "error": str(e)}
     (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))
     print(f"rank {rank} result: {result}", flush=True)
+    if dist.is_initialized():  # a rank exiting with a live process group may abort at exit
+        dist.destroy_process_group()
     sys.exit(1 if result["error"] else 0)
 
 
