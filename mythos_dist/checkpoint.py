@@ -19,6 +19,7 @@ import random
 import re
 import shutil
 import socket
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -167,8 +168,13 @@ def _agree(error: Exception | None, root: Path, tag: str) -> None:
     )
 
 
-def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None) -> Path:
+def save(
+    engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None, lineage: str | None = None
+) -> Path:
     """Collective: every rank writes its part; `latest` moves only once all parts are on disk.
+
+    lineage: names the run (a fresh start and its resumes, see `run_lineage`) in the meta file, so
+    pruning and averaging keep to this run's checkpoints when a directory holds another's too.
 
     A write error on any rank (disk full, I/O error) raises CheckpointError on every rank and
     leaves no partial directory; a killed save leaves one without META, which resume never reads.
@@ -186,7 +192,7 @@ def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None)
     if _rank() == 0:
         try:
             world = dist.get_world_size() if dist.is_initialized() else 1
-            meta = {"step": step, "world_size": world, "config": to_dict(cfg)}
+            meta = {"step": step, "world_size": world, "config": to_dict(cfg), "lineage": lineage}
             _write_atomic(root / tag / META, json.dumps(meta, indent=1))
             _write_atomic(root / LATEST, tag)
         except OSError as e:
@@ -199,17 +205,15 @@ def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None)
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    """Keep the last keep_last complete checkpoints up to the one `latest` names (just saved).
-
-    Partial tags and tags past `latest` (left by an earlier, longer run in this directory, e.g.
-    relaunched with checkpoint.resume=false) are not counted: sorting them in would delete the
-    checkpoint `latest` names. Those past `latest` stay; partial ones before it (killed saves) go."""
+    """Keep the last keep_last checkpoints of this run (`run_checkpoints`, up to the one `latest`
+    names, just saved). Another run's tags in this directory (e.g. relaunched with
+    checkpoint.resume=false) are neither counted nor deleted: sorting them in deleted the
+    checkpoint `latest` names. Partial tags before `latest` (killed saves) go."""
     latest = latest_tag(root)
     if latest is None:
         return
-    ours = [p for p in retained(root) if p.name <= latest]
     dead = [p for p in root.glob("step_*") if p.name < latest and not (p / META).is_file()]  # killed saves
-    for old in ours[:-keep_last] + dead:
+    for old in run_checkpoints(root)[:-keep_last] + dead:
         shutil.rmtree(old, ignore_errors=True)
 
 
@@ -337,6 +341,27 @@ def retained(root: str | Path) -> list[Path]:
     return sorted(p for p in Path(root).glob("step_*") if (p / META).is_file())
 
 
+def run_lineage(root: str | Path) -> str | None:
+    """The lineage of the run `latest` belongs to, for a run resuming it (None: older checkpoints)."""
+    tag = latest_dir(root)
+    return None if tag is None else read_meta(tag).get("lineage")
+
+
+def new_lineage() -> str:
+    """For a run that starts from scratch (fresh weights), whatever the directory holds."""
+    return uuid.uuid4().hex
+
+
+def run_checkpoints(root: str | Path) -> list[Path]:
+    """The complete checkpoints of the run `latest` belongs to, up to `latest`, oldest first: not
+    another run's left in the same directory (a later tag of a longer run, or one in between)."""
+    latest = latest_dir(root)
+    if latest is None:
+        return []
+    lineage = read_meta(latest).get("lineage")
+    return [p for p in retained(root) if p.name <= latest.name and read_meta(p).get("lineage") == lineage]
+
+
 def latest_dir(root: str | Path) -> Path | None:
     """The step dir `latest` names, or None when root holds no checkpoint yet."""
     tag = latest_tag(root)
@@ -351,8 +376,7 @@ def export_run(cfg: Config) -> Path:
     error: Exception | None = None
     if _rank() == 0:
         try:
-            latest = latest_tag(root) or ""  # not a later tag left by an earlier, longer run
-            averaged = [p for p in retained(root) if p.name <= latest][-k:]
+            averaged = run_checkpoints(root)[-k:]  # not another run's left in the directory
             if len(averaged) < k:
                 raise CheckpointError(
                     f"checkpoint.average_last={k}, but {root} holds {len(averaged)} complete checkpoint(s)"

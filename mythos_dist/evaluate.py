@@ -424,7 +424,7 @@ def stability_over_training(
     from mythos_dist import checkpoint as ckpt
     from mythos_dist.stability import spectral_report
 
-    tags = ckpt.retained(checkpoint_dir)
+    tags = ckpt.run_checkpoints(checkpoint_dir)
     if not tags:
         raise ValueError(f"{checkpoint_dir}: no complete step_* checkpoint")
     ids_BT, valid_BT = spectral_inputs(cfg, cfg.eval.splits[0])

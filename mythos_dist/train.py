@@ -195,6 +195,8 @@ def train(
         batches.load_state_dict(data_state)
     if start:
         say(f"resumed from {cfg.checkpoint.dir} at step {start}")
+    # Which checkpoints in checkpoint.dir are this run's (pruning, averaging): not another run's.
+    lineage = checkpoint.run_lineage(cfg.checkpoint.dir) if start else checkpoint.new_lineage()
 
     from mythos_dist.tracking import Tracker, git_commit
 
@@ -338,7 +340,7 @@ def train(
             stop = in_row >= t.max_nonfinite_steps
             if stop or done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 state = batches.state_dict() if hasattr(batches, "state_dict") else None
-                summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state))
+                summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state, lineage))
             if stop:
                 raise TrainingStopped(
                     f"steps {done - in_row + 1}-{done} all had a non-finite loss or gradient "

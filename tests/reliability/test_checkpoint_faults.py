@@ -153,29 +153,32 @@ def test_resume_refuses_another_recipe_but_allows_longer_training(run: Path) -> 
 
 @pytest.mark.distributed
 def test_restart_with_resume_false_in_a_used_dir_keeps_its_own_checkpoints(tmp_path: Path) -> None:
-    """A run of 8 steps leaves step 6 and 8; a new 4-step run (other lr) in the same directory with
-    checkpoint.resume=false must keep its own step 2 and 4, `latest` naming step 4, and export the
-    mean of those two: pruning sorted the earlier run's later tags in and deleted the new ones."""
+    """A run of 9 steps leaves steps 3, 6, 9; a new 4-step run (other lr, saves every 2) in the same
+    directory with checkpoint.resume=false must keep its own steps 2 and 4, `latest` naming step 4,
+    and export the mean of those two, not of the earlier run's step 3 in between. On main, pruning
+    sorted the earlier run's tags in and deleted the new run's, the one `latest` named first."""
     ckpt = tmp_path / "ckpt"
-    common = [
-        "checkpoint.every=2",
-        "checkpoint.keep_last=2",
-        "parallel.zero_stage=0",
-        f"checkpoint.dir={ckpt}",
-    ]
-    run_ranks(tmp_path, tmp_path / "long", 1, sets=[*common, "train.steps=8"])
-    assert sorted(p.name for p in ckpt.glob("step_*")) == ["step_00000006", "step_00000008"], logs(
-        tmp_path / "long"
+    common = ["parallel.zero_stage=0", f"checkpoint.dir={ckpt}"]
+    run_ranks(
+        tmp_path,
+        tmp_path / "long",
+        1,
+        sets=[*common, "train.steps=9", "checkpoint.every=3", "checkpoint.keep_last=3"],
     )
-    (ckpt / "step_00000007").mkdir()  # a partial tag (a killed save) is never counted as complete
-    new = [*common, "train.steps=4", "train.lr=0.005", "checkpoint.resume=false", "checkpoint.average_last=2"]
+    assert latest_tag(ckpt) == "step_00000009", logs(tmp_path / "long")
+    (ckpt / "step_00000001").mkdir()  # a partial tag (a killed save) is never counted as complete
+    new = [*common, "train.steps=4", "checkpoint.every=2", "train.lr=0.005", "checkpoint.resume=false",
+           "checkpoint.keep_last=2", "checkpoint.average_last=2"]  # fmt: skip
     run_ranks(tmp_path, tmp_path / "new", 1, sets=new)
     assert result(tmp_path / "new", 0)["error"] is None, logs(tmp_path / "new")
     assert latest_tag(ckpt) == "step_00000004"
     for tag in ("step_00000002", "step_00000004"):
         assert read_meta(ckpt / tag)["config"]["train"]["lr"] == 0.005  # this run's, complete
-    assert (ckpt / "step_00000008" / checkpoint.META).is_file()  # the earlier run's, past latest: kept
     assert checkpoint.exported_steps(ckpt / "export") == [2, 4]
+    assert [p.name for p in checkpoint.run_checkpoints(ckpt)] == ["step_00000002", "step_00000004"]
+    for tag in ("step_00000003", "step_00000006", "step_00000009"):  # the earlier run's: not pruned
+        assert read_meta(ckpt / tag)["config"]["train"]["lr"] == 0.01
+    assert not (ckpt / "step_00000001").exists()
 
 
 @pytest.mark.distributed
