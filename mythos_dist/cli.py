@@ -13,7 +13,7 @@ import sys
 import traceback
 from pathlib import Path
 
-from mythos_dist.config import ConfigError, load_config
+from mythos_dist.config import ConfigError, load_config, parse_size
 from mythos_dist.experiment import SUMMARY_FILE
 
 
@@ -54,6 +54,32 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("spectral", help="ρ(A), Jacobian radius, contraction ratios"))
     sp.add_argument("--checkpoint", help="export dir or DeepSpeed checkpoint dir (default: fresh init)")
     sp.add_argument("--n-loops", type=int, help="loops before the Jacobian (default: train.loops.n_loops)")
+    xp = sub.add_parser(
+        "export", help="DeepSpeed checkpoint -> safetensors (shards + index) + config.json, any EP layout"
+    )
+    xp.add_argument(
+        "--checkpoint", required=True, help="a run's checkpoint dir (its `latest`) or a step_* dir"
+    )
+    xp.add_argument("--out", required=True, help="export directory (model.safetensors + config.json)")
+    xp.add_argument("--max-shard-size", default="2GB", help="shard bound, e.g. 2GB, 500MB (default 2GB)")
+    xp.add_argument(
+        "--average-last",
+        type=int,
+        default=1,
+        metavar="K",
+        help="the mean of the last K checkpoints (default 1)",
+    )
+    it = with_config(sub.add_parser("init", help="a freshly initialised model written as an export"))
+    it.add_argument("--out", required=True, help="export directory")
+    it.add_argument("--max-shard-size", default="2GB", help="shard bound, e.g. 2GB, 500MB (default 2GB)")
+    it.add_argument(
+        "--pieces", type=int, default=1, help="build in this many parts (n_experts/pieces experts each)"
+    )
+    up = sub.add_parser("upcycle", help="grow an export to m·E experts, the same function at step 0")
+    up.add_argument("--checkpoint", required=True, help="export directory")
+    up.add_argument("--n-experts", type=int, required=True, help="new expert count, a multiple of the old")
+    up.add_argument("--out", required=True, help="export directory to write")
+    up.add_argument("--max-shard-size", default="2GB", help="shard bound (default 2GB)")
     tr = with_config(sub.add_parser("train", help="train with DeepSpeed (launch with torchrun, see launch/)"))
     tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
     ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))
@@ -62,8 +88,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("eval_dirs", nargs="+", help="eval-K directories (each holds summary.json)")
     rp.add_argument("--out", required=True, help="directory for the table, JSON and plot")
     from data_pipeline.cli import add_data_commands
+    from mythos_dist.plan import add_plan_command
 
     add_data_commands(sub)
+    add_plan_command(sub)
     return parser
 
 
@@ -86,6 +114,52 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
     from mythos_dist.evaluate import main_spectral
 
     return main_spectral(args.config, args.set, args.checkpoint, args.n_loops)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mythos_dist import checkpoint
+
+    if args.average_last < 1:
+        raise ConfigError(f"--average-last must be ≥ 1, got {args.average_last}")
+    if not Path(args.checkpoint).exists():
+        raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
+    shard_bytes = parse_size(args.max_shard_size)
+    try:
+        sources = checkpoint.last_checkpoints(args.checkpoint, args.average_last)
+        out = checkpoint.export(sources, args.out, shard_bytes)
+    except checkpoint.CheckpointError as e:  # a bad or untrusted checkpoint is bad input
+        raise ConfigError(str(e)) from e
+    steps = ", ".join(map(str, checkpoint.exported_steps(out)))
+    print(f"exported the weights of step {steps} to {out}")
+    return 0
+
+
+def _cmd_init(args: argparse.Namespace) -> int:
+    from mythos_dist import checkpoint
+
+    cfg = load_config(args.config, args.set)
+    shard_bytes = parse_size(args.max_shard_size)
+    if args.pieces < 1 or cfg.model.n_experts % args.pieces:
+        raise ConfigError(f"--pieces must divide model.n_experts={cfg.model.n_experts}, got {args.pieces}")
+    out = checkpoint.init_export(cfg, args.out, shard_bytes, args.pieces)
+    print(f"initialised (train.seed={cfg.train.seed}) and wrote {out}")
+    return 0
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from mythos_dist import checkpoint
+
+    shard_bytes = parse_size(args.max_shard_size)
+    try:
+        out = checkpoint.upcycle(args.checkpoint, args.out, args.n_experts, shard_bytes)
+    except checkpoint.CheckpointError as e:  # a bad source or factor is bad input
+        raise ConfigError(str(e)) from e
+    m = json.loads((out / "config.json").read_text())["model"]
+    print(
+        f"wrote {out}: {m['n_experts']} experts of expert_dim {m['expert_dim']}, top-{m['n_experts_per_tok']}"
+    )
+    print(f"train on from it: --set train.init_from={out} (and model.* as in {out / 'config.json'})")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -132,6 +206,9 @@ COMMANDS = {
     "params": _cmd_params,
     "eval": _cmd_eval,
     "spectral": _cmd_spectral,
+    "export": _cmd_export,
+    "init": _cmd_init,
+    "upcycle": _cmd_upcycle,
 }
 
 
