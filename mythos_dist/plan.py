@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mythos_dist.config import Config, ModelConfig, load_config
+from mythos_dist.config import Config, ConfigError, ModelConfig, load_config
 from mythos_dist.model import RDT
 from mythos_dist.model.attention import _SMALL_ATTENTION
 from mythos_dist.model.moe import GroupedExperts
@@ -107,7 +107,7 @@ def parse_bytes(text: str) -> int:
     """'80GB', '80GiB', '24 G', '1.5TB' -> bytes (powers of 2: GB = GiB, as device memory is quoted)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
     if m is None:
-        raise ValueError(f"--device-mem {text!r}: expected a size such as 80GB, 24GiB or 512MB")
+        raise ConfigError(f"--device-mem {text!r}: expected a size such as 80GB, 24GiB or 512MB")
     return int(float(m.group(1)) * 1024 ** "KMGT".find(m.group(2).upper()) * (1024 if m.group(2) else 1))
 
 
@@ -280,11 +280,11 @@ def plan(cfg: Config, world_size: int, seq_len: int | None = None, device_type: 
     training would refuse). seq_len: tokens per sample (default model.max_seq_len)."""
     cfg.validate(world_size=world_size)
     if device_type not in ("cuda", "cpu"):
-        raise ValueError(f"device type must be cuda or cpu, got {device_type!r}")
+        raise ConfigError(f"device type must be cuda or cpu, got {device_type!r}")
     m, par, t = cfg.model, cfg.parallel, cfg.train
     seq_len = seq_len or m.max_seq_len
     if seq_len < 1:
-        raise ValueError(f"sequence length must be ≥ 1, got {seq_len}")
+        raise ConfigError(f"sequence length must be ≥ 1, got {seq_len}")
     ep, stage, W = par.ep_size, par.zero_stage, world_size
     b = _elem_bytes(t.dtype)
     with torch.device("meta"):
@@ -385,7 +385,7 @@ def add_plan_command(sub: Any) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     if args.world_size < 1:
-        raise ValueError(f"--world-size must be ≥ 1, got {args.world_size}")
+        raise ConfigError(f"--world-size must be ≥ 1, got {args.world_size}")
     device_mem = parse_bytes(args.device_mem) if args.device_mem else None
     cfg = load_config(args.config, args.set)
     p = plan(cfg, args.world_size, args.seq_len, args.device_type)
