@@ -125,8 +125,11 @@ def _agree(error: OSError | None, root: Path, tag: str) -> None:
     )
 
 
-def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None) -> Path:
+def save(
+    engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None, run_id: str | None = None
+) -> Path:
     """Collective: every rank writes its part; `latest` moves only once all parts are on disk.
+    run_id (rank 0's MLflow run) goes into the meta file: a resumed job continues that run.
 
     A write error on any rank (disk full, I/O error) raises CheckpointError on every rank and
     leaves no partial directory; a killed save leaves one without META, which resume never reads.
@@ -144,7 +147,7 @@ def save(engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None)
     if _rank() == 0:
         try:
             world = dist.get_world_size() if dist.is_initialized() else 1
-            meta = {"step": step, "world_size": world, "config": to_dict(cfg)}
+            meta = {"step": step, "world_size": world, "config": to_dict(cfg), "mlflow_run_id": run_id}
             _write_atomic(root / tag / META, json.dumps(meta, indent=1))
             _write_atomic(root / LATEST, tag)
         except OSError as e:
@@ -176,6 +179,12 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
             f"checkpoint {tag_dir} is partial ({META} missing): it was interrupted while saving"
         )
     return json.loads((tag_dir / META).read_text())
+
+
+def saved_run_id(root: str | Path) -> str | None:
+    """The MLflow run of the job whose checkpoint `latest` names (None: none, or not tracked)."""
+    tag = latest_tag(root)
+    return None if tag is None else read_meta(Path(root) / tag).get("mlflow_run_id")
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:

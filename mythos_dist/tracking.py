@@ -12,8 +12,9 @@ Metrics keep their original step and timestamp, so after the server returns the 
 complete. Re-sent batches are harmless: MLflow ignores exact duplicate metric entries.
 
 One MLflow run per training job: the run id is stored with each checkpoint, and a resumed job
-continues that run (`start(resume_run_id=...)`); metric entries the run already holds up to their
-last step are not sent again, so a step trained again after a crash appears once.
+continues that run (`start(resume_run_id=...)`). Before a checkpoint is written the buffer is flushed
+(bounded), and a continued run does not send metric entries up to the last step it already holds
+for that key, so a step trained again after a crash appears once.
 """
 
 from __future__ import annotations
@@ -346,6 +347,25 @@ class Tracker:
         ]
         self._enqueue(_Op(lambda: self._client.log_inputs(self._run_id, datasets=inputs)))
 
+    def log_data(
+        self,
+        cfg: Config,
+        splits: Sequence[str],
+        from_shards: bool,
+        context: str,
+        n_samples: int | None = None,
+    ) -> None:
+        """`log_datasets` of these splits (see `dataset_record`); a shard manifest that cannot be read
+        is warned about, never fatal: tracking must not stop training."""
+        if not self.enabled:
+            return
+        try:
+            records = [dataset_record(cfg, s, from_shards, n_samples) for s in splits]
+        except Exception as e:
+            warnings.warn(f"datasets not recorded in MLflow: {e}", TrackingWarning, stacklevel=2)
+            return
+        self.log_datasets(records, context)
+
     def log_model(self, export_dir: str | Path, step: int) -> None:
         """The export (safetensors + JSON) as this run's MLflow model `export`, an output of the run at
         `step`; registered as a new version of tracking.registered_model when that is set."""
@@ -399,6 +419,14 @@ class Tracker:
             while self._ops and time.monotonic() < deadline:
                 self._cv.wait(max(0.0, deadline - time.monotonic()))
             return not self._ops
+
+    def checkpoint_run_id(self) -> str | None:
+        """The run id to store with a checkpoint, once the metrics logged so far are on the server:
+        a job killed after this checkpoint resumes here and never logs these steps again. Waits at
+        most tracking.timeout_s, and not at all while the server is known to be away."""
+        if self.enabled and not self._down:
+            self.flush()
+        return self._run_id
 
     def finish(self, status: str = "FINISHED") -> None:
         """Mark the run terminated; waits at most tracking.timeout_s for the backlog, then reports what
