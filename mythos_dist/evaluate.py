@@ -323,16 +323,23 @@ def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
 
     checkpoint: an export directory (model.safetensors + config.json), or a DeepSpeed checkpoint
     directory (a run's checkpoint dir with `latest`, or one step_* dir), consolidated into a
-    temporary export first. None: a freshly initialised model from cfg.model and cfg.train.seed.
+    temporary export first, or an MLflow model (models:/NAME/VERSION, runs:/RUN_ID),
+    downloaded first (safetensors + JSON only). None: a freshly initialised model from cfg.model
+    and cfg.train.seed.
     """
     import tempfile
 
     from mythos_dist import checkpoint as ckpt
+    from mythos_dist import tracking
 
     if checkpoint is None:
         torch.manual_seed(cfg.train.seed)
         return RDT(cfg.model).eval()
-    path = Path(checkpoint)
+    path = (
+        tracking.fetch_export(checkpoint, cfg.tracking)
+        if tracking.is_model_uri(checkpoint)
+        else Path(checkpoint)
+    )
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -562,17 +569,21 @@ def _track(
     over_training: list[dict] | None = None,
 ) -> str | None:
     from mythos_dist import checkpoint as ckpt
-    from mythos_dist.tracking import Tracker
+    from mythos_dist import tracking
 
-    tracker = Tracker(cfg.tracking, enabled_on_this_rank=True)
+    tracker = tracking.Tracker(cfg.tracking, enabled_on_this_rank=True)
     # The config as a training run logs it, plus what this evaluation actually ran (CLI overrides).
     run = {k: summary[k] for k in ("loops", "store")} | {"splits": list(summary["splits"])}
     run["checkpoint"] = checkpoint or ""
-    if checkpoint and (Path(checkpoint) / "config.json").is_file():  # an export: whose weights
-        run["weights_of_steps"] = ",".join(map(str, ckpt.exported_steps(checkpoint)))
+    export = tracking.export_dir_of(checkpoint) if tracking.is_model_uri(checkpoint) else checkpoint
+    if export and (Path(export) / "config.json").is_file():  # an export: whose weights
+        run["weights_of_steps"] = ",".join(map(str, ckpt.exported_steps(export)))
     params = to_dict(cfg) | {"eval_run": run}
-    name = f"{Path(checkpoint).name if checkpoint else 'init'}/{version_dir.name}"
-    tracker.start(name, params, parent_run_id=parent_run_id, tags={"kind": "eval"})
+    name = tracking.eval_run_name(checkpoint, version_dir)
+    tracker.start(name, params, parent_run_id=parent_run_id, tags=tracking.eval_tags(name, checkpoint))
+    n = next(iter(summary["splits"].values()))["n"]
+    tracker.log_data(cfg, list(summary["splits"]), from_shards=False, context="evaluation", n_samples=n)
+    tracker.link_model(checkpoint, parent_run_id)  # the metrics below belong to that model
     metrics = {"spectral/rho_A": spectral["rho_A"], "spectral/jacobian_radius": spectral["jacobian_radius"]}
     for split, d in summary["splits"].items():
         metrics |= {acc_metric(split, n): a for n, a in zip(summary["loops"], d["acc"])}

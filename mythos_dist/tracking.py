@@ -19,6 +19,7 @@ for that key, so a step trained again after a crash appears once.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import logging
@@ -101,8 +102,13 @@ def source_tags() -> dict[str, str]:
     whether the tree had uncommitted changes, plus the command line that started the process."""
     from mlflow.utils import mlflow_tags as t
 
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv and sys.argv[0] else ""
-    tags = {t.MLFLOW_SOURCE_TYPE: "LOCAL", t.MLFLOW_SOURCE_NAME: command or "python", "command": command}
+    argv = list(sys.argv) if sys.argv and sys.argv[0] else ["python"]
+    if Path(argv[0]).name in ("cli.py", "mythos"):  # `python -m mythos_dist.cli` is `mythos`
+        argv[0] = "mythos"
+    command = shlex.join([Path(argv[0]).name, *argv[1:]])
+    config = _config_file()
+    name = " ".join([Path(argv[0]).name, *argv[1:2], *(["--config", config] if config else [])])
+    tags = {t.MLFLOW_SOURCE_TYPE: "LOCAL", t.MLFLOW_SOURCE_NAME: name, "command": command}
     sha = _git("rev-parse", "HEAD")
     if sha:
         tags[t.MLFLOW_GIT_COMMIT] = sha
@@ -135,6 +141,14 @@ def training_tags(cfg: Config, run_info: dict[str, Any]) -> dict[str, str]:
     )
     tags = source_tags() | {"kind": "train", "recipe": recipe, "hosts": str(run_info["hosts"])}
     return tags | {"world_size": str(run_info["world_size"]), "seed": str(t.seed), MLFLOW_RUN_NOTE: note}
+
+
+def eval_tags(name: str, checkpoint: str | None) -> dict[str, str]:
+    """Tags of an evaluation run: source, and a description naming what was evaluated."""
+    from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
+
+    note = f"Loop-sweep evaluation ({name}) of {checkpoint or 'a freshly initialised model'}."
+    return source_tags() | {"kind": "eval", MLFLOW_RUN_NOTE: note}
 
 
 # ------------------------------------------------------------------------------------ datasets
@@ -258,7 +272,7 @@ class Tracker:
         for k, v in _HTTP_DEFAULTS.items():
             os.environ.setdefault(k, v)
         self.uri = resolve_uri(self.cfg)
-        self._client = MlflowClient(tracking_uri=self.uri)
+        self._client = MlflowClient(tracking_uri=self.uri, registry_uri=self.uri)
         run_tags = {k: _truncate(str(v), MAX_TAG_VAL_LENGTH) for k, v in (tags or {}).items()}
         if parent_run_id:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
@@ -590,7 +604,11 @@ def _register(client: Any, model_id: str, run_id: str, name: str) -> str:
 def _model_id_of(client: Any, checkpoint: str, parent_run_id: str | None) -> str | None:
     if checkpoint.startswith("models:/"):
         name, _, version = checkpoint[len("models:/") :].strip("/").partition("/")
-        return client.get_model_version(name, version).model_id
+        if not version.isdigit():
+            raise ValueError(f"{checkpoint}: expected models:/NAME/VERSION")
+        mv = client.get_model_version(name, version)
+        # The server may not echo model_id; the version's source is models:/<model id>.
+        return mv.model_id or mv.source.rstrip("/").rsplit("/", 1)[-1]
     run_id = parent_run_id
     if checkpoint.startswith("runs:/"):
         run_id = checkpoint[len("runs:/") :].split("/")[0]
@@ -613,7 +631,8 @@ def register_model(cfg: TrackingConfig, run_id: str, name: str) -> str:
     returns 'models:/NAME/VERSION'. Synchronous: it is a command of its own, not training."""
     from mlflow.tracking import MlflowClient
 
-    client = MlflowClient(tracking_uri=resolve_uri(cfg))
+    uri = resolve_uri(cfg)
+    client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     model_id = _model_id_of(client, f"runs:/{run_id}", None)
     if model_id is None:
         raise ValueError(
@@ -632,29 +651,39 @@ def is_model_uri(checkpoint: str | Path | None) -> bool:
 
 
 def export_dir_of(checkpoint: str) -> Path:
-    """Where `fetch_export` puts the export of a models:/ or runs:/ URI (one place per URI)."""
-    return Path(tempfile.gettempdir()) / _DOWNLOADS / hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
+    """Where `fetch_export` puts the export of a models:/ or runs:/ URI: one place per URI and
+    process (ranks download their own copy), removed when the process exits."""
+    key = hashlib.sha256(checkpoint.encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / _DOWNLOADS / f"{key}-{os.getpid()}"
 
 
 def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
-    """Download the export a models:/NAME/VERSION or runs:/RUN_ID[/export] URI names into
+    """Download the export a models:/NAME/VERSION or runs:/RUN_ID URI names (a training run: its
+    newest logged export) into
     `export_dir_of(checkpoint)` and return it. Only safetensors and JSON files are accepted (nothing
     downloaded is ever unpickled); `checkpoint.load_exported` reads them."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
+    from mlflow.tracking import MlflowClient
 
-    uri = checkpoint
-    if checkpoint.startswith("runs:/") and "/" not in checkpoint[len("runs:/") :].strip("/"):
-        uri = f"{checkpoint.rstrip('/')}/{MODEL_NAME}"  # a training run: its export
     for k, v in _HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
     dest = export_dir_of(checkpoint)
-    fresh = dest.with_name(f"{dest.name}.{os.getpid()}.tmp")
+    fresh = dest.with_name(f"{dest.name}.tmp")
     shutil.rmtree(fresh, ignore_errors=True)
     fresh.mkdir(parents=True)
     tracking_uri = resolve_uri(cfg)
     try:
-        mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(fresh), tracking_uri=tracking_uri)
+        # Resolved here to the model's artifact location: MLflow's own models:/ resolution in
+        # download_artifacts looks in the default store, not the tracking_uri it is given.
+        client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
+        model_id = _model_id_of(client, checkpoint, None)
+        if model_id is None:
+            raise FileNotFoundError(f"{checkpoint}: the run has no logged model {MODEL_NAME!r}")
+        location = client.get_logged_model(model_id).artifact_location
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=location, dst_path=str(fresh), tracking_uri=tracking_uri
+        )
     except MlflowException as e:
         shutil.rmtree(fresh, ignore_errors=True)
         raise FileNotFoundError(
@@ -675,6 +704,7 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     os.replace(found[0].parent, dest)
     shutil.rmtree(fresh, ignore_errors=True)
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)
     return dest
 
 
@@ -728,11 +758,20 @@ class NodeMetrics:
             log.warning("system metrics for node %s not started: %s", self.node, e)
 
     def finish(self) -> None:
+        """Stop sampling after one last sample, so even a job shorter than the interval has a point."""
         monitor = self._monitor
-        if monitor is not None:
-            t = threading.Thread(target=monitor.finish, daemon=True)
-            t.start()
-            t.join(self.cfg.timeout_s)
+        if monitor is None:
+            return
+
+        def last_sample() -> None:
+            monitor.finish()
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+
+        t = threading.Thread(target=last_sample, name="mlflow-system-metrics-stop", daemon=True)
+        t.start()
+        t.join(self.cfg.timeout_s)
 
 
 def start_node_metrics(cfg: TrackingConfig, tracker: Tracker) -> NodeMetrics | None:
