@@ -151,6 +151,21 @@ def eval_tags(name: str, checkpoint: str | None) -> dict[str, str]:
     return source_tags() | {"kind": "eval", MLFLOW_RUN_NOTE: note}
 
 
+def run_page(tracking_uri: str, run_id: str, experiment_id: str | None = None) -> str | None:
+    """The run's page in the MLflow UI of an http(s) tracking server, in the model-training view
+    (MLflow 3.17's UI picks its view from a global switch, not from the experiment's kind tag)."""
+    if not tracking_uri.startswith(("http://", "https://")):
+        return None
+    if experiment_id is None:
+        from mlflow.tracking import MlflowClient
+
+        try:
+            experiment_id = MlflowClient(tracking_uri=tracking_uri).get_run(run_id).info.experiment_id
+        except Exception:  # only a link to print: never fail for it
+            return None
+    return f"{tracking_uri.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
+
+
 # ------------------------------------------------------------------------------------ datasets
 
 
@@ -709,13 +724,16 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
 
 
 def eval_run_name(checkpoint: str | None, version_dir: Path) -> str:
-    """'eval export@6 (eval-1)', 'eval models:/m/2@3+6 (eval-2)', 'eval step_00000250@250 (eval-3)'."""
+    """'eval export@6 (eval-1)', 'eval models:/m/2@3+6 (eval-2)' (the mean of steps 3 and 6),
+    'eval runs:/9a26b4fb@6 (eval-3)', 'eval step_00000250@250 (eval-4)'."""
     from mythos_dist import checkpoint as ckpt
 
     if not checkpoint:
         return f"eval init ({version_dir.name})"
     local = export_dir_of(checkpoint) if is_model_uri(checkpoint) else Path(checkpoint)
     label = checkpoint if is_model_uri(checkpoint) else local.name
+    if checkpoint.startswith("runs:/"):  # the run id shortened as the UI does; the param has it whole
+        label = "runs:/" + checkpoint[len("runs:/") :][:8]
     try:
         if (local / "config.json").is_file():
             steps = "+".join(map(str, ckpt.exported_steps(local)))
