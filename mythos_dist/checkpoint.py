@@ -12,6 +12,8 @@ Layout under `checkpoint.dir`:
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import json
 import os
 import pickle
@@ -19,6 +21,7 @@ import random
 import re
 import shutil
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,11 +112,15 @@ def preflight(cfg: Config) -> None:
         )
 
 
+def _failed_anywhere(error: Exception | None) -> bool:
+    """Collective: True on every rank when `error` is set on any rank."""
+    return bool(all_reduce_host(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX).item())
+
+
 def _agree(error: OSError | None, root: Path, tag: str) -> None:
     """Collective: when a write failed on any rank, every rank raises (none waits at a barrier for
     a rank that gave up) and the partial tag directory is removed; `latest` was not touched."""
-    failed = all_reduce_host(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX)
-    if not failed.item():
+    if not _failed_anywhere(error):
         return
     if _rank() == 0 and latest_tag(root) != tag:
         shutil.rmtree(root / tag, ignore_errors=True)
@@ -249,22 +256,102 @@ def resume(engine: Any, cfg: Config) -> tuple[int, dict[str, Any] | None]:
     extra_path = tag_dir / f"extra_rank{_rank()}.pt"
     if not extra_path.is_file():
         raise CheckpointError(f"checkpoint {tag_dir} is partial: {extra_path.name} missing")
+    error: CheckpointError | None = None
+    try:  # every file is vetted before DeepSpeed reads any, and every rank stops if one refuses
+        for f in sorted(tag_dir.glob("*.pt")):
+            _globals_needed(f)
+        extra = torch_load(extra_path)
+    except CheckpointError as e:
+        error = e
+    if _failed_anywhere(error):
+        raise error or CheckpointError(f"cannot resume from {tag_dir}: reading it failed on another rank")
     try:
-        load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+        with _deepspeed_reads_safely(engine):
+            load_path, _ = engine.load_checkpoint(str(root), tag=tag, load_module_strict=True)
+    except UntrustedCheckpointError:
+        raise
     except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:  # e.g. a truncated file
         raise CheckpointError(f"cannot load checkpoint {tag_dir}: {e}") from e
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load checkpoint {tag_dir}")
-    extra = _torch_load(extra_path)
     set_rng_state(extra["rng"])
     return int(extra["step"]), extra["data"]
 
 
-def _torch_load(path: Path) -> Any:
+# --------------------------------------------------------------------------- reading without running code
+# A .pt file is a pickle, and a pickle can call any function while it loads. Every .pt file of a
+# checkpoint (ours and DeepSpeed's) is read with torch's weights_only unpickler, which builds only
+# tensors, containers and primitives, plus the few types below; a file naming anything else is
+# refused before any of it is unpickled. Exports are safetensors + JSON and need none of this.
+ALLOWED_GLOBALS = {
+    # np.random.get_state() in extra_rank*.pt (numpy 2 and 1.x spell the module differently)
+    "numpy._core.multiarray._reconstruct": "numpy RNG state",
+    "numpy.core.multiarray._reconstruct": "numpy RNG state",
+    "numpy.ndarray": "numpy RNG state",
+    "numpy.dtype": "numpy RNG state",
+    # DeepSpeed's ZeRO-1/2 optimizer files (zero_pp_rank_*_optim_states.pt), fp32 and bf16
+    "deepspeed.runtime.zero.config.ZeroStageEnum": "ZeRO optimizer state",
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler": "ZeRO optimizer state",
+    "deepspeed.utils.tensor_fragment.fragment_address": "ZeRO optimizer state",
+}
+
+
+class UntrustedCheckpointError(CheckpointError):
+    """A checkpoint file would need to run code (or build a type no checkpoint holds) to load."""
+
+
+def _allowed_objects(names: list[str]) -> list[Any]:
+    """The objects safe_globals needs for these allowed names (DeepSpeed is imported only for its files)."""
+    objs = [getattr(importlib.import_module(n.rpartition(".")[0]), n.rpartition(".")[2]) for n in names]
+    if "numpy.dtype" in names:  # np.dtype(...) builds an instance of a dtype class (the RNG key: uint32)
+        objs += [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]
+    return objs
+
+
+def _globals_needed(path: Path) -> list[str]:
+    """The globals path's pickle names beyond torch's own safe set, read from its opcodes without
+    running any; UntrustedCheckpointError if one is not in ALLOWED_GLOBALS."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except (RuntimeError, OSError, EOFError, pickle.UnpicklingError) as e:
+        needed = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # not a zip checkpoint, or a damaged one: the weights_only unpickler decides
+        return []
+    refused = sorted(needed - ALLOWED_GLOBALS.keys())
+    if refused:
+        raise UntrustedCheckpointError(
+            f"refusing to read {path}: loading it would call {', '.join(refused)}, which no checkpoint "
+            "holds (a pickle that runs code?); nothing in it was run. Only open checkpoints you trust."
+        )
+    return sorted(needed)
+
+
+def torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+    """torch.load that never runs code from the file: the pickle's globals are listed from its
+    opcodes first (nothing executes) and must all be in ALLOWED_GLOBALS; the weights_only unpickler
+    then builds the objects with exactly those allowed."""
+    path = Path(path)
+    needed = _globals_needed(path)
+    try:
+        with torch.serialization.safe_globals(_allowed_objects(needed)):
+            return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # the unpickler refused what the opcode listing did not show
+        reason = str(e).split("\n\n")[1].strip() if "\n\n" in str(e) else str(e)
+        raise UntrustedCheckpointError(
+            f"refusing to read {path}: {reason}; nothing in it was run. Only open checkpoints you trust."
+        ) from e
+    except (RuntimeError, OSError, EOFError) as e:
         raise CheckpointError(f"cannot read {path}: truncated or corrupt ({e})") from e
+
+
+@contextlib.contextmanager
+def _deepspeed_reads_safely(engine: Any) -> Iterator[None]:
+    """DeepSpeed reads every checkpoint file through `engine.checkpoint_engine.load`, which unpickles
+    with weights_only=False: route it through `torch_load` while loading."""
+    reader = engine.checkpoint_engine
+    reader.load = lambda path, map_location=None: torch_load(path, map_location)
+    try:
+        yield
+    finally:
+        del reader.load  # the instance attribute only shadowed the class's method
 
 
 # --------------------------------------------------------------------------- export / import
@@ -296,6 +383,17 @@ def latest_dir(root: str | Path) -> Path | None:
     return None if tag is None else Path(root) / tag
 
 
+def last_checkpoints(checkpoint: str | Path, k: int) -> list[Path]:
+    """The last k complete checkpoints, oldest first, up to `checkpoint`: a step_* dir, or a run's
+    checkpoint dir, meaning its `latest` (not a later tag left by an earlier, longer run)."""
+    src = Path(checkpoint)
+    root, upto = (src.parent, src.name) if (src / META).is_file() else (src, latest_tag(src) or "")
+    found = [p for p in retained(root) if p.name <= upto][-k:]
+    if len(found) < k:
+        raise CheckpointError(f"averaging the last {k} checkpoints, but {src} holds {len(found)} complete")
+    return found
+
+
 def export_run(cfg: Config) -> Path:
     """Collective: rank 0 writes checkpoint.dir/export from the run's final checkpoint, or from the
     mean of its last checkpoint.average_last ones; if that fails, every rank raises."""
@@ -304,17 +402,10 @@ def export_run(cfg: Config) -> Path:
     error: Exception | None = None
     if _rank() == 0:
         try:
-            latest = latest_tag(root) or ""  # not a later tag left by an earlier, longer run
-            averaged = [p for p in retained(root) if p.name <= latest][-k:]
-            if len(averaged) < k:
-                raise CheckpointError(
-                    f"checkpoint.average_last={k}, but {root} holds {len(averaged)} complete checkpoint(s)"
-                )
-            export(averaged, out)
+            export(last_checkpoints(root, k), out)
         except (CheckpointError, OSError) as e:
             error = e
-    failed = all_reduce_host(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX)
-    if failed.item():
+    if _failed_anywhere(error):
         raise CheckpointError(f"exporting {root} failed: {error or 'see rank 0'}")
     return out
 
@@ -330,10 +421,10 @@ def _consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[
     dense_file = src / "mp_rank_00_model_states.pt"
     if not dense_file.is_file():
         raise CheckpointError(f"checkpoint {src} is partial: {dense_file.name} missing")
-    module = _torch_load(dense_file)["module"]
+    module = torch_load(dense_file)["module"]
     state = {_plain_key(k, prefixes): v for k, v in module.items()}
     for f in sorted(src.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for k, v in _torch_load(f).items():
+        for k, v in torch_load(f).items():
             m = _DS_EXPERT_KEY.match(k)
             if m is None:
                 raise CheckpointError(f"{f.name}: unexpected key {k}")

@@ -51,6 +51,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp = with_config(sub.add_parser("spectral", help="ρ(A), Jacobian radius, contraction ratios"))
     sp.add_argument("--checkpoint", help="export dir or DeepSpeed checkpoint dir (default: fresh init)")
     sp.add_argument("--n-loops", type=int, help="loops before the Jacobian (default: train.loops.n_loops)")
+    xp = sub.add_parser(
+        "export", help="DeepSpeed checkpoint -> model.safetensors + config.json (any EP layout)"
+    )
+    xp.add_argument(
+        "--checkpoint", required=True, help="a run's checkpoint dir (its `latest`) or a step_* dir"
+    )
+    xp.add_argument("--out", required=True, help="export directory (model.safetensors + config.json)")
+    xp.add_argument(
+        "--average-last",
+        type=int,
+        default=1,
+        metavar="K",
+        help="the mean of the last K checkpoints (default 1)",
+    )
     tr = with_config(sub.add_parser("train", help="train with DeepSpeed (launch with torchrun, see launch/)"))
     tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
     ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))
@@ -88,6 +102,22 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
     from mythos_dist.evaluate import main_spectral
 
     return main_spectral(args.config, args.set, args.checkpoint, args.n_loops)
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from mythos_dist import checkpoint
+
+    if args.average_last < 1:
+        raise ValueError(f"--average-last must be ≥ 1, got {args.average_last}")
+    if not Path(args.checkpoint).exists():
+        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    try:
+        out = checkpoint.export(checkpoint.last_checkpoints(args.checkpoint, args.average_last), args.out)
+    except checkpoint.CheckpointError as e:  # a bad or untrusted checkpoint is bad input
+        raise ValueError(str(e)) from e
+    steps = ", ".join(map(str, checkpoint.exported_steps(out)))
+    print(f"exported the weights of step {steps} to {out}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -143,6 +173,7 @@ COMMANDS = {
     "params": _cmd_params,
     "eval": _cmd_eval,
     "spectral": _cmd_spectral,
+    "export": _cmd_export,
 }
 
 

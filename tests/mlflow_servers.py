@@ -24,16 +24,25 @@ MLFLOW = str(Path(sys.executable).parent / "mlflow")
 
 
 class Server:
-    """`mlflow server --workers 1` in its own process group (gunicorn/uvicorn workers die with it)."""
+    """`mlflow server --workers 1` on host:port in its own process group (gunicorn/uvicorn workers
+    die with it); extra_args/env e.g. for the auth app."""
 
-    def __init__(self, root: Path, port: int | None = None):
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        host: str = "127.0.0.1",
+        extra_args: tuple[str, ...] = (),
+        env: dict[str, str] | None = None,
+    ):
         self.root, self.port, self.proc = root, port or free_port(), None
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.host, self.extra_args, self.env = host, extra_args, env or {}
+        self.url = f"http://{host}:{self.port}"
 
     def start(self) -> None:
-        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        cmd = [MLFLOW, "server", "--workers", "1", "--host", "127.0.0.1", "--port", str(self.port)]
-        cmd += ["--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
+        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | self.env
+        cmd = [MLFLOW, "server", "--workers", "1", "--host", self.host, "--port", str(self.port)]
+        cmd += [*self.extra_args, "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
         cmd += ["--artifacts-destination", str(self.root / "artifacts")]
         log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
         self.proc = subprocess.Popen(

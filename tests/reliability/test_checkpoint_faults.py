@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
+from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from mythos_dist import checkpoint
 from mythos_dist.checkpoint import (
@@ -76,10 +76,13 @@ def test_truncated_export_is_a_clear_error(run: Path, tmp_path: Path) -> None:
 
 
 class _TorchLoadEngine:
-    """Stands in for DeepSpeed's engine at resume: its load_checkpoint torch.loads the module file."""
+    """Stands in for DeepSpeed's engine at resume: load_checkpoint reads the module file through its
+    checkpoint_engine, as DeepSpeed's does."""
+
+    checkpoint_engine = TorchCheckpointEngine()
 
     def load_checkpoint(self, root: str, tag: str, **_: Any) -> tuple[str, dict]:
-        torch.load(Path(root) / tag / "mp_rank_00_model_states.pt", weights_only=False)
+        self.checkpoint_engine.load(str(Path(root) / tag / "mp_rank_00_model_states.pt"))
         return root, {}
 
 
