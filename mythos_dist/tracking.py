@@ -238,6 +238,7 @@ class Tracker:
         self._sending = False  # _ops[0] is being sent (never dropped meanwhile)
         self._closed = False
         self._closing = threading.Event()  # set by finish: ends the sender's wait between retries
+        self._settled = threading.Event()  # the run exists, or the server failed: start() stops waiting
         self._thread: threading.Thread | None = None
         self._client: Any = None
         self._run_id: str | None = None
@@ -292,9 +293,8 @@ class Tracker:
         if parent_run_id:
             run_tags[MLFLOW_PARENT_RUN_ID] = parent_run_id
         name = run_name or self.cfg.run_name or None
-        created = threading.Event()
         existing: dict[str, str] = {}  # a continued run's params
-        self._enqueue(_Op(lambda: self._open_run(name, run_tags, resume_run_id, existing, created)))
+        self._enqueue(_Op(lambda: self._open_run(name, run_tags, resume_run_id, existing)))
 
         flat = {
             _truncate(str(k), MAX_ENTITY_KEY_LENGTH): _truncate(_param_str(v), MAX_PARAM_VAL_LENGTH)
@@ -313,7 +313,7 @@ class Tracker:
         self._enqueue(_Op(send_params))
         self._thread = threading.Thread(target=self._sender, name="mlflow-sender", daemon=True)
         self._thread.start()
-        created.wait(self.cfg.timeout_s)
+        self._settled.wait(self.cfg.timeout_s)
         return self._run_id
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
@@ -514,6 +514,7 @@ class Tracker:
             except MlflowException as e:
                 code = e.get_http_status_code()
                 if 400 <= code < 500:  # rejected as invalid (not an outage): retrying would block forever
+                    self._settled.set()
                     warnings.warn(f"MLflow rejected a logging call: {e}", TrackingWarning, stacklevel=2)
                 else:
                     self._outage(e)
@@ -531,6 +532,7 @@ class Tracker:
                 log.info("MLflow at %s reachable again; buffered logging sent", self.uri)
 
     def _outage(self, e: Exception) -> None:
+        self._settled.set()  # a server that refuses or fails: start() need not wait longer
         if self._closed:  # finish() already reported what was left
             return
         if not self._down:
@@ -564,7 +566,6 @@ class Tracker:
         tags: dict[str, str],
         resume_run_id: str | None,
         existing: dict[str, str],
-        created: threading.Event,
     ) -> None:
         from mlflow.exceptions import MlflowException
         from mlflow.protos.databricks_pb2 import RESOURCE_DOES_NOT_EXIST, ErrorCode
@@ -590,7 +591,7 @@ class Tracker:
         else:
             self._experiment_id = self._experiment()
             self._run_id = self._client.create_run(self._experiment_id, run_name=name, tags=tags).info.run_id
-        created.set()
+        self._settled.set()
 
     def _send_metrics(self, items: list[tuple[str, float]], ts: int, step: int) -> None:
         from mlflow.entities import Metric
@@ -710,7 +711,7 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
         raise FileNotFoundError(
             f"{checkpoint} is not a mythos export (needs config.json and model.safetensors)"
         )
-    unsafe = [p.name for p in found[0].parent.iterdir() if p.suffix not in (".json", ".safetensors", "")]
+    unsafe = [p.name for p in found[0].parent.iterdir() if p.suffix not in (".json", ".safetensors")]
     if unsafe or any(p.is_dir() for p in found[0].parent.iterdir()):
         shutil.rmtree(fresh, ignore_errors=True)
         raise ValueError(
@@ -757,7 +758,8 @@ class NodeMetrics:
     def __init__(self, cfg: TrackingConfig, run_id: str, node: str):
         self.cfg, self.run_id, self.node = cfg, run_id, node
         self._monitor: Any = None
-        threading.Thread(target=self._start, name="mlflow-system-metrics", daemon=True).start()
+        self._starting = threading.Thread(target=self._start, name="mlflow-system-metrics", daemon=True)
+        self._starting.start()
 
     def _start(self) -> None:
         try:
@@ -777,6 +779,7 @@ class NodeMetrics:
 
     def finish(self) -> None:
         """Stop sampling after one last sample, so even a job shorter than the interval has a point."""
+        self._starting.join(self.cfg.timeout_s)
         monitor = self._monitor
         if monitor is None:
             return

@@ -8,6 +8,7 @@ import pytest
 from mythos_dist.config import Config, TrackingConfig, flatten, to_dict
 from mythos_dist.tracking import Tracker, TrackingWarning, resolve_uri
 from tests.mlflow_servers import HangingProxy, HangingServer, Server
+from tests.multiproc import free_port
 
 
 @pytest.fixture(scope="module")
@@ -146,6 +147,23 @@ def test_hanging_server_never_stalls_logging(monkeypatch):
         assert finish_s < cfg.timeout_s + 3, finish_s
         report = [str(w.message) for w in caught if issubclass(w.category, TrackingWarning)]
         assert any("dropped from the full buffer" in m for m in report), report
+
+
+def test_refused_connection_does_not_wait_for_the_timeout(monkeypatch):
+    """A server that is simply not there fails fast: start() returns once the first attempt failed,
+    not after tracking.timeout_s."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    cfg = TrackingConfig(experiment="t-refused", timeout_s=60.0)
+    tracker = Tracker(cfg, True)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        t0 = time.monotonic()
+        assert tracker.start("refused", {"a": 1}) is None
+        assert time.monotonic() - t0 < 20
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        cfg.timeout_s = 1.0
+        tracker.finish()
 
 
 def test_server_that_hangs_mid_run_warns_once_and_buffered_metrics_arrive(server, monkeypatch):
