@@ -6,8 +6,10 @@ Layout under `checkpoint.dir`:
                                + mythos_meta.json, written last: a tag without it is partial
   latest                       tag of the newest complete checkpoint, replaced atomically
   export/model.safetensors     consolidated weights, experts keyed by global id (see `export`):
-                               the final ones, or the mean of the last checkpoint.average_last
-  export/config.json           the model config; `load_exported` needs nothing else
+                               the final ones, or the mean of the last checkpoint.average_last;
+                               past checkpoint.max_shard_size: model-0000i-of-0000n.safetensors
+                               + model.safetensors.index.json (tensor -> file, Hugging Face layout)
+  export/config.json           the model config; `load_exported` / `ExportReader` need nothing else
 """
 
 from __future__ import annotations
@@ -28,11 +30,11 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
 
 from mythos_dist.comm import all_reduce_host
-from mythos_dist.config import Config, ModelConfig, from_dict, to_dict
+from mythos_dist.config import Config, ModelConfig, from_dict, parse_size, to_dict
 from mythos_dist.model import RDT, count_params
 from mythos_dist.model.moe import MoEFFN
 
@@ -41,6 +43,8 @@ META = "mythos_meta.json"
 # Bytes on disk per parameter: fp32 weights + the optimizer's fp32 copy and two AdamW moments.
 CHECKPOINT_BYTES_PER_PARAM = 16
 EXPORT_FORMAT = "mythos-rdt/1"
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"  # with shards: tensor name -> file (Hugging Face layout)
 # Must match mythos_dist.parallel (kept literal so exporting needs neither DeepSpeed nor a process group).
 _DS_EXPERT_KEY = re.compile(r"^(.*)\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\.(w_in_DH|w_out_HD)$")
 _EXPERT_WEIGHTS = (("w_in_EDH", "w_in_DH"), ("w_out_EHD", "w_out_HD"))
@@ -204,9 +208,10 @@ def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> 
     ]
 
 
-# Settings a resumed run may change: its length and logging, where the shards live, how they are read.
+# Settings a resumed run may change: its length and logging, activation recomputation, where the
+# shards live, how they are read.
 RESUMABLE_CHANGES = {
-    "train": {"steps", "log_every", "max_nonfinite_steps"},
+    "train": {"steps", "log_every", "max_nonfinite_steps", "activation_checkpointing"},
     "data": {"remote", "local", "num_workers", "predownload"},
 }
 
@@ -324,7 +329,7 @@ def _globals_needed(path: Path) -> list[str]:
     return sorted(needed)
 
 
-def torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
+def torch_load(path: str | Path, map_location: Any = "cpu", mmap: bool = False) -> Any:
     """torch.load that never runs code from the file: the pickle's globals are listed from its
     opcodes first (nothing executes) and must all be in ALLOWED_GLOBALS; the weights_only unpickler
     then builds the objects with exactly those allowed."""
@@ -332,7 +337,7 @@ def torch_load(path: str | Path, map_location: Any = "cpu") -> Any:
     needed = _globals_needed(path)
     try:
         with torch.serialization.safe_globals(_allowed_objects(needed)):
-            return torch.load(path, map_location=map_location, weights_only=True)
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
     except pickle.UnpicklingError as e:  # the unpickler refused what the opcode listing did not show
         reason = str(e).split("\n\n")[1].strip() if "\n\n" in str(e) else str(e)
         raise UntrustedCheckpointError(
@@ -402,7 +407,7 @@ def export_run(cfg: Config) -> Path:
     error: Exception | None = None
     if _rank() == 0:
         try:
-            export(last_checkpoints(root, k), out)
+            export(last_checkpoints(root, k), out, parse_size(cfg.checkpoint.max_shard_size))
         except (CheckpointError, OSError) as e:
             error = e
     if _failed_anywhere(error):
@@ -410,66 +415,166 @@ def export_run(cfg: Config) -> Path:
     return out
 
 
-def _consolidate(checkpoint: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any], Path]:
-    """(weights with experts keyed by global id, mythos meta, step dir) of a DeepSpeed checkpoint."""
-    src = Path(checkpoint)
-    if not (src / META).exists():  # a run's checkpoint dir: its `latest`
-        src = latest_dir(src) or src
-    meta = read_meta(src)
-    model_cfg = from_dict(ModelConfig, meta["config"]["model"], "model")
-    prefixes = _moe_prefixes(model_cfg)
-    dense_file = src / "mp_rank_00_model_states.pt"
-    if not dense_file.is_file():
-        raise CheckpointError(f"checkpoint {src} is partial: {dense_file.name} missing")
-    module = torch_load(dense_file)["module"]
-    state = {_plain_key(k, prefixes): v for k, v in module.items()}
-    for f in sorted(src.glob("layer_*_expert_*_mp_rank_00_model_states.pt")):
-        for k, v in torch_load(f).items():
-            m = _DS_EXPERT_KEY.match(k)
-            if m is None:
-                raise CheckpointError(f"{f.name}: unexpected key {k}")
-            state[f"{m.group(1)}.experts.{m.group(2)}.{m.group(3)}"] = v
-    tensors = {k: v.detach().contiguous() for k, v in state.items()}
-    _check_keys(_expected_export_shapes(model_cfg), {k: tuple(v.shape) for k, v in tensors.items()}, src)
-    return tensors, meta, src
+class _CheckpointTensors:
+    """One DeepSpeed checkpoint's weights in export form (experts keyed by global id), read tensor
+    by tensor: the dense file is memory-mapped, each expert file is read when one of its tensors is
+    asked for. So an export never holds the model, whatever world/ep size wrote the checkpoint:
+    DeepSpeed stores the dense weights once and each routed expert in its own file by global id."""
+
+    def __init__(self, checkpoint: str | Path):
+        src = Path(checkpoint)
+        if not (src / META).exists():  # a run's checkpoint dir: its `latest`
+            src = latest_dir(src) or src
+        self.src, self.meta = src, read_meta(src)
+        self.model_cfg = from_dict(ModelConfig, self.meta["config"]["model"], "model")
+        dense_file = src / "mp_rank_00_model_states.pt"
+        if not dense_file.is_file():
+            raise CheckpointError(f"checkpoint {src} is partial: {dense_file.name} missing")
+        prefixes = _moe_prefixes(self.model_cfg)
+        module = torch_load(dense_file, mmap=True)["module"]
+        self._dense = {_plain_key(k, prefixes): v for k, v in module.items()}
+        self._expert_file: dict[str, Path] = {}  # export key -> its DeepSpeed file
+        self._expert_key: dict[str, str] = {}  # export key -> key inside that file
+        for m in prefixes:
+            for g in range(self.model_cfg.n_experts):
+                f = src / f"layer_{prefixes.index(m)}_expert_{g}_mp_rank_00_model_states.pt"
+                for _, single in _EXPERT_WEIGHTS:
+                    name = f"{m}.experts.{g}.{single}"
+                    self._expert_file[name] = f
+                    self._expert_key[name] = f"{m}.deepspeed_moe.experts.deepspeed_experts.{g}.{single}"
+        shapes = {k: tuple(v.shape) for k, v in self._dense.items()}
+        self._expected = _expected_export_shapes(self.model_cfg)
+        shapes |= {k: self._expected[k] for k, f in self._expert_file.items() if f.is_file()}
+        _check_keys(self._expected, shapes, src)
+        self.names = list(self._dense) + list(self._expert_file)
+        self._open: tuple[Path, dict[str, torch.Tensor]] | None = None
+
+    @property
+    def step(self) -> int:
+        return int(self.meta["step"])
+
+    def get(self, name: str) -> torch.Tensor:
+        if name in self._dense:
+            return self._dense[name]
+        f = self._expert_file[name]
+        if self._open is None or self._open[0] != f:  # experts are asked for file by file
+            state = torch_load(f)
+            if any(_DS_EXPERT_KEY.match(k) is None for k in state):
+                bad = next(k for k in state if _DS_EXPERT_KEY.match(k) is None)
+                raise CheckpointError(f"{f.name}: unexpected key {bad}")
+            self._open = (f, state)
+        tensor = self._open[1].get(self._expert_key[name])
+        if tensor is None or tuple(tensor.shape) != self._expected[name]:
+            found = "missing" if tensor is None else f"shape {tuple(tensor.shape)}"
+            raise CheckpointError(f"{f}: {self._expert_key[name]} {found}, model {self._expected[name]}")
+        return tensor
 
 
-def export(checkpoints: str | Path | list[str | Path], out_dir: str | Path) -> Path:
+class _ShardWriter:
+    """Writes tensors into safetensors shards of at most max_bytes each (a tensor larger than that
+    gets a shard of its own), holding at most one shard in memory."""
+
+    def __init__(self, out: Path, max_bytes: int | None):
+        self.out, self.max_bytes = out, max_bytes
+        self.pending: dict[str, torch.Tensor] = {}
+        self.pending_bytes = 0
+        self.shards: list[list[str]] = []
+        self.total_bytes = 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        size = tensor.numel() * tensor.element_size()
+        if self.max_bytes is not None and self.pending and self.pending_bytes + size > self.max_bytes:
+            self._flush()
+        self.pending[name] = tensor.contiguous()
+        self.pending_bytes += size
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        save_file(
+            self.pending, str(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": EXPORT_FORMAT}
+        )
+        self.shards.append(list(self.pending))
+        self.pending, self.pending_bytes = {}, 0
+
+    def close(self) -> None:
+        """Name the shards (model.safetensors alone, or model-0000i-of-0000n.safetensors + index)."""
+        if self.pending or not self.shards:
+            self._flush()
+        n = len(self.shards)
+        if n == 1:
+            os.replace(self.out / "shard-0.tmp", self.out / SINGLE_FILE)
+            return
+        weight_map = {}
+        for i, names in enumerate(self.shards):
+            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out / f"shard-{i}.tmp", self.out / file)
+            weight_map |= dict.fromkeys(names, file)
+        index = {
+            "metadata": {"total_size": self.total_bytes, "format": EXPORT_FORMAT},
+            "weight_map": weight_map,
+        }
+        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=1))
+
+
+def export(
+    checkpoints: str | Path | list[str | Path], out_dir: str | Path, max_shard_bytes: int | None = None
+) -> Path:
     """Consolidate DeepSpeed checkpoints (checkpoint dirs with `latest`, or step_* dirs) into
-    out_dir/model.safetensors + config.json. Runs in one CPU process, whatever world/ep size wrote them:
-    DeepSpeed stores the dense weights once and each routed expert in its own file by global id.
+    out_dir: model.safetensors, or with max_shard_bytes safetensors shards of at most that size +
+    model.safetensors.index.json (the Hugging Face layout), and config.json. Runs in one CPU
+    process, whatever world/ep size wrote them, reading and writing tensor by tensor: memory holds
+    one shard, not the model.
 
-    Several checkpoints: the export holds the mean of their weights (in fp32, stored in each tensor's
-    dtype); they must share the model config. config.json records every averaged step.
+    Several checkpoints: the export holds the mean of their weights (summed in fp64 per tensor,
+    stored in each tensor's dtype); they must share the model config. config.json records every
+    averaged step. out_dir is replaced as a whole, once complete.
     """
     sources = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not sources:
         raise CheckpointError("no checkpoint to export")
-    tensors, meta, first = _consolidate(sources[0])
-    steps = [int(meta["step"])]
-    if len(sources) > 1:
-        sum_ = {k: v.double() for k, v in tensors.items()}  # fp64 sums: the mean is exact to fp32
-        for src in sources[1:]:
-            more, more_meta, where = _consolidate(src)
-            diff = config_diff(more_meta["config"]["model"], meta["config"]["model"], "model")
-            if diff:
-                raise CheckpointError(
-                    f"cannot average {where} with {first} (as 'this run'): the model configs differ:\n  "
-                    + "\n  ".join(diff)
-                )
-            for k, v in more.items():
-                sum_[k] += v.double()
-            steps.append(int(more_meta["step"]))
-        tensors = {k: (v / len(sources)).to(tensors[k].dtype) for k, v in sum_.items()}
+    readers = [_CheckpointTensors(s) for s in sources]
+    first = readers[0]
+    for r in readers[1:]:
+        diff = config_diff(r.meta["config"]["model"], first.meta["config"]["model"], "model")
+        if diff:
+            raise CheckpointError(
+                f"cannot average {r.src} with {first.src} (as 'this run'): the model configs differ:\n  "
+                + "\n  ".join(diff)
+            )
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(out / "model.safetensors.tmp"), metadata={"format": EXPORT_FORMAT})
-    os.replace(out / "model.safetensors.tmp", out / "model.safetensors")
-    config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": meta["config"]["model"]}
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"{out} exists and is not an export directory: refusing to replace it")
+    partial = out.with_name(f".{out.name}.partial")
+    shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
+    partial.mkdir(parents=True)
+    writer = _ShardWriter(partial, max_shard_bytes)
+    for name in first.names:
+        tensor = first.get(name)
+        if len(readers) > 1:
+            total = tensor.double()  # fp64 sums: the mean is exact to fp32
+            for r in readers[1:]:
+                total.add_(r.get(name))
+            tensor = total.div_(len(readers)).to(tensor.dtype)
+        writer.add(name, tensor)
+    writer.close()
+    steps = [r.step for r in readers]
+    config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": first.meta["config"]["model"]}
     if len(steps) > 1:
         config["averaged_steps"] = steps
-    _write_atomic(out / "config.json", json.dumps(config, indent=1))
+    (partial / "config.json").write_text(json.dumps(config, indent=1))
+    _replace_dir(partial, out)
     return out
+
+
+def _replace_dir(new: Path, dest: Path) -> None:
+    """dest := new. Readers see the old export, then (briefly) none, then the new one: never a mix
+    of old and new files."""
+    old = dest.with_name(f".{dest.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if dest.exists():
+        os.replace(dest, old)
+    os.replace(new, dest)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def exported_steps(export_dir: str | Path) -> list[int]:
@@ -503,28 +608,81 @@ def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         raise CheckpointError(f"{where} does not match the model config:\n  " + "\n  ".join(lines))
 
 
+class ExportReader:
+    """An export directory (single model.safetensors, or shards + model.safetensors.index.json),
+    read lazily one tensor at a time: a caller that needs some tensors (a rank's dense part and its
+    own experts) reads only those. bytes_read counts what was read."""
+
+    def __init__(self, path: str | Path):
+        d = Path(path)
+        if not (d / "config.json").is_file() or not (
+            (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file()
+        ):
+            raise CheckpointError(
+                f"{d} is not an export directory (needs config.json and {SINGLE_FILE} or {INDEX_FILE})"
+            )
+        saved = json.loads((d / "config.json").read_text())
+        if saved.get("format") != EXPORT_FORMAT:
+            raise CheckpointError(
+                f"{d}: unknown export format {saved.get('format')!r}, expected {EXPORT_FORMAT}"
+            )
+        self.dir, self.saved = d, saved
+        self._handles: dict[Path, Any] = {}
+        self.model_cfg = from_dict(ModelConfig, saved["model"], "model")
+        if (d / INDEX_FILE).is_file():
+            try:
+                index = json.loads((d / INDEX_FILE).read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                raise CheckpointError(f"{d / INDEX_FILE}: not valid JSON ({e})") from e
+            if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
+                raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
+            self.file_of = {k: d / f for k, f in index["weight_map"].items()}
+            for f in sorted(set(self.file_of.values())):
+                if not f.is_file():
+                    raise CheckpointError(f"{d / INDEX_FILE} names {f.name}, which does not exist")
+        else:
+            self.file_of = dict.fromkeys(self._open(d / SINGLE_FILE).keys(), d / SINGLE_FILE)
+        self.bytes_read = 0
+
+    def _open(self, f: Path) -> Any:
+        """One safe_open handle per file for the reader's life."""
+        if f not in self._handles:
+            try:
+                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
+            except (SafetensorError, OSError) as e:
+                raise CheckpointError(f"cannot read {f}: truncated or corrupt ({e})") from e
+        return self._handles[f]
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        """Every tensor's shape, from the files' headers (no tensor data is read)."""
+        return {k: tuple(self._open(f).get_slice(k).get_shape()) for k, f in self.file_of.items()}
+
+    def get(self, name: str) -> torch.Tensor:
+        f = self.file_of[name]
+        try:
+            tensor = self._open(f).get_tensor(name)
+        except SafetensorError as e:
+            raise CheckpointError(f"cannot read {name} from {f}: truncated or corrupt ({e})") from e
+        self.bytes_read += tensor.numel() * tensor.element_size()
+        return tensor
+
+
 def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT:
     """Full RDT (all experts, CPU, eval mode) from an export directory; no DeepSpeed involved.
 
     model_cfg: when given, must equal the exported config (mismatched fields are listed).
     Apply `mythos_dist.parallel.parallelize` afterwards to shard it for any ep_size.
     """
-    d = Path(path)
-    if not (d / "config.json").is_file() or not (d / "model.safetensors").is_file():
-        raise CheckpointError(f"{d} is not an export directory (needs config.json and model.safetensors)")
-    saved = json.loads((d / "config.json").read_text())
-    if saved.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{d}: unknown export format {saved.get('format')!r}, expected {EXPORT_FORMAT}")
+    reader = ExportReader(path)
     if model_cfg is not None:
-        diff = config_diff(saved["model"], to_dict(model_cfg), "model")
+        diff = config_diff(reader.saved["model"], to_dict(model_cfg), "model")
         if diff:
-            raise CheckpointError(f"{d} was exported with another model config:\n  " + "\n  ".join(diff))
-    cfg = from_dict(ModelConfig, saved["model"], "model")
-    try:
-        tensors = load_file(str(d / "model.safetensors"))
-    except SafetensorError as e:
-        raise CheckpointError(f"cannot read {d / 'model.safetensors'}: truncated or corrupt ({e})") from e
-    _check_keys(_expected_export_shapes(cfg), {k: tuple(v.shape) for k, v in tensors.items()}, d)
+            raise CheckpointError(
+                f"{reader.dir} was exported with another model config:\n  " + "\n  ".join(diff)
+            )
+    cfg = reader.model_cfg
+    _check_keys(_expected_export_shapes(cfg), reader.shapes(), reader.dir)
+    tensors = {k: reader.get(k) for k in reader.file_of}
     model = RDT(cfg)
     for name, m in model.named_modules():
         if isinstance(m, MoEFFN):

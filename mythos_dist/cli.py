@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from mythos_dist.config import ConfigError, load_config
+from mythos_dist.config import ConfigError, load_config, parse_size
 from mythos_dist.experiment import SUMMARY_FILE
 
 
@@ -52,12 +52,13 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--checkpoint", help="export dir or DeepSpeed checkpoint dir (default: fresh init)")
     sp.add_argument("--n-loops", type=int, help="loops before the Jacobian (default: train.loops.n_loops)")
     xp = sub.add_parser(
-        "export", help="DeepSpeed checkpoint -> model.safetensors + config.json (any EP layout)"
+        "export", help="DeepSpeed checkpoint -> safetensors (shards + index) + config.json, any EP layout"
     )
     xp.add_argument(
         "--checkpoint", required=True, help="a run's checkpoint dir (its `latest`) or a step_* dir"
     )
     xp.add_argument("--out", required=True, help="export directory (model.safetensors + config.json)")
+    xp.add_argument("--max-shard-size", default="2GB", help="shard bound, e.g. 2GB, 500MB (default 2GB)")
     xp.add_argument(
         "--average-last",
         type=int,
@@ -78,8 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("eval_dirs", nargs="+", help="eval-K directories (each holds summary.json)")
     rp.add_argument("--out", required=True, help="directory for the table, JSON and plot")
     from data_pipeline.cli import add_data_commands
+    from mythos_dist.plan import add_plan_command
 
     add_data_commands(sub)
+    add_plan_command(sub)
     return parser
 
 
@@ -111,8 +114,10 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ValueError(f"--average-last must be ≥ 1, got {args.average_last}")
     if not Path(args.checkpoint).exists():
         raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+    shard_bytes = parse_size(args.max_shard_size)
     try:
-        out = checkpoint.export(checkpoint.last_checkpoints(args.checkpoint, args.average_last), args.out)
+        sources = checkpoint.last_checkpoints(args.checkpoint, args.average_last)
+        out = checkpoint.export(sources, args.out, shard_bytes)
     except checkpoint.CheckpointError as e:  # a bad or untrusted checkpoint is bad input
         raise ValueError(str(e)) from e
     steps = ", ".join(map(str, checkpoint.exported_steps(out)))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -25,6 +26,15 @@ class ConfigError(ValueError):
 def _require(cond: bool, field_name: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{field_name}: {msg}")
+
+
+def parse_size(text: str) -> int:
+    """'2GB' / '500MB' / '64KiB' / '1024' -> bytes (decimal units, as Hugging Face's max_shard_size)."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text.upper().replace("IB", "iB"))
+    if m is None:
+        raise ValueError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1048576)")
+    base = 1024 if m.group(3) else 1000
+    return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 
 
 @dataclass
@@ -263,6 +273,10 @@ class TrainConfig:
     # uses model.attn_window. A narrower window makes chains of the same length need more loops,
     # so steps with it train the loop map to keep carrying information at later loops.
     attn_windows: tuple[int, ...] = ()
+    # "loop": each loop iteration's activations are recomputed in backward instead of kept, so a
+    # step's activation memory grows with the loop count only by the (tokens, dim) loop state.
+    # Same losses and gradients as "none"; costs about one more forward of the looped block.
+    activation_checkpointing: Literal["none", "loop"] = "none"
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):
@@ -311,12 +325,19 @@ class CheckpointConfig:
     # The export (what evaluation loads) holds the mean of the weights of the last `average_last`
     # checkpoints, the final one included; 1 = the final weights.
     average_last: int = 1
+    # The export is one model.safetensors, or shards of at most this size + an index (HF layout).
+    max_shard_size: str = "2GB"
 
     def validate(self, prefix: str = "checkpoint") -> None:
         _require(bool(self.dir), f"{prefix}.dir", "must be set")
         _require(self.every >= 0, f"{prefix}.every", "must be ≥ 0")
         _require(self.keep_last >= 1, f"{prefix}.keep_last", "must be ≥ 1")
         _require(self.average_last >= 1, f"{prefix}.average_last", "must be ≥ 1")
+        try:
+            shard_bytes = parse_size(self.max_shard_size)
+        except ValueError as e:
+            raise ConfigError(f"{prefix}.max_shard_size: {e}") from None
+        _require(shard_bytes > 0, f"{prefix}.max_shard_size", f"must be > 0, got {self.max_shard_size!r}")
         _require(
             self.average_last <= self.keep_last,
             f"{prefix}.average_last",

@@ -323,18 +323,19 @@ def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
 
     checkpoint: an export directory (model.safetensors + config.json), or a DeepSpeed checkpoint
     directory (a run's checkpoint dir with `latest`, or one step_* dir), consolidated into a
-    temporary export first, or an MLflow model (models:/NAME/VERSION, runs:/RUN_ID),
-    downloaded first (safetensors + JSON only). None: a freshly initialised model from cfg.model
-    and cfg.train.seed.
+    temporary export first, or an MLflow model (models:/NAME/VERSION, runs:/RUN_ID), downloaded
+    first (safetensors + JSON only). None: a freshly initialised model from cfg.model and
+    cfg.train.seed (the initial weights of training).
     """
     import tempfile
 
     from mythos_dist import checkpoint as ckpt
     from mythos_dist import tracking
 
-    if checkpoint is None:
-        torch.manual_seed(cfg.train.seed)
-        return RDT(cfg.model).eval()
+    if checkpoint is None:  # the weights training starts from (keyed by train.seed)
+        model = RDT(cfg.model)
+        model.reset_parameters(cfg.train.seed)
+        return model.eval()
     path = (
         tracking.fetch_export(checkpoint, cfg.tracking)
         if tracking.is_model_uri(checkpoint)

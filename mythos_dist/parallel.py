@@ -1,9 +1,9 @@
 """Parallelism applied to a finished model from outside (torchtitan style).
 
 `init_distributed` starts the process group (gloo on CPU, NCCL on CUDA) with our collective timeout.
-`parallelize` turns a full RDT — built with a seed on every rank, so every expert is initialised
-by its global id — into its expert-parallel shard: each MoEFFN keeps only its local experts' slice,
-gets the all-to-all dispatcher and is wrapped in `ExpertParallelMoE`, a subclass of DeepSpeed's MoE
+`build_model` builds a rank's expert-parallel shard of the RDT on the meta device and materialises
+only what the rank owns; `parallelize` (also usable on a full RDT) makes each MoEFFN keep only its
+local experts' slice, gives it the all-to-all dispatcher and wraps it in `ExpertParallelMoE`, a subclass of DeepSpeed's MoE
 layer. DeepSpeed recognises MoE only through that class: it then reduces expert gradients over the
 expert-data-parallel group only, puts expert params in their own optimizer groups and writes one
 checkpoint file per global expert id. `deepspeed_config` derives DeepSpeed's JSON from our config.
@@ -31,6 +31,7 @@ from deepspeed.utils import groups
 from torch import nn
 
 from mythos_dist.config import Config
+from mythos_dist.model import RDT
 from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.moe import MoEFFN
 
@@ -111,10 +112,7 @@ class ExpertParallelMoE(MoE):
 
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Create the EP / expert-DP groups (once per ep_size) and route tokens through the EP group."""
-        if self.expert_group_name not in groups._get_expert_parallel_group_dict():
-            groups._create_expert_and_data_parallel(
-                self.ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
-            )
+        expert_parallel_rank(self.ep_size, use_data_before_expert_parallel_)
         if self.ep_size > 1 and not isinstance(self.layer.dispatcher, AllToAllDispatcher):
             group = groups._get_expert_parallel_group(self.expert_group_name)
             self.layer.dispatcher = AllToAllDispatcher(self.num_experts, group)
@@ -145,11 +143,21 @@ def _from_deepspeed_view(module: ExpertParallelMoE, state: dict, prefix: str, *_
             state[f"{prefix}layer.experts.{stacked}"] = torch.stack([state.pop(k) for k in keys])
 
 
+def expert_parallel_rank(ep_size: int, use_data_before_expert_parallel_: bool = False) -> int:
+    """This rank's index in its expert-parallel group (DeepSpeed's groups, created once per ep_size)."""
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(
+            ep_size, use_data_before_expert_parallel_=use_data_before_expert_parallel_
+        )
+    return groups._get_expert_parallel_rank(name)
+
+
 def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
     """In place: wrap every MoEFFN for DeepSpeed and keep only this rank's experts [r·L, (r+1)·L).
 
-    The model must be the full model, identical on every rank (same seed), so slicing keeps each
-    expert's initialisation tied to its global id whatever ep_size is.
+    The model is either the full model, identical on every rank (its experts are then sliced), or
+    already holds exactly this rank's experts (`build_model`).
     """
     for name, module in list(model.named_modules()):
         if not isinstance(module, MoEFFN):
@@ -157,18 +165,36 @@ def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
         wrapper = ExpertParallelMoE(module, ep_size)
         wrapper.set_deepspeed_parallelism()
         n_local = wrapper.num_local_experts
-        first = wrapper.ep_rank * n_local
-        experts = module.experts
-        with torch.no_grad():
-            for stacked, _ in EXPERT_WEIGHTS:
-                full = getattr(experts, stacked)
-                local = nn.Parameter(full[first : first + n_local].clone())
-                local.allreduce, local.group_name = False, wrapper.expert_group_name
-                setattr(experts, stacked, local)
-        experts.n_local, experts.first_expert_id = n_local, first
+        module.experts.shard(wrapper.ep_rank * n_local, n_local)
+        for p in module.experts.parameters():
+            p.allreduce, p.group_name = False, wrapper.expert_group_name
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
     return model
+
+
+def build_model(cfg: Config, device: torch.device) -> nn.Module:
+    """This rank's expert-parallel RDT, never holding more than its own part.
+
+    Built on the meta device, then only the dense parameters and this rank's n_experts/ep_size
+    routed experts are materialised on `device` (in bf16 when training in it) and initialised by
+    `RDT.reset_parameters(train.seed)`, keyed by (seed, parameter name, global expert id): a
+    rank's experts equal the same slice of the ep_size=1 model, and dense parameters are identical
+    on every rank. Applies train.activation_checkpointing.
+    """
+    ep_size = cfg.parallel.ep_size
+    with torch.device("meta"):
+        model = RDT(cfg.model)
+    n_local = cfg.model.n_experts // ep_size
+    first = expert_parallel_rank(ep_size) * n_local
+    for moe in model.moe_layers():
+        moe.experts.shard(first, n_local)
+    if use_bf16(cfg):  # materialised in the dtype DeepSpeed trains in: no fp32 copy on the way
+        model.to(torch.bfloat16)
+    model.to_empty(device=device)
+    model.reset_parameters(cfg.train.seed)
+    model.recurrent.checkpoint_loops = cfg.train.activation_checkpointing == "loop"
+    return parallelize(model, ep_size)
 
 
 def sync_router_biases(model: nn.Module) -> list[torch.Tensor]:

@@ -674,8 +674,8 @@ def export_dir_of(checkpoint: str) -> Path:
 
 
 def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
-    """Download the export a models:/NAME/VERSION or runs:/RUN_ID URI names (a training run: its
-    newest logged export) into
+    """Download the export (one file or shards) a models:/NAME/VERSION or runs:/RUN_ID URI names
+    (a training run: its newest logged export) into
     `export_dir_of(checkpoint)` and return it. Only safetensors and JSON files are accepted (nothing
     downloaded is ever unpickled); `checkpoint.load_exported` reads them."""
     import mlflow.artifacts
@@ -705,11 +705,14 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
         raise FileNotFoundError(
             f"cannot fetch {checkpoint} from MLflow at {tracking_uri}: {e.message}"
         ) from e
-    found = [p for p in fresh.rglob("config.json")]
-    if len(found) != 1 or not (found[0].parent / "model.safetensors").is_file():
+    from mythos_dist.checkpoint import INDEX_FILE, SINGLE_FILE
+
+    found = list(fresh.rglob("config.json"))
+    weights = found and any((found[0].parent / f).is_file() for f in (SINGLE_FILE, INDEX_FILE))
+    if len(found) != 1 or not weights:
         shutil.rmtree(fresh, ignore_errors=True)
         raise FileNotFoundError(
-            f"{checkpoint} is not a mythos export (needs config.json and model.safetensors)"
+            f"{checkpoint} is not a mythos export (needs config.json and {SINGLE_FILE} or {INDEX_FILE})"
         )
     unsafe = [p.name for p in found[0].parent.iterdir() if p.suffix not in (".json", ".safetensors")]
     if unsafe or any(p.is_dir() for p in found[0].parent.iterdir()):

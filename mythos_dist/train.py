@@ -25,7 +25,7 @@ from data_pipeline.batch import Batch, chains_batch, crop_batch
 from mythos_dist import checkpoint
 from mythos_dist.comm import all_reduce_host
 from mythos_dist.config import Config, TaskConfig, to_dict
-from mythos_dist.model import RDT, LoopPolicy, attention_window
+from mythos_dist.model import LoopPolicy, attention_window
 from mythos_dist.objective import (
     answer_forward,
     curriculum_cap,
@@ -35,8 +35,8 @@ from mythos_dist.objective import (
 )
 from mythos_dist.parallel import (
     build_engine,
+    build_model,
     init_distributed,
-    parallelize,
     sync_router_biases,
 )
 from mythos_dist.stability import injection_radius
@@ -181,9 +181,8 @@ def train(
     say = log if rank0 else (lambda *_: None)
     t = cfg.train
 
-    torch.manual_seed(t.seed)  # identical full model on every rank: experts initialised by global id
-    model = RDT(cfg.model)
-    parallelize(model, cfg.parallel.ep_size)
+    torch.manual_seed(t.seed)  # the same random stream (e.g. dropout) on every rank
+    model = build_model(cfg, info.device)  # this rank's part only; init keyed by name and expert id
     engine, ds_cfg = build_engine(model, cfg, info.world_size, say)
     if batches is None:
         batches = default_batches(cfg)

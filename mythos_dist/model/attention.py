@@ -171,6 +171,11 @@ class GQAttention(nn.Module):
         self.dropout, self.window = cfg.dropout, cfg.attn_window
         self.sink_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sink else None
 
+    def reset_parameters(self) -> None:
+        """The sink logits; the projections are Linears, initialised with the model's matrices."""
+        if self.sink_H is not None:
+            nn.init.zeros_(self.sink_H)
+
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
     ) -> torch.Tensor:
@@ -208,6 +213,11 @@ class MLAttention(nn.Module):
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
         self.dropout, self.window = cfg.dropout, cfg.attn_window
         self.sink_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sink else None
+
+    def reset_parameters(self) -> None:
+        """The sink logits; the projections are Linears, initialised with the model's matrices."""
+        if self.sink_H is not None:
+            nn.init.zeros_(self.sink_H)
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str

@@ -8,6 +8,8 @@ an expert-parallel group by all-to-all. The router and experts do not know which
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cache
 
@@ -41,6 +43,12 @@ class Router(nn.Module):
         self.gate = nn.Linear(dim, n_experts, bias=False)
         self.register_buffer("expert_bias", torch.zeros(n_experts))  # persistent: part of the checkpoint
         self.register_buffer("load_E", torch.zeros(n_experts), persistent=False)
+        self.count_load = True  # off while activation checkpointing recomputes a forward
+
+    def reset_parameters(self) -> None:
+        """The buffers; `gate` is a Linear, initialised with the model's matrices."""
+        self.expert_bias.zero_()
+        self.load_E.zero_()
 
     def forward(self, x_ND: torch.Tensor) -> RouterOutput:
         scores_NE = F.softmax(self.gate(x_ND).float(), dim=-1)
@@ -48,7 +56,7 @@ class Router(nn.Module):
         weights_NK = scores_NE.gather(-1, expert_ids_NK)
         weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
         tokens_per_expert_E = torch.bincount(expert_ids_NK.flatten(), minlength=self.n_experts)
-        if self.training:
+        if self.training and self.count_load:
             self.load_E += tokens_per_expert_E
         aux_loss = scores_NE.new_zeros(())
         if self.aux_loss_coef > 0:
@@ -68,6 +76,19 @@ class Router(nn.Module):
             self.expert_bias += self.bias_update_rate * torch.sign(load_E.mean() - load_E)
         self.load_E.zero_()
         return load_E
+
+
+@contextmanager
+def load_counting_paused(module: nn.Module) -> Iterator[None]:
+    """Routers inside `module` do not add to their load: a recomputed forward routes the same tokens again."""
+    routers = [m for m in module.modules() if isinstance(m, Router)]
+    for r in routers:
+        r.count_load = False
+    try:
+        yield
+    finally:
+        for r in routers:
+            r.count_load = True
 
 
 # --------------------------------------------------------------------------- experts
@@ -92,6 +113,12 @@ def _mm_groups(
     a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None
 ) -> torch.Tensor:
     """Grouped product. a (M,K) @ b (G,K,N) -> (M,N) rows grouped; a (K,M) @ b (M,N) -> (G,K,N)."""
+    if a.is_meta:  # shapes only (the memory planner runs the model on the meta device)
+        return (
+            a.new_empty(a.shape[0], b.shape[-1])
+            if b.dim() == 3
+            else a.new_empty(len(offs), a.shape[0], b.shape[1])
+        )
     if counts is None:
         return F.grouped_mm(a, b, offs=offs)
     if b.dim() == 3:
@@ -123,7 +150,7 @@ def grouped_matmul(x_MK: torch.Tensor, w_GKN: torch.Tensor, tokens_per_group_G: 
     aligned = all(s * x_MK.element_size() % 16 == 0 for s in (w_GKN.shape[1], w_GKN.shape[2]))
     fast = aligned and _grouped_mm_works(x_MK.device.type, x_MK.dtype)
     # The fallback needs the split sizes on the host: one sync for all groups, not one per group.
-    counts = None if fast else tokens_per_group_G.tolist()
+    counts = None if fast or x_MK.is_meta else tokens_per_group_G.tolist()
     return _GroupedMatmul.apply(x_MK.contiguous(), w_GKN, offs_G, counts)
 
 
@@ -144,6 +171,22 @@ class GroupedExperts(nn.Module):
         self.n_local, self.first_expert_id, self.hidden = n_local, first_expert_id, hidden
         self.w_in_EDH = nn.Parameter(torch.empty(n_local, dim, 2 * hidden))  # [gate | up] fused
         self.w_out_EHD = nn.Parameter(torch.empty(n_local, hidden, dim))
+
+    def shard(self, first_expert_id: int, n_local: int) -> None:
+        """Keep only global experts [first_expert_id, first_expert_id + n_local) of those held now
+        (on the meta device too, where nothing is copied)."""
+        lo = first_expert_id - self.first_expert_id
+        if lo < 0 or lo + n_local > self.n_local:
+            raise ValueError(
+                f"experts [{first_expert_id}, {first_expert_id + n_local}) are not among the "
+                f"[{self.first_expert_id}, {self.first_expert_id + self.n_local}) held"
+            )
+        if n_local == self.n_local:
+            return
+        with torch.no_grad():
+            for name in ("w_in_EDH", "w_out_EHD"):
+                setattr(self, name, nn.Parameter(getattr(self, name)[lo : lo + n_local].clone()))
+        self.n_local, self.first_expert_id = n_local, first_expert_id
 
     def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
         hidden_MH = swiglu(grouped_matmul(x_MD, self.w_in_EDH, tokens_per_expert_E))

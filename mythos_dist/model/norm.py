@@ -50,6 +50,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.device.type != "cpu":  # torch has fused RMSNorm kernels there
             return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)

@@ -9,11 +9,12 @@ import torch
 from torch import nn
 
 from mythos_dist.config import ModelConfig
-from mythos_dist.model.attention import KVCache, Rope, TokenLayout, rope_rotations
+from mythos_dist.model import init
+from mythos_dist.model.attention import GQAttention, KVCache, MLAttention, Rope, TokenLayout, rope_rotations
 from mythos_dist.model.block import TransformerBlock
-from mythos_dist.model.moe import GroupedExperts, MoEFFN
+from mythos_dist.model.moe import GroupedExperts, MoEFFN, Router
 from mythos_dist.model.norm import RMSNorm
-from mythos_dist.model.recurrent import RecurrentBlock
+from mythos_dist.model.recurrent import DepthLoRA, LTIInjection, RecurrentBlock
 
 
 @dataclass
@@ -39,17 +40,33 @@ class RDT(nn.Module):
         self.reset_parameters()
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
+    def reset_parameters(self, seed: int | None = None) -> None:
+        """Initial weights: N(0, init_std²) matrices (embeddings N(0, embed_init_std²)), zero biases,
+        and every module's constants (norm gains, LTI, LoRA, router buffers).
+
+        seed None: drawn from torch's global RNG in module order. seed given: each tensor from its
+        own generator keyed by (seed, parameter name, global expert id) (`model.init`), so a model
+        materialised from the meta device with only some experts (one expert-parallel rank's) gets
+        exactly the values of the full model there.
+        """
         std = self.cfg.init_std
-        for m in self.modules():
+        for name, m in self.named_modules():
+            prefix = f"{name}." if name else ""
             if isinstance(m, (nn.Linear, nn.Embedding)):
-                nn.init.normal_(m.weight, std=std)
+                init.normal_(m.weight, std, seed, prefix + "weight")
                 if getattr(m, "bias", None) is not None:
                     nn.init.zeros_(m.bias)
             elif isinstance(m, GroupedExperts):
-                nn.init.normal_(m.w_in_EDH, std=std)
-                nn.init.normal_(m.w_out_EHD, std=std)
-        nn.init.normal_(self.embed.weight, std=self.cfg.embed_init_std)
+                for w_name in ("w_in_EDH", "w_out_EHD"):
+                    w = getattr(m, w_name)
+                    if seed is None:  # one draw for the whole stack
+                        init.normal_(w, std, None, prefix + w_name)
+                        continue
+                    for local in range(m.n_local):
+                        init.normal_(w[local], std, seed, prefix + w_name, m.first_expert_id + local)
+            elif isinstance(m, (RMSNorm, LTIInjection, DepthLoRA, Router, GQAttention, MLAttention)):
+                m.reset_parameters()  # constants only; no random draws
+        init.normal_(self.embed.weight, self.cfg.embed_init_std, seed, "embed.weight")
         if self.recurrent.halt is not None:
             nn.init.constant_(self.recurrent.halt.bias, -2.0)  # start by pondering, not halting
 

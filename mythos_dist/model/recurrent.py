@@ -8,16 +8,19 @@ exit, which would desynchronise expert-parallel ranks) and the output is the ACT
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from mythos_dist.config import LoopPolicyConfig, ModelConfig
-from mythos_dist.model.attention import KVCache, Rope, TokenLayout
+from mythos_dist.model.attention import GQAttention, KVCache, MLAttention, Rope, TokenLayout
 from mythos_dist.model.block import TransformerBlock
+from mythos_dist.model.moe import load_counting_paused
 from mythos_dist.model.norm import RMSNorm
 
 
@@ -30,6 +33,11 @@ class LTIInjection(nn.Module):
         self.log_A = nn.Parameter(torch.zeros(dim))
         self.log_dt = nn.Parameter(torch.zeros(1))
         self.B = nn.Parameter(torch.full((dim,), 0.1))
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.log_A)
+        nn.init.zeros_(self.log_dt)
+        nn.init.constant_(self.B, 0.1)
 
     def A(self) -> torch.Tensor:
         """Diagonal of A in fp32, every entry in (0, 1)."""
@@ -59,6 +67,11 @@ class DepthLoRA(nn.Module):
         self.up = nn.Parameter(torch.zeros(rank, dim))  # zero: starts as an exact no-op
         self.scale = nn.Parameter(torch.ones(n_loops, rank))
 
+    def reset_parameters(self) -> None:
+        """The constants; `down` is a Linear, initialised with the model's matrices."""
+        nn.init.zeros_(self.up)
+        nn.init.ones_(self.scale)
+
     def forward(self, x: torch.Tensor, t: int) -> torch.Tensor:
         s = self.scale[min(t, self.scale.shape[0] - 1)]
         return (self.down(x) * s) @ self.up
@@ -81,6 +94,8 @@ class RecurrentBlock(nn.Module):
         self.injection = LTIInjection(cfg.dim)
         self.lora = DepthLoRA(cfg.dim, cfg.lora_rank, cfg.max_loop_iters) if cfg.lora_rank > 0 else None
         self.halt = nn.Linear(cfg.dim, 1) if cfg.act_enabled else None
+        # Activation checkpointing of each loop iteration (set from outside, train.activation_checkpointing).
+        self.checkpoint_loops = False
 
     def step(
         self,
@@ -100,6 +115,27 @@ class RecurrentBlock(nn.Module):
         if self.lora is not None:
             out = out + self.lora(out, t)
         return self.injection(h, e, out), aux
+
+    def _recompute_context(self) -> tuple[AbstractContextManager, AbstractContextManager]:
+        """For torch's checkpoint, called at forward: the recomputation in backward sees the attention
+        windows of the forward (`attention_window` may set them around the forward only), and the
+        routers do not count the same tokens' load again."""
+        layers = [m for m in self.block.modules() if isinstance(m, (GQAttention, MLAttention))]
+        forward_windows = [m.window for m in layers]
+
+        @contextmanager
+        def as_in_forward() -> Iterator[None]:
+            now = [m.window for m in layers]
+            for m, w in zip(layers, forward_windows):
+                m.window = w
+            try:
+                with load_counting_paused(self.block):
+                    yield
+            finally:
+                for m, w in zip(layers, now):
+                    m.window = w
+
+        return nullcontext(), as_in_forward()
 
     def forward(
         self,
@@ -133,7 +169,14 @@ class RecurrentBlock(nn.Module):
         first_grad_loop = n_loops - backprop_loops if backprop_loops > 0 else 0
         for t in range(n_loops):
             with torch.set_grad_enabled(torch.is_grad_enabled() and t >= first_grad_loop):
-                h_next, aux = self.step(h, e, t, rope, layout, cache)
+                if self.checkpoint_loops and torch.is_grad_enabled() and cache is None:
+                    # Only the iteration's inputs are kept; backward runs it again (the same
+                    # collectives in the same order on every rank) as it ran in the forward.
+                    h_next, aux = checkpoint(
+                        self.step, h, e, t, rope, layout, use_reentrant=False, context_fn=self._recompute_context
+                    )  # fmt: skip
+                else:
+                    h_next, aux = self.step(h, e, t, rope, layout, cache)
             result.aux_loss = result.aux_loss + aux
             if track_deltas:
                 result.delta_norms.append((h_next - h).detach().float().norm(dim=-1))

@@ -1,5 +1,5 @@
 """MLflow the way its users see it: a real `mlflow server` on 127.0.0.1, a tiny training job on the
-real shard loader (`mythos train`, system metrics on, the export registered), `mythos register`,
+real shard loader (`mythos train`, system metrics on, the export sharded and registered), `mythos register`,
 `mythos eval` of the registered model (models:/) and of the run (runs:/); then what the REST API
 records (source tags, description, datasets, the logged model with the eval metrics linked, the
 registry) and what a person sees on the run page in headless Chromium (Debian's `chromium`)."""
@@ -36,6 +36,7 @@ def _sets(tmp: Path, url: str) -> list[str]:
         "parallel.ep_size=1",
         "train.steps=8",
         "checkpoint.every=4",
+        "checkpoint.max_shard_size=64KB",  # a sharded export: what models:/ and runs:/ fetch
         f"checkpoint.dir={tmp / 'ckpt'}",
         f"data.remote={tmp / 'shards'}",
         "data.task.n_train=256",
@@ -167,7 +168,9 @@ def test_export_is_the_runs_model_registered_with_eval_metrics_linked(job):
     listed = mlflow.artifacts.list_artifacts(
         artifact_uri=model["info"]["artifact_uri"], tracking_uri=server.url
     )
-    assert sorted(Path(f.path).name for f in listed) == ["config.json", "model.safetensors"]
+    names = sorted(Path(f.path).name for f in listed)
+    assert names == sorted(p.name for p in (tmp / "ckpt" / "export").iterdir())
+    assert "model.safetensors.index.json" in names and sum(n.endswith(".safetensors") for n in names) > 1
     # both versions (the config switch at export, `mythos register` after) are this model
     versions = server.get("registered-models/get-latest-versions", name=MODEL)["model_versions"]
     assert versions and all(v["source"] == f"models:/{out['model_id']}" for v in versions)

@@ -63,6 +63,8 @@ def write(tmp_path: Path, text: str) -> Path:
             ["checkpoint.average_last=2", "checkpoint.every=0"],
             r"checkpoint\.average_last: 2 .* checkpoint\.every=0 writes 1",
         ),
+        (["checkpoint.max_shard_size=2 parsecs"], r"checkpoint\.max_shard_size: not a size: '2 parsecs'"),
+        (["checkpoint.max_shard_size=0B"], r"checkpoint\.max_shard_size: must be > 0, got '0B'"),
         (["nosuch=1"], r"nosuch: unknown key"),
     ],
 )
