@@ -17,20 +17,20 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import math
 import os
 import pickle
 import random
 import re
 import shutil
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
-from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from mythos_dist.comm import all_reduce_host
@@ -415,7 +415,7 @@ def export_run(cfg: Config) -> Path:
     return out
 
 
-class _CheckpointTensors:
+class CheckpointTensors:
     """One DeepSpeed checkpoint's weights in export form (experts keyed by global id), read tensor
     by tensor: the dense file is memory-mapped, each expert file is read when one of its tensors is
     asked for. So an export never holds the model, whatever world/ep size wrote the checkpoint:
@@ -452,6 +452,9 @@ class _CheckpointTensors:
     @property
     def step(self) -> int:
         return int(self.meta["step"])
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        out.copy_(self.get(name))
 
     def get(self, name: str) -> torch.Tensor:
         if name in self._dense:
@@ -532,7 +535,7 @@ def export(
     sources = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not sources:
         raise CheckpointError("no checkpoint to export")
-    readers = [_CheckpointTensors(s) for s in sources]
+    readers = [CheckpointTensors(s) for s in sources]
     first = readers[0]
     for r in readers[1:]:
         diff = config_diff(r.meta["config"]["model"], first.meta["config"]["model"], "model")
@@ -541,6 +544,31 @@ def export(
                 f"cannot average {r.src} with {first.src} (as 'this run'): the model configs differ:\n  "
                 + "\n  ".join(diff)
             )
+
+    def mean(name: str) -> torch.Tensor:
+        tensor = first.get(name)
+        if len(readers) == 1:
+            return tensor
+        total = tensor.double()  # fp64 sums: the mean is exact to fp32
+        for r in readers[1:]:
+            total.add_(r.get(name))
+        return total.div_(len(readers)).to(tensor.dtype)
+
+    steps = [r.step for r in readers]
+    config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": first.meta["config"]["model"]}
+    if len(steps) > 1:
+        config["averaged_steps"] = steps
+    return write_export(((name, mean(name)) for name in first.names), config, out_dir, max_shard_bytes)
+
+
+def write_export(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    config: dict[str, Any],
+    out_dir: str | Path,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Write an export directory from (export key, tensor) pairs consumed one at a time, and its
+    config.json; out_dir is replaced as a whole once complete (a non-export dir is refused)."""
     out = Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
         raise CheckpointError(f"{out} exists and is not an export directory: refusing to replace it")
@@ -548,22 +576,50 @@ def export(
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
     partial.mkdir(parents=True)
     writer = _ShardWriter(partial, max_shard_bytes)
-    for name in first.names:
-        tensor = first.get(name)
-        if len(readers) > 1:
-            total = tensor.double()  # fp64 sums: the mean is exact to fp32
-            for r in readers[1:]:
-                total.add_(r.get(name))
-            tensor = total.div_(len(readers)).to(tensor.dtype)
+    for name, tensor in named_tensors:
         writer.add(name, tensor)
     writer.close()
-    steps = [r.step for r in readers]
-    config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": first.meta["config"]["model"]}
-    if len(steps) > 1:
-        config["averaged_steps"] = steps
     (partial / "config.json").write_text(json.dumps(config, indent=1))
     _replace_dir(partial, out)
     return out
+
+
+def export_keys(model: RDT) -> Iterator[tuple[str, torch.Tensor]]:
+    """(export key, tensor) of a model or one rank's shard of it: stacked local experts become one
+    entry per global id."""
+    for k, v in model.state_dict().items():
+        prefix, _, name = k.rpartition(".experts.")
+        single = dict(_EXPERT_WEIGHTS).get(name)
+        if not (prefix and single):
+            yield k, v
+            continue
+        first = model.get_submodule(f"{prefix}.experts").first_expert_id
+        for i in range(v.shape[0]):
+            yield f"{prefix}.experts.{first + i}.{single}", v[i]
+
+
+def init_export(
+    cfg: Config, out_dir: str | Path, max_shard_bytes: int | None = None, pieces: int = 1
+) -> Path:
+    """A freshly initialised model (keyed by train.seed: training's initial weights) written as an
+    export, built `pieces` parts at a time (the dense part once, then n_experts/pieces experts per
+    part), so no more than one part is ever held."""
+    if cfg.model.n_experts % pieces:
+        raise CheckpointError(f"n_experts={cfg.model.n_experts} is not divisible by {pieces} pieces")
+    n_local = cfg.model.n_experts // pieces
+
+    def parts() -> Iterator[tuple[str, torch.Tensor]]:
+        for r in range(pieces):
+            with torch.device("meta"):
+                model = RDT(cfg.model)
+            for moe in model.moe_layers():
+                moe.experts.shard(r * n_local, n_local)
+            model.to_empty(device="cpu")
+            model.reset_parameters(cfg.train.seed)
+            yield from ((k, v) for k, v in export_keys(model) if r == 0 or _expert_id(k) is not None)
+
+    config = {"format": EXPORT_FORMAT, "step": 0, "model": to_dict(cfg.model), "init_seed": cfg.train.seed}
+    return write_export(parts(), config, out_dir, max_shard_bytes)
 
 
 def _replace_dir(new: Path, dest: Path) -> None:
@@ -608,10 +664,44 @@ def _check_keys(expected: dict[str, tuple[int, ...]], found: dict[str, tuple[int
         raise CheckpointError(f"{where} does not match the model config:\n  " + "\n  ".join(lines))
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}  # fmt: skip
+
+
+def _safetensors_header(f: Path) -> dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]:
+    """name -> (dtype, shape, first byte, end byte) of a safetensors file, from its header only
+    (8-byte length, JSON); every range is checked against the file's size."""
+    try:
+        size = f.stat().st_size
+        with open(f, "rb") as fh:
+            n = int.from_bytes(fh.read(8), "little")
+            if not 0 < n <= size - 8:
+                raise ValueError(f"header length {n} in a file of {size} bytes")
+            header = json.loads(fh.read(n))
+        entries = {}
+        for name, e in header.items():
+            if name == "__metadata__":
+                continue
+            dtype, shape, (lo, hi) = _SAFETENSORS_DTYPES[e["dtype"]], tuple(e["shape"]), e["data_offsets"]
+            nbytes = math.prod(shape) * dtype.itemsize
+            if hi - lo != nbytes or 8 + n + hi > size:
+                raise ValueError(
+                    f"{name}: bytes [{lo}, {hi}) do not hold {shape} {e['dtype']} within the file"
+                )
+            entries[name] = (dtype, shape, 8 + n + lo, 8 + n + hi)
+        return entries
+    except (OSError, ValueError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"cannot read {f}: truncated or corrupt ({e})") from e
+
+
 class ExportReader:
     """An export directory (single model.safetensors, or shards + model.safetensors.index.json),
-    read lazily one tensor at a time: a caller that needs some tensors (a rank's dense part and its
-    own experts) reads only those. bytes_read counts what was read."""
+    read one tensor at a time straight from the files (no memory map): a caller that needs some
+    tensors (a rank's dense part and its own experts) reads only those, and `read_into` reads a
+    tensor's bytes into its destination with no copy in between. bytes_read counts what was read."""
 
     def __init__(self, path: str | Path):
         d = Path(path)
@@ -627,7 +717,6 @@ class ExportReader:
                 f"{d}: unknown export format {saved.get('format')!r}, expected {EXPORT_FORMAT}"
             )
         self.dir, self.saved = d, saved
-        self._handles: dict[Path, Any] = {}
         self.model_cfg = from_dict(ModelConfig, saved["model"], "model")
         if (d / INDEX_FILE).is_file():
             try:
@@ -636,42 +725,168 @@ class ExportReader:
                 raise CheckpointError(f"{d / INDEX_FILE}: not valid JSON ({e})") from e
             if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
                 raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
-            self.file_of = {k: d / f for k, f in index["weight_map"].items()}
-            for f in sorted(set(self.file_of.values())):
+            files = {d / f for f in index["weight_map"].values()}
+            for f in sorted(files):
                 if not f.is_file():
                     raise CheckpointError(f"{d / INDEX_FILE} names {f.name}, which does not exist")
         else:
-            self.file_of = dict.fromkeys(self._open(d / SINGLE_FILE).keys(), d / SINGLE_FILE)
+            files = {d / SINGLE_FILE}
+        self._where = {}  # name -> (file, dtype, shape, first byte, end byte)
+        for f in sorted(files):
+            self._where |= {k: (f, *e) for k, e in _safetensors_header(f).items()}
+        self.names = list(self._where)
+        _check_keys(_expected_export_shapes(self.model_cfg), self.shapes(), d)  # headers only
         self.bytes_read = 0
-
-    def _open(self, f: Path) -> Any:
-        """One safe_open handle per file for the reader's life."""
-        if f not in self._handles:
-            try:
-                self._handles[f] = safe_open(str(f), framework="pt", device="cpu")
-            except (SafetensorError, OSError) as e:
-                raise CheckpointError(f"cannot read {f}: truncated or corrupt ({e})") from e
-        return self._handles[f]
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the files' headers (no tensor data is read)."""
-        return {k: tuple(self._open(f).get_slice(k).get_shape()) for k, f in self.file_of.items()}
+        return {k: w[2] for k, w in self._where.items()}
 
     def get(self, name: str) -> torch.Tensor:
-        f = self.file_of[name]
-        try:
-            tensor = self._open(f).get_tensor(name)
-        except SafetensorError as e:
-            raise CheckpointError(f"cannot read {name} from {f}: truncated or corrupt ({e})") from e
-        self.bytes_read += tensor.numel() * tensor.element_size()
-        return tensor
+        _, dtype, shape, _, _ = self._where[name]
+        out = torch.empty(shape, dtype=dtype)
+        self.read_into(name, out)
+        return out
+
+    def read_into(self, name: str, out: torch.Tensor) -> None:
+        """out := the tensor `name`; read into out's own memory when dtype, shape and layout allow."""
+        f, dtype, shape, lo, hi = self._where[name]
+        if (
+            out.dtype != dtype
+            or tuple(out.shape) != shape
+            or not out.is_contiguous()
+            or out.device.type != "cpu"
+        ):
+            out.copy_(self.get(name))
+            return
+        with open(f, "rb", buffering=0) as fh:
+            fh.seek(lo)
+            dest = memoryview(out.detach().reshape(-1).view(torch.uint8).numpy())
+            got = fh.readinto(dest) if hi > lo else 0
+        if got != hi - lo:
+            raise CheckpointError(
+                f"cannot read {name} from {f}: truncated or corrupt ({got} of {hi - lo} bytes)"
+            )
+        self.bytes_read += hi - lo
+
+
+def upcycle(
+    source_dir: str | Path, out_dir: str | Path, n_experts: int, max_shard_bytes: int | None = None
+) -> Path:
+    """Grow an export's E routed experts to E' = m·E, preserving the function at step 0.
+
+    Each expert's hidden units are split into m experts of expert_dim/m (expert e becomes experts
+    e·m .. e·m+m-1; their output weights are scaled by m), the router's gate rows and balancing
+    bias are repeated (the bias divided by m) and top-k becomes m·k. A token then picks the m
+    pieces of each expert it picked before, each with 1/m of that expert's renormalised weight:
+    the same sum of the same hidden units. Active compute per token is unchanged. Written tensor
+    by tensor; a top-1 source is refused (its unnormalised weight cannot be split so).
+    """
+    reader = ExportReader(source_dir)
+    cfg = reader.model_cfg
+    m = n_experts // cfg.n_experts
+    if n_experts <= cfg.n_experts or n_experts % cfg.n_experts:
+        raise CheckpointError(
+            f"--n-experts {n_experts} must be a multiple > 1 of the export's {cfg.n_experts}"
+        )
+    if cfg.expert_dim % m:
+        raise CheckpointError(f"expert_dim={cfg.expert_dim} is not divisible by the growth factor {m}")
+    if cfg.n_experts_per_tok == 1:
+        raise CheckpointError(
+            "a top-1 source keeps its softmax weight unnormalised: it cannot be split exactly"
+        )
+    h = cfg.expert_dim // m
+
+    def grown() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in reader.names:
+            t, g = reader.get(name), _expert_id(name)
+            if name.endswith(".router.gate.weight"):
+                yield name, t.repeat_interleave(m, dim=0)
+            elif name.endswith(".router.expert_bias"):
+                yield name, t.repeat_interleave(m) / m
+            elif g is None:
+                yield name, t
+            elif name.endswith(".w_in_DH"):  # [gate | up]: the same hidden slice of both halves
+                gate, up = t.chunk(2, dim=-1)
+                for j in range(m):
+                    part = slice(j * h, (j + 1) * h)
+                    yield (
+                        _EXPERT_ID.sub(f".experts.{g * m + j}.w_in_DH", name),
+                        torch.cat([gate[:, part], up[:, part]], -1),
+                    )
+            else:  # w_out_HD
+                for j in range(m):
+                    yield _EXPERT_ID.sub(f".experts.{g * m + j}.w_out_HD", name), t[j * h : (j + 1) * h] * m
+
+    model = dict(
+        reader.saved["model"], n_experts=n_experts, n_experts_per_tok=m * cfg.n_experts_per_tok, expert_dim=h
+    )
+    from_dict(ModelConfig, model, "model").validate()
+    config = dict(
+        reader.saved, model=model, upcycled_from={"dir": str(reader.dir), "n_experts": cfg.n_experts}
+    )
+    return write_export(grown(), config, out_dir, max_shard_bytes)
+
+
+def load_shard(source: ExportReader | CheckpointTensors, ep_size: int = 1, ep_rank: int = 0) -> RDT:
+    """The RDT (CPU, eval mode) holding the dense part and routed experts [r·E/ep, (r+1)·E/ep)
+    only (every expert at ep_size=1), read tensor by tensor from an export or a DeepSpeed
+    checkpoint: another rank's experts are neither allocated nor read. Wrap it with
+    `mythos_dist.parallel.parallelize(model, ep_size)` to run it expert-parallel."""
+    cfg = source.model_cfg
+    if cfg.n_experts % ep_size:
+        raise CheckpointError(f"n_experts={cfg.n_experts} is not divisible by ep_size={ep_size}")
+    n_local = cfg.n_experts // ep_size
+    first = ep_rank * n_local
+    with torch.device("meta"):
+        model = RDT(cfg)
+    for moe in model.moe_layers():
+        moe.experts.shard(first, n_local)
+    model.to_empty(device="cpu")
+    load_into(model, source)
+    persistent = set(model.state_dict())
+    for name, buf in model.named_buffers():  # counters (the router's load since the last step)
+        if name not in persistent:
+            buf.zero_()
+    return model.eval()
+
+
+def load_into(model: RDT, source: ExportReader | CheckpointTensors) -> None:
+    """Copy the source's weights into `model`, the whole RDT or one rank's shard of it (before
+    `parallelize`): the dense tensors and the experts it holds, read tensor by tensor."""
+    diff = config_diff(to_dict(source.model_cfg), to_dict(model.cfg), "model")
+    if diff:
+        raise CheckpointError(
+            f"{getattr(source, 'dir', source)} holds another model:\n  " + "\n  ".join(diff)
+        )
+    targets = model.state_dict(keep_vars=True)  # the parameters and buffers themselves
+    with torch.no_grad():
+        for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoEFFN)):
+            first = moe.experts.first_expert_id
+            for stacked, single in _EXPERT_WEIGHTS:
+                dest = targets.pop(f"{name}.experts.{stacked}")
+                for i in range(dest.shape[0]):
+                    source.read_into(f"{name}.experts.{first + i}.{single}", dest[i])
+        dense = [k for k in source.names if _expert_id(k) is None]
+        if set(dense) != set(targets):
+            raise CheckpointError(f"{getattr(source, 'dir', source)}: dense tensors do not match the model")
+        for k in dense:
+            source.read_into(k, targets[k])
+
+
+_EXPERT_ID = re.compile(r"\.experts\.(\d+)\.(w_in_DH|w_out_HD)$")
+
+
+def _expert_id(key: str) -> int | None:
+    m = _EXPERT_ID.search(key)
+    return None if m is None else int(m.group(1))
 
 
 def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT:
     """Full RDT (all experts, CPU, eval mode) from an export directory; no DeepSpeed involved.
 
     model_cfg: when given, must equal the exported config (mismatched fields are listed).
-    Apply `mythos_dist.parallel.parallelize` afterwards to shard it for any ep_size.
+    One rank's part only: `load_shard(ExportReader(path), ep_size, ep_rank)`.
     """
     reader = ExportReader(path)
     if model_cfg is not None:
@@ -680,14 +895,4 @@ def load_exported(path: str | Path, model_cfg: ModelConfig | None = None) -> RDT
             raise CheckpointError(
                 f"{reader.dir} was exported with another model config:\n  " + "\n  ".join(diff)
             )
-    cfg = reader.model_cfg
-    _check_keys(_expected_export_shapes(cfg), reader.shapes(), reader.dir)
-    tensors = {k: reader.get(k) for k in reader.file_of}
-    model = RDT(cfg)
-    for name, m in model.named_modules():
-        if isinstance(m, MoEFFN):
-            for stacked, single in _EXPERT_WEIGHTS:
-                keys = [f"{name}.experts.{g}.{single}" for g in range(m.n_experts)]
-                tensors[f"{name}.experts.{stacked}"] = torch.stack([tensors.pop(k) for k in keys])
-    model.load_state_dict(tensors, strict=True)
-    return model.eval()
+    return load_shard(reader)

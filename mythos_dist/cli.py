@@ -66,6 +66,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help="the mean of the last K checkpoints (default 1)",
     )
+    it = with_config(sub.add_parser("init", help="a freshly initialised model written as an export"))
+    it.add_argument("--out", required=True, help="export directory")
+    it.add_argument("--max-shard-size", default="2GB", help="shard bound, e.g. 2GB, 500MB (default 2GB)")
+    it.add_argument(
+        "--pieces", type=int, default=1, help="build in this many parts (n_experts/pieces experts each)"
+    )
+    up = sub.add_parser("upcycle", help="grow an export to m·E experts, the same function at step 0")
+    up.add_argument("--checkpoint", required=True, help="export directory")
+    up.add_argument("--n-experts", type=int, required=True, help="new expert count, a multiple of the old")
+    up.add_argument("--out", required=True, help="export directory to write")
+    up.add_argument("--max-shard-size", default="2GB", help="shard bound (default 2GB)")
     tr = with_config(sub.add_parser("train", help="train with DeepSpeed (launch with torchrun, see launch/)"))
     tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
     ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))
@@ -125,6 +136,34 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_init(args: argparse.Namespace) -> int:
+    from mythos_dist import checkpoint
+
+    cfg = load_config(args.config, args.set)
+    shard_bytes = parse_size(args.max_shard_size)
+    if args.pieces < 1 or cfg.model.n_experts % args.pieces:
+        raise ValueError(f"--pieces must divide model.n_experts={cfg.model.n_experts}, got {args.pieces}")
+    out = checkpoint.init_export(cfg, args.out, shard_bytes, args.pieces)
+    print(f"initialised (train.seed={cfg.train.seed}) and wrote {out}")
+    return 0
+
+
+def _cmd_upcycle(args: argparse.Namespace) -> int:
+    from mythos_dist import checkpoint
+
+    shard_bytes = parse_size(args.max_shard_size)
+    try:
+        out = checkpoint.upcycle(args.checkpoint, args.out, args.n_experts, shard_bytes)
+    except checkpoint.CheckpointError as e:  # a bad source or factor is bad input
+        raise ValueError(str(e)) from e
+    m = json.loads((out / "config.json").read_text())["model"]
+    print(
+        f"wrote {out}: {m['n_experts']} experts of expert_dim {m['expert_dim']}, top-{m['n_experts_per_tok']}"
+    )
+    print(f"train on from it: --set train.init_from={out} (and model.* as in {out / 'config.json'})")
+    return 0
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from mythos_dist.checkpoint import CheckpointError
     from mythos_dist.train import TrainingStopped, train
@@ -179,6 +218,8 @@ COMMANDS = {
     "eval": _cmd_eval,
     "spectral": _cmd_spectral,
     "export": _cmd_export,
+    "init": _cmd_init,
+    "upcycle": _cmd_upcycle,
 }
 
 

@@ -277,6 +277,9 @@ class TrainConfig:
     # step's activation memory grows with the loop count only by the (tokens, dim) loop state.
     # Same losses and gradients as "none"; costs about one more forward of the looped block.
     activation_checkpointing: Literal["none", "loop"] = "none"
+    # An export directory to start from instead of the seeded init (e.g. an upcycled model); each
+    # rank reads only its part. A resumed run continues from its checkpoint as always.
+    init_from: str = ""
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):
@@ -299,6 +302,12 @@ class TrainConfig:
             f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
         )
         self.loops.validate(f"{prefix}.loops")
+        if self.init_from:
+            _require(
+                (Path(self.init_from) / "config.json").is_file(),
+                f"{prefix}.init_from",
+                f"{self.init_from} is not an export directory (no config.json)",
+            )
 
 
 @dataclass
@@ -452,6 +461,19 @@ class Config:
             "eval.splits",
             f"unknown split(s) {sorted(unknown)}; configured: {sorted(self.data.task.eval_splits)}",
         )
+        if self.train.init_from:  # the export must hold this model (one JSON read, no weights)
+            import json
+
+            saved = json.loads((Path(self.train.init_from) / "config.json").read_text()).get("model", {})
+            here = json.loads(json.dumps(to_dict(m)))  # tuples as JSON has them
+            diff = [
+                f"model.{k}: export {saved.get(k)!r}, this run {here[k]!r}"
+                for k in here
+                if saved.get(k) != here[k]
+            ]
+            _require(
+                not diff, "train.init_from", f"{self.train.init_from} holds another model: " + "; ".join(diff)
+            )
         if world_size is not None:
             _require(
                 world_size % par.ep_size == 0,

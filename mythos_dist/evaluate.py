@@ -13,6 +13,7 @@ batches — and therefore the predictions — are identical for any world size.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -29,6 +30,7 @@ import torch.distributed as dist
 
 from data_pipeline.batch import Batch, chains_batch
 from mythos_dist.config import Config, ConfigError, load_config, to_dict
+from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.rdt import RDT
 from mythos_dist.objective import answer_forward, answer_positions, valid_positions
 from mythos_dist.tracking import git_commit
@@ -318,21 +320,25 @@ def main_report(eval_dirs: Sequence[str], out_dir: str) -> int:
 # ------------------------------------------------------------------------------------ loading
 
 
-def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
+def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> RDT:
     """The model to evaluate, in eval mode on CPU; `cfg.model` is replaced by the model's own config.
 
-    checkpoint: an export directory (model.safetensors + config.json), or a DeepSpeed checkpoint
-    directory (a run's checkpoint dir with `latest`, or one step_* dir), consolidated into a
-    temporary export first, or an MLflow model (models:/NAME/VERSION, runs:/RUN_ID), downloaded
-    first (safetensors + JSON only). None: a freshly initialised model from cfg.model and
-    cfg.train.seed (the initial weights of training).
+    checkpoint: an export directory (single file or shards + index), or a DeepSpeed checkpoint
+    directory (a run's checkpoint dir with `latest`, or one step_* dir), read tensor by tensor, or
+    an MLflow model (models:/NAME/VERSION, runs:/RUN_ID), downloaded first (safetensors + JSON
+    only) and then read as a local export. None: a freshly initialised model from cfg.model and
+    cfg.train.seed (the initial weights of training). ep_size > 1 (process group joined): this rank
+    holds and reads only the dense part and its own experts, and the model runs expert-parallel.
     """
-    import tempfile
-
     from mythos_dist import checkpoint as ckpt
     from mythos_dist import tracking
 
+    ep = ep_size
     if checkpoint is None:  # the weights training starts from (keyed by train.seed)
+        if ep > 1:
+            from mythos_dist.parallel import build_model
+
+            return build_model(cfg, torch.device("cpu")).eval()
         model = RDT(cfg.model)
         model.reset_parameters(cfg.train.seed)
         return model.eval()
@@ -344,11 +350,13 @@ def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        if (path / "config.json").is_file():
-            model = ckpt.load_exported(path)
+        source = ckpt.ExportReader(path) if (path / "config.json").is_file() else ckpt.CheckpointTensors(path)
+        if ep == 1:
+            model = ckpt.load_shard(source)
         else:
-            with tempfile.TemporaryDirectory(prefix="mythos-export-") as tmp:
-                model = ckpt.load_exported(ckpt.export(path, tmp))
+            from mythos_dist.parallel import expert_parallel_rank, parallelize
+
+            model = parallelize(ckpt.load_shard(source, ep, expert_parallel_rank(ep)), ep)
     except ckpt.CheckpointError as e:
         raise ValueError(str(e)) from e
     longest = cfg.data.task.max_length() + 1
@@ -358,6 +366,19 @@ def load_model(checkpoint: str | Path | None, cfg: Config) -> RDT:
         )
     cfg.model = model.cfg
     return model
+
+
+def _join(cfg: Config) -> tuple[torch.device, int]:
+    """(device, ep_size) to evaluate with. Under torchrun / deepspeed: join the process group (each
+    rank gets a share of samples) and run expert-parallel at parallel.ep_size; alone: the whole
+    model in this process."""
+    if "RANK" not in os.environ:
+        return torch.device("cpu"), 1
+    from mythos_dist.parallel import init_distributed
+
+    device = init_distributed(cfg.parallel.timeout_s).device
+    cfg.validate(dist.get_world_size())  # world size divisible by ep_size
+    return device, cfg.parallel.ep_size
 
 
 def main_eval(
@@ -374,14 +395,16 @@ def main_eval(
     cfg = load_config(config, overrides)
     loops_t = parse_loops(loops) if loops is not None else None
     splits_t = check_splits(cfg, [s.strip() for s in splits.split(",")]) if splits is not None else None
-    model = load_model(checkpoint, cfg)
-    distributed = "RANK" in os.environ  # launched by torchrun / deepspeed: a share of samples per rank
-    if distributed:
-        from mythos_dist.parallel import init_distributed
-
-        model = model.to(init_distributed(cfg.parallel.timeout_s).device)
+    if checkpoint is not None and not Path(checkpoint).exists():  # before joining any process group
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    device, ep_size = _join(cfg)
+    distributed = dist.is_initialized()
+    model = load_model(checkpoint, cfg, ep_size).to(device)
     if checkpoint is None and _dist()[0] == 0:
         print("note: no --checkpoint, evaluating a freshly initialised model", file=sys.stderr)
+    if ep_size > 1 and _dist()[0] == 0:
+        n = model.cfg.n_experts
+        print(f"expert-parallel evaluation: ep_size={ep_size}, {n // ep_size} of {n} experts per rank")
     try:
         res = run_eval(model, cfg, loops_t, splits_t, n_samples, out_dir, checkpoint, parent_run_id)
         if res is not None:
@@ -408,10 +431,21 @@ def main_spectral(
 
     cfg = load_config(config, overrides)
     n = cfg.train.loops.n_loops if n_loops is None else parse_loops([n_loops])[0]
-    model = load_model(checkpoint, cfg)
-    split = cfg.eval.splits[0]
-    ids_BT, valid_BT = spectral_inputs(cfg, split)
-    rep = spectral_report(model, ids_BT, n, valid_BT)
+    if checkpoint is not None and not Path(checkpoint).exists():  # before joining any process group
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    device, ep_size = _join(cfg)  # expert-parallel: every rank runs the same iterations, rank 0 prints
+    try:
+        model = load_model(checkpoint, cfg, ep_size).to(device)
+        split = cfg.eval.splits[0]
+        ids_BT, valid_BT = spectral_inputs(cfg, split)
+        rep = spectral_report(model, ids_BT.to(device), n, valid_BT.to(device))
+        rank = _dist()[0]
+        _barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
     print(f"checkpoint:         {checkpoint or '(fresh init)'}  inputs: {split}, n_loops={n}")
     print(f"rho(A):             {rep['rho_A']:.6f}")
     print(f"Jacobian radius:    {rep['jacobian_radius']:.6f}  (Rayleigh {rep['jacobian_rayleigh']:+.6f})")
@@ -523,19 +557,30 @@ def run_eval(
     store = version_dir / STORE_NAME
 
     start, stop, _ = rank_region(n, world, rank, bs)
+    # Under expert parallelism every forward is collective: each rank runs as many batches as the
+    # busiest one (known to all without communicating), the extra ones on a filler batch whose
+    # results are dropped, so no rank leaves while another still needs its experts.
+    expert_parallel = any(isinstance(m.dispatcher, AllToAllDispatcher) for m in model.moe_layers())
+    regions = [rank_region(n, world, r, bs) for r in range(world)]
+    lockstep = max(math.ceil((b - a) / bs) for a, b, _ in regions) if expert_parallel else 0
     for split in splits:
         if start < stop:
             res = sweep(model, chain_batches(cfg, split, start, stop, bs), loops)
             write_region(store, split, start, res)
+        fillers = lockstep - math.ceil((stop - start) / bs)
+        if fillers > 0:
+            sweep(model, itertools.repeat(next(chain_batches(cfg, split, 0, min(bs, n), bs)), fillers), loops)
+    spectral = None
+    if expert_parallel or rank == 0:  # collective under expert parallelism: every rank joins
+        ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
+        device = next(model.parameters()).device
+        spectral = spectral_report(model, ids_BT.to(device), max(loops), valid_BT.to(device))
     _barrier()
     if rank != 0:
         return None
 
     summary = summarize(store)
     files = write_summary(summary, version_dir)
-    ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
-    device = next(model.parameters()).device
-    spectral = spectral_report(model, ids_BT.to(device), max(loops), valid_BT.to(device))
     (version_dir / "spectral.json").write_text(json.dumps(spectral, indent=2))
     files += [version_dir / "spectral.json", *write_plots(summary, spectral, version_dir)]
     if over_training:

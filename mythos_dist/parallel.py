@@ -193,6 +193,10 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
         model.to(torch.bfloat16)
     model.to_empty(device=device)
     model.reset_parameters(cfg.train.seed)
+    if cfg.train.init_from:  # an export's weights instead (e.g. an upcycled model): this rank's part
+        from mythos_dist.checkpoint import ExportReader, load_into
+
+        load_into(model, ExportReader(cfg.train.init_from))
     model.recurrent.checkpoint_loops = cfg.train.activation_checkpointing == "loop"
     return parallelize(model, ep_size)
 

@@ -87,9 +87,9 @@ class _AllToAll(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
-        out = grad.new_empty(sum(ctx.send_splits), *grad.shape[1:])
-        dist.all_to_all_single(out, grad.contiguous(), ctx.send_splits, ctx.recv_splits, group=ctx.group)
-        return out, None, None, None
+        # Through apply, not a bare collective: differentiable again, so double backward (the
+        # Jacobian-vector products of the stability tools) passes the all-to-all too.
+        return _AllToAll.apply(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
 
 
 class AllToAllDispatcher:

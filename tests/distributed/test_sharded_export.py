@@ -20,9 +20,11 @@ from mythos_dist.checkpoint import (
     ExportReader,
     export,
     load_exported,
+    upcycle,
 )
-from mythos_dist.config import parse_size
-from tests.multiproc import REPO, TINY_MODEL, run, torchrun, worker_env
+from mythos_dist.config import load_config, parse_size
+from mythos_dist.evaluate import chain_batches
+from tests.multiproc import REPO, TINY_MODEL, run, start, torchrun, worker_env
 from tests.reliability._common import logs, run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -89,7 +91,7 @@ def test_streamed_mean_equals_the_fp64_mean(ckpt: Path, tmp_path: Path) -> None:
     mean = ExportReader(export(steps, tmp_path / "mean", max_shard_bytes=SHARD))
     assert json.loads((mean.dir / "config.json").read_text())["averaged_steps"] == [2, 4]
     moved = 0
-    for k in ends[0].file_of:
+    for k in ends[0].names:
         want = ((ends[0].get(k).double() + ends[1].get(k).double()) / 2).float()
         assert torch.equal(mean.get(k), want), k
         moved += not torch.equal(ends[0].get(k), ends[1].get(k))
@@ -207,3 +209,39 @@ def test_shard_sizes_parse_like_hugging_face() -> None:
     ]
     with pytest.raises(ValueError, match="not a size: '2 parsecs'"):
         parse_size("2 parsecs")
+
+
+def test_upcycle_keeps_the_function_and_trains_on_at_a_new_ep_size(ckpt: Path, tmp_path: Path) -> None:
+    """4 trained experts (top-2) -> 8 of half the width (top-4): the same logits at every loop
+    count; then 2-rank EP=2 jobs started from each (train.init_from) log the same first loss."""
+    src = export(ckpt, tmp_path / "src")
+    big = upcycle(src, tmp_path / "big", 8, max_shard_bytes=SHARD)
+    a, b = load_exported(src), load_exported(big)
+    assert (b.cfg.n_experts, b.cfg.n_experts_per_tok, b.cfg.expert_dim) == (8, 4, 8)
+    assert a.state_dict()["recurrent.block.ffn.router.expert_bias"].abs().sum() > 0  # balancing moved
+    cfg = load_config(None, TINY_MODEL)
+    ids = next(chain_batches(cfg, "id", 0, 64, 64))["input_ids"]
+    with torch.no_grad():
+        for n in (1, 2, 4):
+            torch.testing.assert_close(b(ids, n).logits, a(ids, n).logits, rtol=1e-5, atol=1e-5)
+    for bad, why in ((6, "must be a multiple > 1"), (128, "expert_dim=16 is not divisible")):
+        with pytest.raises(CheckpointError, match=why):
+            upcycle(src, tmp_path / "bad", bad)
+    jobs = {}
+    for name, model in (
+        ("src", []),
+        ("big", ["model.n_experts=8", "model.n_experts_per_tok=4", "model.expert_dim=8"]),
+    ):
+        items = [*TINY_MODEL, *model, "train.steps=1", "parallel.ep_size=2", "parallel.zero_stage=2"]
+        items += [f"train.init_from={tmp_path / name}", f"checkpoint.dir={tmp_path / 'ckpt' / name}"]
+        out = tmp_path / f"train_{name}"
+        out.mkdir()
+        cmd = torchrun(2, WORKER, str(out), *(a for i in items for a in ("--set", i)))
+        jobs[name] = (start(cmd, worker_env(tmp_path / name), out / "log.txt"), out)
+    losses = {}
+    for name, (proc, out) in jobs.items():
+        proc.wait(timeout=300)
+        f = out / "summary_rank0.json"
+        assert f.is_file(), (out / "log.txt").read_text()[-3000:]
+        losses[name] = json.loads(f.read_text())["losses"][0]
+    assert losses["big"] == pytest.approx(losses["src"], rel=1e-5)

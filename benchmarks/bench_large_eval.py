@@ -1,0 +1,126 @@
+"""Large checkpoints on this machine: `mythos init` of a scale config as a sharded export, then
+its evaluation at EP=1 (1 rank, the whole model) and EP=2 (2 ranks, each holding the dense part and
+half the experts), each process's peak RSS beside its lower bound (the bytes of what it must hold).
+
+  .venv/bin/python benchmarks/bench_large_eval.py [--config configs/scales/mythos_1b.yaml]
+      [--pieces 4] [--max-shard-size 1GB] [--n-samples 16] [--out runs/bench_large_eval]
+
+Prints a markdown table (and writes OUT/bench_large_eval.json). Lower bounds: init holds one piece
+(dense + n_experts/pieces experts) plus one shard; an evaluating rank holds dense + n_experts/ep
+experts. Peaks are VmHWM (resident set high-water mark) of each process, read at its exit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+# Runs the CLI, then prints this process's peak RSS (a line the benchmark parses).
+WRAPPER = (
+    "import atexit, os, sys\n"
+    "def peak():\n"
+    "    hwm = next(l for l in open('/proc/self/status') if l.startswith('VmHWM:'))\n"
+    "    print(f\"PEAK rank={os.environ.get('RANK', '0')} bytes={int(hwm.split()[1]) * 1024}\", flush=True)\n"
+    "atexit.register(peak)\n"
+    "from mythos_dist.cli import main\n"
+    "sys.exit(main(sys.argv[1:]))\n"
+)
+
+
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[int, int], str]:
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - t
+    if proc.returncode != 0:
+        raise SystemExit(f"failed: {' '.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    peaks = {int(r): int(b) for r, b in re.findall(r"PEAK rank=(\d+) bytes=(\d+)", proc.stdout)}
+    return wall, peaks, proc.stdout
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--config", default="configs/scales/mythos_1b.yaml")
+    ap.add_argument("--pieces", type=int, default=4)
+    ap.add_argument("--max-shard-size", default="1GB")
+    ap.add_argument("--n-samples", type=int, default=16)
+    ap.add_argument("--out", default="runs/bench_large_eval")
+    ap.add_argument("--set", action="append", default=[])
+    args = ap.parse_args()
+
+    from benchmarks.bench_moe import matmul_gflops
+    from mythos_dist.checkpoint import ExportReader
+    from mythos_dist.config import parse_size
+
+    torch.set_num_threads(1)
+    rate = statistics.median(matmul_gflops(1024) for _ in range(5))
+    host = f"cpu={torch.backends.cpu.get_cpu_capability()}, 1-thread fp32 matmul {rate:.1f} GFLOP/s"
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    export = out / "init"
+    env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR="cpu", PYTHONPATH=str(REPO))
+    sets = [a for kv in ["tracking.enabled=false", "train.dtype=fp32", *args.set] for a in ("--set", kv)]
+    wrapper = out / "_peak_wrapper.py"
+    wrapper.write_text(WRAPPER)
+    py = [sys.executable, str(wrapper)]
+    init_cmd = [*py, "init", "--config", args.config, *sets, "--out", str(export)]
+    init_cmd += ["--pieces", str(args.pieces), "--max-shard-size", args.max_shard_size]
+    init_s, init_peak, _ = run(init_cmd, env)
+
+    reader = ExportReader(export)
+    shapes = reader.shapes()
+    cfg = reader.model_cfg
+    nbytes = {k: 4 * torch.Size(s).numel() for k, s in shapes.items()}
+    experts = sum(b for k, b in nbytes.items() if re.search(r"\.experts\.\d+\.", k))
+    dense = sum(nbytes.values()) - experts
+    shard = max(f.stat().st_size for f in export.glob("*.safetensors"))
+    rows = [("init", init_s, init_peak[0], dense + experts / args.pieces + shard)]
+    ev = [
+        "eval",
+        "--config",
+        args.config,
+        *sets,
+        "--checkpoint",
+        str(export),
+        "--n-samples",
+        str(args.n_samples),
+    ]
+    ev += ["--loops", "1,2,4", "--splits", "id", "--out", str(out / "eval")]
+    for ep in (1, 2):
+        if ep == 1:
+            cmd = [*py, *ev]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+            cmd += [str(wrapper), *ev, "--set", f"parallel.ep_size={ep}"]
+        wall, peaks, _ = run(cmd, env)
+        for rank, peak in sorted(peaks.items()):
+            rows.append((f"eval EP={ep}, rank {rank}", wall, peak, dense + experts / ep))
+    print(f"host: {host}, torch {torch.__version__}; {args.config}: {sum(nbytes.values()) / 2**30:.2f} GiB "
+          f"fp32 ({experts / sum(nbytes.values()):.0%} routed experts, {cfg.n_experts} experts); "
+          f"largest shard {shard / 2**30:.2f} GiB ({args.max_shard_size}); eval of {args.n_samples} samples, loops 1,2,4\n")  # fmt: skip
+    print("| step | wall s | peak RSS GiB | lower bound GiB | peak / bound |\n|---|---|---|---|---|")
+    for name, wall, peak, bound in rows:
+        print(f"| {name} | {wall:.1f} | {peak / 2**30:.2f} | {bound / 2**30:.2f} | {peak / bound:.2f}× |")
+    ep1 = max(p for n, _, p, _ in rows if n.startswith("eval EP=1"))
+    ep2 = max(p for n, _, p, _ in rows if n.startswith("eval EP=2"))
+    print(
+        f"\nEP=2 per-rank peak / EP=1 peak: {ep2 / ep1:.3f} (lower bounds: {(dense + experts / 2) / (dense + experts):.3f})"
+    )
+    print(f"init peak - largest shard: {(init_peak[0] - shard) / 2**30:.2f} GiB (target ≤ 1 GiB over the shard: "
+          f"{'met' if init_peak[0] <= shard + 2**30 else 'not met'}); shard bound {parse_size(args.max_shard_size) / 2**30:.2f} GiB")  # fmt: skip
+    (out / "bench_large_eval.json").write_text(json.dumps({"host": host, "rows": rows}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
