@@ -33,7 +33,7 @@ from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.rdt import RDT
 from mythos_dist.objective import answer_forward, answer_positions, valid_positions
-from mythos_dist.tracking import git_commit
+from mythos_dist.tracking import git_commit, is_model_uri
 
 STORE_NAME = "results.zarr"
 
@@ -395,7 +395,8 @@ def main_eval(
     cfg = load_config(config, overrides)
     loops_t = parse_loops(loops) if loops is not None else None
     splits_t = check_splits(cfg, [s.strip() for s in splits.split(",")]) if splits is not None else None
-    if checkpoint is not None and not Path(checkpoint).exists():  # before joining any process group
+    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
+        # before joining any process group (an MLflow model is fetched by load_model)
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     device, ep_size = _join(cfg)
     distributed = dist.is_initialized()
@@ -431,7 +432,8 @@ def main_spectral(
 
     cfg = load_config(config, overrides)
     n = cfg.train.loops.n_loops if n_loops is None else parse_loops([n_loops])[0]
-    if checkpoint is not None and not Path(checkpoint).exists():  # before joining any process group
+    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
+        # before joining any process group (an MLflow model is fetched by load_model)
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     device, ep_size = _join(cfg)  # expert-parallel: every rank runs the same iterations, rank 0 prints
     try:

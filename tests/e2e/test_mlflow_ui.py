@@ -270,3 +270,23 @@ def test_run_page_in_a_real_browser(job, tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 50_000
     if os.environ.get("MYTHOS_SCREENSHOT_DIR"):  # docs/: refresh the committed screenshot
         shutil.copy(shot, Path(os.environ["MYTHOS_SCREENSHOT_DIR"]) / "mlflow_run_page.png")
+
+
+def test_registered_model_evaluated_expert_parallel(job):
+    """`mythos eval --checkpoint models:/...` on 2 ranks at parallel.ep_size=2: each rank fetches the
+    (sharded) export and reads only the dense part and its own experts; the accuracies equal the
+    1-rank evaluation of the same model version."""
+    tmp, server = job["tmp"], job["server"]
+    sets = [*_sets(tmp, server.url), "parallel.ep_size=2"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "mythos_dist.cli", "eval", "--config", "configs/digit_chain.yaml",
+           *(a for s in sets for a in ("--set", s)), "--checkpoint", f"models:/{MODEL}/1",
+           "--out", str(tmp / "eval_ep2")]  # fmt: skip
+    env = worker_env(tmp)
+    env.pop("MLFLOW_TRACKING_URI", None)
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    summary = tmp / "eval_ep2" / "eval-1" / "summary.json"
+    assert summary.is_file(), proc.stdout[-3000:] + proc.stderr[-3000:]
+    ep2 = json.loads(summary.read_text())
+    one = json.loads((tmp / "eval" / "eval-1" / "summary.json").read_text())
+    assert {s: d["acc"] for s, d in ep2["splits"].items()} == {s: d["acc"] for s, d in one["splits"].items()}
