@@ -180,9 +180,15 @@ def _agree(error: Exception | None, root: Path, tag: str) -> None:
 
 
 def save(
-    engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None, lineage: str | None = None
+    engine: Any,
+    cfg: Config,
+    step: int,
+    data_state: dict[str, Any] | None,
+    lineage: str | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Collective: every rank writes its part; `latest` moves only once all parts are on disk.
+    run_id (rank 0's MLflow run) goes into the meta file: a resumed job continues that run.
 
     lineage: names the run (a fresh start and its resumes, see `run_lineage`) in the meta file, so
     pruning and averaging keep to this run's checkpoints when a directory holds another's too.
@@ -204,6 +210,7 @@ def save(
         try:
             world = dist.get_world_size() if dist.is_initialized() else 1
             meta = {"step": step, "world_size": world, "config": to_dict(cfg), "lineage": lineage}
+            meta["mlflow_run_id"] = run_id
             _write_atomic(root / tag / META, json.dumps(meta, indent=1))
             _write_atomic(root / LATEST, tag)
         except OSError as e:
@@ -247,6 +254,12 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
             f"checkpoint {tag_dir} is partial ({META} missing): it was interrupted while saving"
         )
     return read_json(tag_dir / META)
+
+
+def saved_run_id(root: str | Path) -> str | None:
+    """The MLflow run of the job whose checkpoint `latest` names (None: none, or not tracked)."""
+    tag = latest_tag(root)
+    return None if tag is None else read_meta(Path(root) / tag).get("mlflow_run_id")
 
 
 def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:

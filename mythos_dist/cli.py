@@ -45,7 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     ev = with_config(
         sub.add_parser("eval", help="loop-sweep evaluation (any number of ranks under torchrun)")
     )
-    ev.add_argument("--checkpoint", help="export dir or DeepSpeed checkpoint dir (default: fresh init)")
+    ev.add_argument(
+        "--checkpoint",
+        help="export dir, DeepSpeed checkpoint dir, or MLflow model models:/NAME/VERSION or runs:/RUN_ID "
+        "(default: fresh init)",
+    )
     ev.add_argument("--loops", help="comma-separated loop counts, e.g. 1,2,4,8 (default: eval.loops)")
     ev.add_argument("--splits", help="comma-separated eval splits (default: eval.splits)")
     ev.add_argument("--n-samples", type=int, help="samples per split (default: eval.n_samples)")
@@ -84,6 +88,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
     ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))
     ex.add_argument("--nproc", type=int, default=2, help="local training processes (default 2)")
+    rg = with_config(
+        sub.add_parser("register", help="put a training run's export in the MLflow Model Registry")
+    )
+    rg.add_argument("--run-id", required=True, help="the training run (train_summary.json's run_id)")
+    rg.add_argument("--name", required=True, help="registered model name; each call adds a version")
     rp = sub.add_parser("report", help="mean ± std over several eval runs of one recipe (seeds)")
     rp.add_argument("eval_dirs", nargs="+", help="eval-K directories (each holds summary.json)")
     rp.add_argument("--out", required=True, help="directory for the table, JSON and plot")
@@ -197,6 +206,14 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     return run_experiment(args.config, args.set, args.nproc)
 
 
+def _cmd_register(args: argparse.Namespace) -> int:
+    from mythos_dist.tracking import register_model
+
+    uri = register_model(load_config(args.config, args.set).tracking, args.run_id, args.name)
+    print(f"registered {uri}  (evaluate it: mythos eval --config ... --checkpoint {uri})")
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from mythos_dist.evaluate import main_report
 
@@ -205,6 +222,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "report": _cmd_report,
+    "register": _cmd_register,
     "experiment": _cmd_experiment,
     "train": _cmd_train,
     "params": _cmd_params,

@@ -364,9 +364,20 @@ class TrackingConfig:
     uri: str = "sqlite:///runs/mlflow.db"  # MLFLOW_TRACKING_URI overrides
     experiment: str = "digit-chain"
     run_name: str = ""
+    # Logging runs in a background thread: start() waits this long for the run to exist, finish()
+    # for the backlog; a server that hangs never stalls training longer.
+    timeout_s: float = 10.0
+    buffer: int = 10000  # logging calls held while the server is away; then the oldest metrics go
+    # MLflow's system metrics (CPU, memory, GPU where present), one series per node, every interval
+    system_metrics: bool = False
+    system_metrics_interval_s: float = 10.0
+    registered_model: str = ""  # set: each export becomes a new version of this registered model
 
     def validate(self, prefix: str = "tracking") -> None:
         _require(bool(self.experiment), f"{prefix}.experiment", "must be set")
+        _require(self.timeout_s > 0, f"{prefix}.timeout_s", "must be > 0")
+        _require(self.buffer >= 1, f"{prefix}.buffer", "must be ≥ 1")
+        _require(self.system_metrics_interval_s > 0, f"{prefix}.system_metrics_interval_s", "must be > 0")
 
 
 @dataclass

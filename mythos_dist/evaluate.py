@@ -34,7 +34,7 @@ from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.rdt import RDT
 from mythos_dist.objective import answer_forward, answer_positions, valid_positions
-from mythos_dist.tracking import git_commit
+from mythos_dist.tracking import git_commit, is_model_uri
 
 STORE_NAME = "results.zarr"
 
@@ -325,12 +325,14 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
     """The model to evaluate, in eval mode on CPU; `cfg.model` is replaced by the model's own config.
 
     checkpoint: an export directory (single file or shards + index), or a DeepSpeed checkpoint
-    directory (a run's checkpoint dir with `latest`, or one step_* dir), read tensor by tensor.
-    None: a freshly initialised model from cfg.model and cfg.train.seed (the initial weights of
-    training). ep_size > 1 (process group joined): this rank holds and reads only the dense part
-    and its own experts, and the model runs expert-parallel.
+    directory (a run's checkpoint dir with `latest`, or one step_* dir), read tensor by tensor, or
+    an MLflow model (models:/NAME/VERSION, runs:/RUN_ID), downloaded first (safetensors + JSON
+    only) and then read as a local export. None: a freshly initialised model from cfg.model and
+    cfg.train.seed (the initial weights of training). ep_size > 1 (process group joined): this rank
+    holds and reads only the dense part and its own experts, and the model runs expert-parallel.
     """
     from mythos_dist import checkpoint as ckpt
+    from mythos_dist import tracking
 
     ep = ep_size
     if checkpoint is None:  # the weights training starts from (keyed by train.seed)
@@ -341,7 +343,11 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         model = RDT(cfg.model)
         model.reset_parameters(cfg.train.seed)
         return model.eval().requires_grad_(False)
-    path = Path(checkpoint)
+    path = (
+        tracking.fetch_export(checkpoint, cfg.tracking)
+        if tracking.is_model_uri(checkpoint)
+        else Path(checkpoint)
+    )
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
@@ -390,7 +396,8 @@ def main_eval(
     cfg = load_config(config, overrides)
     loops_t = parse_loops(loops) if loops is not None else None
     splits_t = check_splits(cfg, [s.strip() for s in splits.split(",")]) if splits is not None else None
-    if checkpoint is not None and not Path(checkpoint).exists():  # before joining any process group
+    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
+        # before joining any process group (an MLflow model is fetched by load_model)
         raise ConfigError(f"checkpoint {checkpoint} does not exist")
     device, ep_size = _join(cfg)
     distributed = dist.is_initialized()
@@ -426,7 +433,8 @@ def main_spectral(
 
     cfg = load_config(config, overrides)
     n = cfg.train.loops.n_loops if n_loops is None else parse_loops([n_loops])[0]
-    if checkpoint is not None and not Path(checkpoint).exists():  # before joining any process group
+    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
+        # before joining any process group (an MLflow model is fetched by load_model)
         raise ConfigError(f"checkpoint {checkpoint} does not exist")
     device, ep_size = _join(cfg)  # expert-parallel: every rank runs the same iterations, rank 0 prints
     try:
@@ -639,17 +647,21 @@ def _track(
     over_training: list[dict] | None = None,
 ) -> str | None:
     from mythos_dist import checkpoint as ckpt
-    from mythos_dist.tracking import Tracker
+    from mythos_dist import tracking
 
-    tracker = Tracker(cfg.tracking, enabled_on_this_rank=True)
+    tracker = tracking.Tracker(cfg.tracking, enabled_on_this_rank=True)
     # The config as a training run logs it, plus what this evaluation actually ran (CLI overrides).
     run = {k: summary[k] for k in ("loops", "store")} | {"splits": list(summary["splits"])}
     run["checkpoint"] = checkpoint or ""
-    if checkpoint and (Path(checkpoint) / "config.json").is_file():  # an export: whose weights
-        run["weights_of_steps"] = ",".join(map(str, ckpt.exported_steps(checkpoint)))
+    export = tracking.export_dir_of(checkpoint) if tracking.is_model_uri(checkpoint) else checkpoint
+    if export and (Path(export) / "config.json").is_file():  # an export: whose weights
+        run["weights_of_steps"] = ",".join(map(str, ckpt.exported_steps(export)))
     params = to_dict(cfg) | {"eval_run": run}
-    name = f"{Path(checkpoint).name if checkpoint else 'init'}/{version_dir.name}"
-    tracker.start(name, params, parent_run_id=parent_run_id, tags={"kind": "eval"})
+    name = tracking.eval_run_name(checkpoint, version_dir)
+    tracker.start(name, params, parent_run_id=parent_run_id, tags=tracking.eval_tags(name, checkpoint))
+    n = next(iter(summary["splits"].values()))["n"]
+    tracker.log_data(cfg, list(summary["splits"]), from_shards=False, context="evaluation", n_samples=n)
+    tracker.link_model(checkpoint, parent_run_id)  # the metrics below belong to that model
     metrics = {"spectral/rho_A": spectral["rho_A"], "spectral/jacobian_radius": spectral["jacobian_radius"]}
     for split, d in summary["splits"].items():
         metrics |= {acc_metric(split, n): a for n, a in zip(summary["loops"], d["acc"])}

@@ -34,7 +34,7 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     from data_pipeline import shards
     from mythos_dist.checkpoint import exported_steps, read_json
     from mythos_dist.evaluate import format_table, load_model, run_eval, stability_over_training
-    from mythos_dist.tracking import resolve_uri
+    from mythos_dist.tracking import resolve_uri, run_page
 
     cfg = load_config(config, overrides)
     cfg.validate(world_size=nproc)  # every config error before any process, file or shard
@@ -104,4 +104,6 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     print(f"MLflow: {uri}  training run {train_summary['run_id']}, eval run {res.run_id}")
     if uri.startswith("sqlite:"):
         print(f"  open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
+    elif res.run_id and (page := run_page(uri, train_summary["run_id"])):
+        print(f"  training run page: {page}")
     return 0

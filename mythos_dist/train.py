@@ -198,7 +198,7 @@ def train(
     # Which checkpoints in checkpoint.dir are this run's (pruning, averaging): not another run's.
     lineage = checkpoint.run_lineage(cfg.checkpoint.dir) if start else checkpoint.new_lineage()
 
-    from mythos_dist.tracking import Tracker, git_commit
+    from mythos_dist.tracking import Tracker, git_commit, start_node_metrics, training_tags
 
     tracker = Tracker(cfg.tracking, enabled_on_this_rank=rank0)
     hosts: list[str | None] = [None] * info.world_size
@@ -207,7 +207,12 @@ def train(
     run_info = {"world_size": info.world_size, "hosts": ",".join(sorted(set(map(str, hosts)))),
                 "git_commit": git_commit(), "torch_threads": torch.get_num_threads()}  # fmt: skip
     run_name = cfg.tracking.run_name or f"train-w{info.world_size}-ep{cfg.parallel.ep_size}"
-    tracker.start(run_name, {**to_dict(cfg), "run": run_info})
+    # One MLflow run per job: a resumed job continues the run its checkpoint names.
+    resume_run_id = checkpoint.saved_run_id(cfg.checkpoint.dir) if start and rank0 else None
+    tracker.start(run_name, {**to_dict(cfg), "run": run_info}, tags=training_tags(cfg, run_info),
+                  resume_run_id=resume_run_id)  # fmt: skip
+    tracker.log_data(cfg, ["train"], from_shards=not isinstance(batches, ChainBatches), context="training")
+    node_metrics = start_node_metrics(cfg.tracking, tracker)
     policy = LoopPolicy(t.loops, t.seed, t.attn_windows)
     end = t.steps if stop_after_steps is None else min(t.steps, start + stop_after_steps)
     losses: list[float] = []
@@ -347,7 +352,8 @@ def train(
             if stop or done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 watchdog.mark(done, "checkpoint save")
                 state = batches.state_dict() if hasattr(batches, "state_dict") else None
-                summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state, lineage))
+                saved = checkpoint.save(engine, cfg, done, state, lineage, tracker.checkpoint_run_id())
+                summary["checkpoint"] = str(saved)
             if stop:
                 raise TrainingStopped(
                     f"steps {done - in_row + 1}-{done} all had a non-finite loss or gradient "
@@ -361,7 +367,7 @@ def train(
                 break
         if end == t.steps:  # also when resumed at the end: the export follows the config
             summary["export"] = str(checkpoint.export_run(cfg))
-            tracker.log_artifact(f"{summary['export']}/config.json")
+            tracker.log_model(summary["export"], end)
         status = "FINISHED"
     except RuntimeError as e:  # a collective failed (a peer died or went silent): one clear line
         if (lost := watchdog.collective_failed(e)) is None:
@@ -370,7 +376,10 @@ def train(
     finally:
         watchdog.stop()
         preemption.close()
+        if node_metrics is not None:
+            node_metrics.finish()
         tracker.finish(status)
+        summary["run_id"] = tracker.run_id  # the run may have come up after start() stopped waiting
     summary.update(
         end_step=end,
         losses=losses,

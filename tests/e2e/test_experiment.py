@@ -104,3 +104,7 @@ def test_experiment_end_to_end(tmp_path: Path) -> None:
     assert (tmp_path / "eval" / "eval-2" / "accuracy_vs_loops.png").stat().st_size > 1000
     evals = client.search_runs([train_run.info.experiment_id], filter_string="tags.kind = 'eval'")
     assert sorted(r.data.params.get("eval_run.weights_of_steps") for r in evals) == ["3,6", "6"]
+    # one MLflow run per job: the relaunch continued the training run, both evaluations nest under it
+    trains = client.search_runs([train_run.info.experiment_id], filter_string="tags.kind = 'train'")
+    assert [r.info.run_id for r in trains] == [train_run.info.run_id]
+    assert {r.data.tags["mlflow.parentRunId"] for r in evals} == {train_run.info.run_id}

@@ -19,8 +19,8 @@ import pytest
 
 from mythos_dist.config import TrackingConfig
 from mythos_dist.tracking import Tracker
+from tests.mlflow_servers import Server
 from tests.multiproc import free_port
-from tests.unit.test_tracking import Server
 
 HOST_IP, PEER_IP = "10.213.99.1", "10.213.99.2"  # a /30 of our own, on the veth pair only
 

@@ -1,74 +1,19 @@
 """Tracker against a real `mlflow server` (sqlite store) on 127.0.0.1, checked through its REST API."""
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
-from pathlib import Path
 
 import pytest
 
 from mythos_dist.config import Config, TrackingConfig, flatten, to_dict
 from mythos_dist.tracking import Tracker, TrackingWarning, resolve_uri
+from tests.mlflow_servers import HangingProxy, HangingServer, Server
 from tests.multiproc import free_port
-
-MLFLOW = str(Path(sys.executable).parent / "mlflow")
-
-
-class Server:
-    """`mlflow server` on host:port (its own process group); extra_args/env e.g. for the auth app."""
-
-    def __init__(
-        self, root: Path, port: int, host: str = "127.0.0.1", extra_args: tuple[str, ...] = (), env=None
-    ):
-        self.root, self.port, self.proc = root, port, None
-        self.host, self.extra_args, self.env = host, extra_args, env or {}
-        self.url = f"http://{host}:{port}"
-
-    def start(self) -> None:
-        env = os.environ | {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"} | self.env
-        cmd = [MLFLOW, "server", "--workers", "1", "--host", self.host, "--port", str(self.port)]
-        cmd += [*self.extra_args, "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}"]
-        cmd += ["--artifacts-destination", str(self.root / "artifacts")]
-        log = open(self.root / "server.log", "ab")  # noqa: SIM115 - lives as long as the server
-        self.proc = subprocess.Popen(
-            cmd, cwd=self.root, env=env, stdout=log, stderr=log, start_new_session=True
-        )
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                urllib.request.urlopen(f"{self.url}/health", timeout=1)
-                return
-            except (urllib.error.URLError, OSError):
-                assert self.proc.poll() is None, (self.root / "server.log").read_text()[-2000:]
-                time.sleep(0.3)
-        raise TimeoutError("mlflow server did not come up")
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # the group: gunicorn/uvicorn workers too
-            self.proc.wait()
-        self.proc = None
-
-    def get(self, endpoint: str, **params) -> dict:
-        q = urllib.parse.urlencode(params)
-        with urllib.request.urlopen(f"{self.url}/api/2.0/mlflow/{endpoint}?{q}", timeout=10) as r:
-            return json.loads(r.read())
-
-    def metric_history(self, run_id: str, key: str) -> list[tuple[int, float]]:
-        hist = self.get("metrics/get-history", run_id=run_id, metric_key=key)["metrics"]
-        return sorted((m["step"], m["value"]) for m in hist)
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = Server(tmp_path_factory.mktemp("mlflow"), free_port())
+    srv = Server(tmp_path_factory.mktemp("mlflow"))
     srv.start()
     yield srv
     srv.stop()
@@ -172,24 +117,87 @@ def test_sqlite_uri_creates_parent_and_env_overrides(tmp_path, monkeypatch):
     assert resolve_uri(TrackingConfig(uri=uri)) == "http://example.invalid:1"
 
 
-def test_server_outage_warns_once_and_buffered_metrics_arrive(server, monkeypatch):
-    """Last in the module: it kills the shared server and restarts it on the same port and store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+def _timed(fn, *args, **kwargs) -> float:
+    t0 = time.monotonic()
+    fn(*args, **kwargs)
+    return time.monotonic() - t0
+
+
+def test_hanging_server_never_stalls_logging(monkeypatch):
+    """A server that accepts the connection and never answers: start() gives up on the run after
+    tracking.timeout_s, every logging call returns at once, the buffer stays bounded (the oldest
+    metrics are dropped and counted) and finish() is bounded too."""
+    with HangingServer() as hanging:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", hanging.url)
+        cfg = TrackingConfig(experiment="t-hang")
+        cfg.timeout_s, cfg.buffer = 2.0, 20
+        tracker = Tracker(cfg, True, retry_interval_s=0.5)
+        t0 = time.monotonic()
+        run_id = tracker.start("hang", {"a": 1})
+        start_s = time.monotonic() - t0
+        assert run_id is None and start_s < cfg.timeout_s + 3, start_s
+        assert hanging.accepted, "the tracker never connected: this tests a hanging, not a refused, server"
+        call_s = [_timed(tracker.log_metrics, {"loss": float(s), "lr": 0.1}, step=s) for s in range(200)]
+        assert max(call_s) < 0.5, max(call_s)
+        assert tracker.pending <= cfg.buffer
+        assert tracker.dropped_metrics >= 2 * (200 - cfg.buffer)  # two values per step
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            finish_s = _timed(tracker.finish)
+        assert finish_s < cfg.timeout_s + 3, finish_s
+        report = [str(w.message) for w in caught if issubclass(w.category, TrackingWarning)]
+        assert any("dropped from the full buffer" in m for m in report), report
+
+
+def test_refused_connection_does_not_wait_for_the_timeout(monkeypatch):
+    """A server that is simply not there fails fast: start() returns once the first attempt failed,
+    not after tracking.timeout_s."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
-    tracker = Tracker(TrackingConfig(experiment="t-outage"), True, retry_interval_s=0.0)
-    run_id = tracker.start("outage", {"a": 1})
-    tracker.log_metrics({"loss": 0.0}, step=0)
-    server.stop()
-    with warnings.catch_warnings(record=True) as caught:
+    cfg = TrackingConfig(experiment="t-refused", timeout_s=60.0)
+    tracker = Tracker(cfg, True)
+    with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
-        for step in range(1, 5):  # "training" goes on while the server is down
-            tracker.log_metrics({"loss": float(step)}, step=step)
-    outage = [w for w in caught if issubclass(w.category, TrackingWarning)]
-    assert len(outage) == 1, [str(w.message) for w in caught]
-    assert tracker.pending == 4
-    server.start()
-    tracker.log_metrics({"loss": 5.0}, step=5)
-    assert tracker.pending == 0
-    tracker.finish()
-    assert server.metric_history(run_id, "loss") == [(s, float(s)) for s in range(6)]
+        t0 = time.monotonic()
+        assert tracker.start("refused", {"a": 1}) is None
+        assert time.monotonic() - t0 < 20
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        cfg.timeout_s = 1.0
+        tracker.finish()
+
+
+def test_server_that_hangs_mid_run_warns_once_and_buffered_metrics_arrive(server, monkeypatch):
+    """Last in the module but one. The server starts hanging mid-run (a proxy in front of the real
+    server stops answering): logging calls stay fast, one warning is issued, and once the server
+    answers again every buffered metric arrives exactly once, at its step."""
+    proxy = HangingProxy(server.port)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", proxy.url)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "3")
+    cfg = TrackingConfig(experiment="t-outage")
+    cfg.timeout_s = 60.0
+    tracker = Tracker(cfg, True, retry_interval_s=0.5)
+    try:
+        run_id = tracker.start("outage", {"a": 1})
+        assert run_id
+        tracker.log_metrics({"loss": 0.0}, step=0)
+        assert tracker.flush()
+        proxy.hang()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            call_s = []
+            for step in range(1, 11):  # "training" goes on while the server hangs
+                call_s.append(_timed(tracker.log_metrics, {"loss": float(step)}, step=step))
+                time.sleep(0.5)
+            assert max(call_s) < 0.5, call_s
+            assert tracker.pending >= 5  # held back, not lost
+            proxy.recover()
+            tracker.log_metrics({"loss": 11.0}, step=11)
+            assert tracker.flush()
+        outage = [str(w.message) for w in caught if issubclass(w.category, TrackingWarning)]
+        assert len(outage) == 1 and "unreachable" in outage[0], outage
+        tracker.finish()
+    finally:
+        proxy.close()
+    assert server.metric_history(run_id, "loss") == [(s, float(s)) for s in range(12)]
     assert server.get("runs/get", run_id=run_id)["run"]["info"]["status"] == "FINISHED"
