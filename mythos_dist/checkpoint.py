@@ -24,6 +24,7 @@ import random
 import re
 import shutil
 import socket
+import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -73,6 +74,17 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)  # readers see the old or the new content, never a torn file
 
 
+def read_json(path: Path, error: type[Exception] = CheckpointError) -> dict[str, Any]:
+    """A JSON object from a file we wrote; a malformed one raises `error` naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}); the file is corrupt") from e
+    if not isinstance(value, dict):
+        raise error(f"{path}: expected a JSON object, got {type(value).__name__}; the file is corrupt")
+    return value
+
+
 def rng_state() -> dict[str, Any]:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
@@ -116,12 +128,43 @@ def preflight(cfg: Config) -> None:
         )
 
 
+def _save_deepspeed(engine: Any, root: Path, tag: str) -> Exception | None:
+    """engine.save_checkpoint, returning the first write error instead of raising it.
+
+    DeepSpeed's save has collectives of its own (barriers between and after the writes): a rank
+    that raised out of a failed write would meet the others in a different collective and hang
+    (gloo: until parallel.timeout_s). So a failed write of its checkpoint engine is recorded, the
+    rank's remaining writes are skipped, and it goes through the rest of the save like the others.
+    RuntimeError too: torch's zip writer reports a full disk as one.
+    """
+    writer = engine.checkpoint_engine
+    errors: list[Exception] = []
+    write = writer.save
+
+    def write_or_record(state_dict: Any, path: str, *args: Any, **kwargs: Any) -> None:
+        if errors:
+            return
+        try:
+            write(state_dict, path, *args, **kwargs)
+        except (OSError, RuntimeError) as e:
+            errors.append(e)
+
+    writer.save = write_or_record  # an instance attribute shadows the method
+    try:
+        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    except OSError as e:  # a write outside the checkpoint engine
+        errors.append(e)
+    finally:
+        del writer.save
+    return errors[0] if errors else None
+
+
 def _failed_anywhere(error: Exception | None) -> bool:
     """Collective: True on every rank when `error` is set on any rank."""
     return bool(all_reduce_host(torch.tensor([float(error is not None)]), dist.ReduceOp.MAX).item())
 
 
-def _agree(error: OSError | None, root: Path, tag: str) -> None:
+def _agree(error: Exception | None, root: Path, tag: str) -> None:
     """Collective: when a write failed on any rank, every rank raises (none waits at a barrier for
     a rank that gave up) and the partial tag directory is removed; `latest` was not touched."""
     if not _failed_anywhere(error):
@@ -137,28 +180,37 @@ def _agree(error: OSError | None, root: Path, tag: str) -> None:
 
 
 def save(
-    engine: Any, cfg: Config, step: int, data_state: dict[str, Any] | None, run_id: str | None = None
+    engine: Any,
+    cfg: Config,
+    step: int,
+    data_state: dict[str, Any] | None,
+    lineage: str | None = None,
+    run_id: str | None = None,
 ) -> Path:
     """Collective: every rank writes its part; `latest` moves only once all parts are on disk.
     run_id (rank 0's MLflow run) goes into the meta file: a resumed job continues that run.
+
+    lineage: names the run (a fresh start and its resumes, see `run_lineage`) in the meta file, so
+    pruning and averaging keep to this run's checkpoints when a directory holds another's too.
 
     A write error on any rank (disk full, I/O error) raises CheckpointError on every rank and
     leaves no partial directory; a killed save leaves one without META, which resume never reads.
     """
     root = Path(cfg.checkpoint.dir)
     tag = tag_for(step)
-    error = None
-    try:
-        engine.save_checkpoint(str(root), tag=tag, save_latest=False)
-        extra = {"step": step, "data": data_state, "rng": rng_state()}
-        torch.save(extra, root / tag / f"extra_rank{_rank()}.pt")
-    except OSError as e:
-        error = e
+    error = _save_deepspeed(engine, root, tag)
+    if error is None:
+        try:
+            extra = {"step": step, "data": data_state, "rng": rng_state()}
+            torch.save(extra, root / tag / f"extra_rank{_rank()}.pt")
+        except (OSError, RuntimeError) as e:
+            error = e
     _agree(error, root, tag)
     if _rank() == 0:
         try:
             world = dist.get_world_size() if dist.is_initialized() else 1
-            meta = {"step": step, "world_size": world, "config": to_dict(cfg), "mlflow_run_id": run_id}
+            meta = {"step": step, "world_size": world, "config": to_dict(cfg), "lineage": lineage}
+            meta["mlflow_run_id"] = run_id
             _write_atomic(root / tag / META, json.dumps(meta, indent=1))
             _write_atomic(root / LATEST, tag)
         except OSError as e:
@@ -171,15 +223,27 @@ def save(
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    tags = sorted(p for p in root.glob("step_*") if p.is_dir())
-    for old in tags[:-keep_last]:
+    """Keep the last keep_last checkpoints of this run (`run_checkpoints`, up to the one `latest`
+    names, just saved). Another run's tags in this directory (e.g. relaunched with
+    checkpoint.resume=false) are neither counted nor deleted: sorting them in deleted the
+    checkpoint `latest` names. Partial tags before `latest` (killed saves) go."""
+    latest = latest_tag(root)
+    if latest is None:
+        return
+    dead = [p for p in root.glob("step_*") if p.name < latest and not (p / META).is_file()]  # killed saves
+    for old in run_checkpoints(root)[:-keep_last] + dead:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def latest_tag(root: str | Path) -> str | None:
     """Tag named by `latest`, or None when the directory holds no checkpoint yet."""
     pointer = Path(root) / LATEST
-    return pointer.read_text().strip() if pointer.is_file() else None
+    if not pointer.is_file():
+        return None
+    tag = pointer.read_text().strip()
+    if not re.fullmatch(r"step_\d{8}", tag):
+        raise CheckpointError(f"{pointer}: names {tag[:80]!r}, not a step_* tag; the file is corrupt")
+    return tag
 
 
 def read_meta(tag_dir: Path) -> dict[str, Any]:
@@ -189,7 +253,7 @@ def read_meta(tag_dir: Path) -> dict[str, Any]:
         raise CheckpointError(
             f"checkpoint {tag_dir} is partial ({META} missing): it was interrupted while saving"
         )
-    return json.loads((tag_dir / META).read_text())
+    return read_json(tag_dir / META)
 
 
 def saved_run_id(root: str | Path) -> str | None:
@@ -382,6 +446,28 @@ def retained(root: str | Path) -> list[Path]:
     return sorted(p for p in Path(root).glob("step_*") if (p / META).is_file())
 
 
+def run_lineage(root: str | Path) -> str | None:
+    """The lineage of the run `latest` belongs to, for a run resuming it (None: older checkpoints)."""
+    tag = latest_dir(root)
+    return None if tag is None else read_meta(tag).get("lineage")
+
+
+def new_lineage() -> str:
+    """For a run that starts from scratch (fresh weights), whatever the directory holds."""
+    return uuid.uuid4().hex
+
+
+def run_checkpoints(root: str | Path, upto: Path | None = None) -> list[Path]:
+    """The complete checkpoints of the run that `upto` (default: `latest`) belongs to, up to it,
+    oldest first: not another run's left in the same directory (a later tag of a longer run, or
+    one in between, e.g. after a relaunch with checkpoint.resume=false)."""
+    last = latest_dir(root) if upto is None else upto
+    if last is None:
+        return []
+    lineage = read_meta(last).get("lineage")
+    return [p for p in retained(root) if p.name <= last.name and read_meta(p).get("lineage") == lineage]
+
+
 def latest_dir(root: str | Path) -> Path | None:
     """The step dir `latest` names, or None when root holds no checkpoint yet."""
     tag = latest_tag(root)
@@ -389,11 +475,10 @@ def latest_dir(root: str | Path) -> Path | None:
 
 
 def last_checkpoints(checkpoint: str | Path, k: int) -> list[Path]:
-    """The last k complete checkpoints, oldest first, up to `checkpoint`: a step_* dir, or a run's
-    checkpoint dir, meaning its `latest` (not a later tag left by an earlier, longer run)."""
+    """The last k complete checkpoints of one run (`run_checkpoints`), oldest first, up to
+    `checkpoint`: a step_* dir, or a run's checkpoint dir, meaning its `latest`."""
     src = Path(checkpoint)
-    root, upto = (src.parent, src.name) if (src / META).is_file() else (src, latest_tag(src) or "")
-    found = [p for p in retained(root) if p.name <= upto][-k:]
+    found = (run_checkpoints(src.parent, src) if (src / META).is_file() else run_checkpoints(src))[-k:]
     if len(found) < k:
         raise CheckpointError(f"averaging the last {k} checkpoints, but {src} holds {len(found)} complete")
     return found
@@ -635,8 +720,14 @@ def _replace_dir(new: Path, dest: Path) -> None:
 
 def exported_steps(export_dir: str | Path) -> list[int]:
     """The training steps whose weights an export holds: one, or every averaged one."""
-    saved = json.loads((Path(export_dir) / "config.json").read_text())
-    return [int(n) for n in saved.get("averaged_steps", [saved["step"]])]
+    path = Path(export_dir) / "config.json"
+    saved = read_json(path)
+    try:
+        return [int(n) for n in saved.get("averaged_steps", [saved["step"]])]
+    except (KeyError, TypeError, ValueError) as e:
+        raise CheckpointError(
+            f"{path}: no valid 'step' / 'averaged_steps' ({e!r}); the file is corrupt"
+        ) from e
 
 
 def _expected_export_shapes(model_cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -711,11 +802,13 @@ class ExportReader:
             raise CheckpointError(
                 f"{d} is not an export directory (needs config.json and {SINGLE_FILE} or {INDEX_FILE})"
             )
-        saved = json.loads((d / "config.json").read_text())
+        saved = read_json(d / "config.json")
         if saved.get("format") != EXPORT_FORMAT:
             raise CheckpointError(
                 f"{d}: unknown export format {saved.get('format')!r}, expected {EXPORT_FORMAT}"
             )
+        if not isinstance(saved.get("model"), dict):
+            raise CheckpointError(f"{d / 'config.json'}: no 'model' section; the file is corrupt")
         self.dir, self.saved = d, saved
         self.model_cfg = from_dict(ModelConfig, saved["model"], "model")
         if (d / INDEX_FILE).is_file():

@@ -1,10 +1,16 @@
-"""`mythos` command line. Each subcommand validates its input before any expensive work starts."""
+"""`mythos` command line. Each subcommand validates its input before any expensive work starts.
+
+Bad input (ConfigError, DataError: a wrong argument, config value or input file) prints the usage
+and one line, exit 2. A failure inside a run prints one line, exit 1; `--debug` (anywhere on the
+command line) adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 
 from mythos_dist.config import ConfigError, load_config, parse_size
@@ -23,6 +29,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mythos", description="MoE recurrent-depth transformers")
+    parser.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
 
     def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -122,15 +129,15 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from mythos_dist import checkpoint
 
     if args.average_last < 1:
-        raise ValueError(f"--average-last must be ≥ 1, got {args.average_last}")
+        raise ConfigError(f"--average-last must be ≥ 1, got {args.average_last}")
     if not Path(args.checkpoint).exists():
-        raise FileNotFoundError(f"checkpoint {args.checkpoint} does not exist")
+        raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
     shard_bytes = parse_size(args.max_shard_size)
     try:
         sources = checkpoint.last_checkpoints(args.checkpoint, args.average_last)
         out = checkpoint.export(sources, args.out, shard_bytes)
     except checkpoint.CheckpointError as e:  # a bad or untrusted checkpoint is bad input
-        raise ValueError(str(e)) from e
+        raise ConfigError(str(e)) from e
     steps = ", ".join(map(str, checkpoint.exported_steps(out)))
     print(f"exported the weights of step {steps} to {out}")
     return 0
@@ -142,7 +149,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
     cfg = load_config(args.config, args.set)
     shard_bytes = parse_size(args.max_shard_size)
     if args.pieces < 1 or cfg.model.n_experts % args.pieces:
-        raise ValueError(f"--pieces must divide model.n_experts={cfg.model.n_experts}, got {args.pieces}")
+        raise ConfigError(f"--pieces must divide model.n_experts={cfg.model.n_experts}, got {args.pieces}")
     out = checkpoint.init_export(cfg, args.out, shard_bytes, args.pieces)
     print(f"initialised (train.seed={cfg.train.seed}) and wrote {out}")
     return 0
@@ -155,7 +162,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
     try:
         out = checkpoint.upcycle(args.checkpoint, args.out, args.n_experts, shard_bytes)
     except checkpoint.CheckpointError as e:  # a bad source or factor is bad input
-        raise ValueError(str(e)) from e
+        raise ConfigError(str(e)) from e
     m = json.loads((out / "config.json").read_text())["model"]
     print(
         f"wrote {out}: {m['n_experts']} experts of expert_dim {m['expert_dim']}, top-{m['n_experts_per_tok']}"
@@ -166,11 +173,15 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from mythos_dist.checkpoint import CheckpointError
+    from mythos_dist.resilience import EXIT_STUCK, PeerLost
     from mythos_dist.train import TrainingStopped, train
 
     cfg = load_config(args.config, args.set)
     try:
         summary = train(cfg, stop_after_steps=args.stop_after)
+    except PeerLost as e:  # the same status as a rank that the heartbeat watchdog ends
+        print(f"mythos train: error: {e}", file=sys.stderr)
+        return EXIT_STUCK
     except (CheckpointError, TrainingStopped) as e:
         # Explained failures (unwritable/full checkpoint dir, failed save, divergence): no traceback.
         print(f"mythos train: error: {e}", file=sys.stderr)
@@ -191,7 +202,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
     from mythos_dist.experiment import run_experiment
 
     if args.nproc < 1:
-        raise ValueError(f"--nproc must be ≥ 1, got {args.nproc}")
+        raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
     return run_experiment(args.config, args.set, args.nproc)
 
 
@@ -224,16 +235,26 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> int:
+    from data_pipeline.digit_chain import DataError
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args([a for a in argv if a != "--debug"])
     try:
         handler = getattr(args, "handler", None) or COMMANDS[args.command]
         return handler(args) or 0
-    except (ConfigError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, DataError) as e:
         # Bad input: one clear line plus usage, not a traceback.
         parser.print_usage(sys.stderr)
         print(f"mythos {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # a failure inside the run, not the user's input
+        if debug:
+            traceback.print_exc()
+        hint = "" if debug else " (rerun with --debug for the traceback)"
+        print(f"mythos {args.command}: error: {type(e).__name__}: {e}{hint}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -32,7 +32,7 @@ def parse_size(text: str) -> int:
     """'2GB' / '500MB' / '64KiB' / '1024' -> bytes (decimal units, as Hugging Face's max_shard_size)."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(i?)B?\s*", text.upper().replace("IB", "iB"))
     if m is None:
-        raise ValueError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1048576)")
+        raise ConfigError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1048576)")
     base = 1024 if m.group(3) else 1000
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
 

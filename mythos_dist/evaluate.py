@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 
 from data_pipeline.batch import Batch, chains_batch
+from mythos_dist.checkpoint import read_json
 from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.rdt import RDT
@@ -50,10 +51,10 @@ def parse_loops(spec: str | Sequence[Any]) -> tuple[int, ...]:
         if text is not None and text.isascii() and text.isdigit():
             item = int(text)
         if isinstance(item, bool) or not isinstance(item, int) or item < 1:
-            raise ValueError(f"loop counts must be integers ≥ 1, got {item!r}")
+            raise ConfigError(f"loop counts must be integers ≥ 1, got {item!r}")
         out.append(item)
     if not out:
-        raise ValueError("need at least one loop count")
+        raise ConfigError("need at least one loop count")
     return tuple(sorted(set(out)))
 
 
@@ -256,17 +257,17 @@ def aggregate_runs(eval_dirs: Sequence[str | Path]) -> dict[str, Any]:
     """Several evaluations of one recipe (e.g. seeds) -> mean, std, min and max accuracy per split ×
     loop count, plus each run's accuracies. Every run must have the same loop counts and splits."""
     if len(eval_dirs) < 1:
-        raise ValueError("report needs at least one eval directory")
+        raise ConfigError("report needs at least one eval directory")
     runs = []
     for d in eval_dirs:
         path = Path(d) / "summary.json"
         if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: pass eval-K directories written by `mythos eval`")
-        runs.append(json.loads(path.read_text()))
+            raise ConfigError(f"{path} not found: pass eval-K directories written by `mythos eval`")
+        runs.append(read_json(path, ConfigError))
     loops, splits = runs[0]["loops"], list(runs[0]["splits"])
     for d, r in zip(eval_dirs, runs):
         if r["loops"] != loops or list(r["splits"]) != splits:
-            raise ValueError(
+            raise ConfigError(
                 f"{d}: loops {r['loops']} / splits {list(r['splits'])} differ from {eval_dirs[0]}: "
                 f"{loops} / {splits}"
             )
@@ -338,17 +339,17 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         if ep > 1:
             from mythos_dist.parallel import build_model
 
-            return build_model(cfg, torch.device("cpu")).eval()
+            return build_model(cfg, torch.device("cpu")).eval().requires_grad_(False)
         model = RDT(cfg.model)
         model.reset_parameters(cfg.train.seed)
-        return model.eval()
+        return model.eval().requires_grad_(False)
     path = (
         tracking.fetch_export(checkpoint, cfg.tracking)
         if tracking.is_model_uri(checkpoint)
         else Path(checkpoint)
     )
     if not path.exists():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise ConfigError(f"checkpoint {path} does not exist")
     try:
         source = ckpt.ExportReader(path) if (path / "config.json").is_file() else ckpt.CheckpointTensors(path)
         if ep == 1:
@@ -358,14 +359,14 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
 
             model = parallelize(ckpt.load_shard(source, ep, expert_parallel_rank(ep)), ep)
     except ckpt.CheckpointError as e:
-        raise ValueError(str(e)) from e
+        raise ConfigError(str(e)) from e
     longest = cfg.data.task.max_length() + 1
     if model.cfg.max_seq_len < longest:
         raise ConfigError(
             f"{path}: model.max_seq_len={model.cfg.max_seq_len} < longest eval input ({longest})"
         )
     cfg.model = model.cfg
-    return model
+    return model.requires_grad_(False)  # evaluated, never trained: no weight gradients (the spectral tools)
 
 
 def _join(cfg: Config) -> tuple[torch.device, int]:
@@ -397,7 +398,7 @@ def main_eval(
     splits_t = check_splits(cfg, [s.strip() for s in splits.split(",")]) if splits is not None else None
     if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
         # before joining any process group (an MLflow model is fetched by load_model)
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise ConfigError(f"checkpoint {checkpoint} does not exist")
     device, ep_size = _join(cfg)
     distributed = dist.is_initialized()
     model = load_model(checkpoint, cfg, ep_size).to(device)
@@ -434,7 +435,7 @@ def main_spectral(
     n = cfg.train.loops.n_loops if n_loops is None else parse_loops([n_loops])[0]
     if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
         # before joining any process group (an MLflow model is fetched by load_model)
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+        raise ConfigError(f"checkpoint {checkpoint} does not exist")
     device, ep_size = _join(cfg)  # expert-parallel: every rank runs the same iterations, rank 0 prints
     try:
         model = load_model(checkpoint, cfg, ep_size).to(device)
@@ -467,7 +468,7 @@ def stability_over_training(
     from mythos_dist import checkpoint as ckpt
     from mythos_dist.stability import spectral_report
 
-    tags = ckpt.retained(checkpoint_dir)
+    tags = ckpt.run_checkpoints(checkpoint_dir)
     if not tags:
         raise ValueError(f"{checkpoint_dir}: no complete step_* checkpoint")
     ids_BT, valid_BT = spectral_inputs(cfg, cfg.eval.splits[0])
@@ -526,7 +527,6 @@ def run_eval(
     Returns the result on rank 0 and None elsewhere. Arguments left None come from cfg.eval.
     over_training: `stability_over_training` rows, written, plotted and tracked with the results.
     """
-    from mythos_dist.plots import write_plots
     from mythos_dist.stability import spectral_report
 
     loops = parse_loops(cfg.eval.loops if loops is None else loops)
@@ -534,11 +534,11 @@ def run_eval(
     n = cfg.eval.n_samples if n_samples is None else n_samples
     bs = cfg.eval.batch_size if batch_size is None else batch_size
     if not isinstance(n, int) or not 1 <= n <= cfg.data.task.n_eval:
-        raise ValueError(
+        raise ConfigError(
             f"n_samples must be an integer in [1, data.task.n_eval={cfg.data.task.n_eval}], got {n!r}"
         )
     if not isinstance(bs, int) or bs < 1:
-        raise ValueError(f"batch_size must be an integer ≥ 1, got {bs!r}")
+        raise ConfigError(f"batch_size must be an integer ≥ 1, got {bs!r}")
     rank, world = _dist()
 
     # Rank 0 picks the version directory and creates the store; the others learn its name.
@@ -578,8 +578,38 @@ def run_eval(
         device = next(model.parameters()).device
         spectral = spectral_report(model, ids_BT.to(device), max(loops), valid_BT.to(device))
     _barrier()
-    if rank != 0:
-        return None
+    # Rank 0 summarises, plots and tracks; every rank learns whether that worked, so none is left
+    # waiting for a rank that failed (e.g. at main_eval's closing barrier) and all end with the error.
+    result: EvalResult | None = None
+    error: Exception | None = None
+    if rank == 0:
+        try:
+            result = _report(cfg, version_dir, store, spectral, checkpoint, parent_run_id, over_training)
+        except Exception as e:
+            error = e
+    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
+    if world > 1:
+        dist.broadcast_object_list(outcome, src=0)
+    if error is not None:
+        raise error
+    if outcome[0] is not None:
+        raise RuntimeError(
+            f"evaluation failed on rank 0 while writing the results in {version_dir}: {outcome[0]}"
+        )
+    return result
+
+
+def _report(
+    cfg: Config,
+    version_dir: Path,
+    store: Path,
+    spectral: dict[str, Any],
+    checkpoint: str | None,
+    parent_run_id: str | None,
+    over_training: list[dict] | None,
+) -> EvalResult:
+    """Rank 0, after every rank wrote its region: summary, spectral report file, plots, MLflow."""
+    from mythos_dist.plots import write_plots
 
     summary = summarize(store)
     files = write_summary(summary, version_dir)

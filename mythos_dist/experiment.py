@@ -9,7 +9,6 @@ launch/; nothing here is specific to one machine.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -33,7 +32,7 @@ def _check_writable(path: Path, what: str) -> None:
 
 def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     from data_pipeline import shards
-    from mythos_dist.checkpoint import exported_steps
+    from mythos_dist.checkpoint import exported_steps, read_json
     from mythos_dist.evaluate import format_table, load_model, run_eval, stability_over_training
     from mythos_dist.tracking import resolve_uri, run_page
 
@@ -63,7 +62,7 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     if not summary_path.is_file():
         print(f"training failed (exit code {rc}); checkpoints so far are in {ckpt_dir}", file=sys.stderr)
         return rc or 1
-    train_summary = json.loads(summary_path.read_text())
+    train_summary = read_json(summary_path)
     train_s = time.perf_counter() - t0
 
     steps = exported_steps(train_summary["export"])

@@ -201,17 +201,22 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     return parallelize(model, ep_size)
 
 
-def sync_router_biases(model: nn.Module) -> list[torch.Tensor]:
+def sync_router_biases(model: nn.Module, update: bool = True) -> list[torch.Tensor]:
     """Balancing step from the load summed over all ranks, so biases stay identical everywhere.
 
     Returns that global load (assignments per expert since the last step) per MoE layer.
+    update=False (a skipped step): the load is returned and reset, the biases stay as they are.
     """
     loads = []
     for moe in model.moe_layers():
         load_E = moe.router.load_E.clone()
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_reduce(load_E)
-        loads.append(moe.router.update_bias(load_E))
+        if update:
+            load_E = moe.router.update_bias(load_E)
+        else:
+            moe.router.load_E.zero_()
+        loads.append(load_E)
     return loads
 
 

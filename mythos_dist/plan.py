@@ -15,9 +15,10 @@ W ranks, expert groups over the W/ep_size ranks holding the same experts):
                 gradient partition into a new tensor (+ an fp32 copy in bf16), AdamW makes two fp32
                 tensors of its size
   activations   per micro batch (micro_batch_size × seq_len tokens, at the most loops a step draws):
-                every tensor autograd saves, counted by running the model's forward on the meta
-                device; with train.activation_checkpointing=loop, what is saved outside the loop
-                iterations, their (tokens, dim) loop states, and one iteration recomputed in backward
+                every tensor autograd saves (but the parameters), counted by running the model's
+                forward on the meta device, plus backward's working set (one loop iteration's worth);
+                with train.activation_checkpointing=loop, what is saved outside the iterations
+                (incl. their (tokens, dim) inputs), one iteration recomputed, and that working set
 
 A step's peak is everything but activations and step temporaries, plus the larger of those two;
 the job's peak is the larger of that and the engine build's (flattening a group copies it once).
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
-from mythos_dist.config import Config, ModelConfig, load_config
+from mythos_dist.config import Config, ConfigError, ModelConfig, load_config
 from mythos_dist.model import RDT
 from mythos_dist.model.attention import _SMALL_ATTENTION
 from mythos_dist.model.moe import GroupedExperts
@@ -106,7 +107,7 @@ def parse_bytes(text: str) -> int:
     """'80GB', '80GiB', '24 G', '1.5TB' -> bytes (powers of 2: GB = GiB, as device memory is quoted)."""
     m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMGT]?)(i?B)?\s*", text, re.IGNORECASE)
     if m is None:
-        raise ValueError(f"--device-mem {text!r}: expected a size such as 80GB, 24GiB or 512MB")
+        raise ConfigError(f"--device-mem {text!r}: expected a size such as 80GB, 24GiB or 512MB")
     return int(float(m.group(1)) * 1024 ** "KMGT".find(m.group(2).upper()) * (1024 if m.group(2) else 1))
 
 
@@ -185,12 +186,15 @@ def _register_meta_kernels() -> None:
 def _saved_bytes(
     model: RDT, batch: int, seq_len: int, n_loops: int, backprop_loops: int, device_type: str
 ) -> int:
-    """Bytes of the distinct storages autograd saves in one forward on the meta device."""
+    """Bytes of the distinct storages autograd saves in one forward on the meta device, less the
+    parameters it saves (resident anyway)."""
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
     storages: dict[int, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         s = t.untyped_storage()
-        storages[s._cdata] = s.nbytes()
+        if s._cdata not in params:
+            storages[s._cdata] = s.nbytes()
         return t
 
     ids = torch.zeros(batch, seq_len, dtype=torch.long, device="meta")
@@ -226,6 +230,27 @@ def _attend_matmul_on_meta(
         attention._attend = real
 
 
+def saved_bytes(
+    model_cfg: ModelConfig,
+    batch: int,
+    seq_len: int,
+    n_loops: int,
+    backprop_loops: int = 0,
+    checkpointing: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device_type: str = "cuda",
+) -> int:
+    """Bytes a training forward saves for backward (parameters excluded), micro batch of
+    batch × seq_len tokens, every token counted; run on the meta device."""
+    _register_meta_kernels()
+    # Dropless: every routed copy is kept (an upper bound with a capacity factor).
+    cfg = dataclasses.replace(model_cfg, capacity_factor=0.0)
+    with torch.device("meta"):
+        model = RDT(cfg).to(dtype).train()
+    model.recurrent.checkpoint_loops = checkpointing
+    return _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
+
+
 def activation_bytes(
     model_cfg: ModelConfig,
     batch: int,
@@ -236,24 +261,15 @@ def activation_bytes(
     dtype: torch.dtype = torch.float32,
     device_type: str = "cuda",
 ) -> int:
-    """Activation bytes a training forward keeps for backward (micro batch of batch × seq_len
-    tokens, every token counted); with checkpointing, also the one iteration recomputed at a time."""
-    _register_meta_kernels()
-    # Dropless: every routed copy is kept (an upper bound with a capacity factor).
-    cfg = dataclasses.replace(model_cfg, capacity_factor=0.0)
-    with torch.device("meta"):
-        model = RDT(cfg).to(dtype).train()
-    if not checkpointing:
-        return _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
-    # Outside the iterations, incl. each iteration's inputs (loop state h, injected e) that the
-    # checkpoint saves; plus one iteration's own saved tensors while backward recomputes it.
-    model.recurrent.checkpoint_loops = True
-    outside = _saved_bytes(model, batch, seq_len, n_loops, backprop_loops, device_type)
-    model.recurrent.checkpoint_loops = False
-    one_iteration = _saved_bytes(model, batch, seq_len, 2, 1, device_type) - _saved_bytes(
-        model, batch, seq_len, 1, 1, device_type
+    """Activation memory of a training step's forward + backward: what the forward saves, plus
+    backward's working set, taken as one loop iteration's saved tensors (the gradients it holds
+    at a time). With checkpointing, the forward saves the iterations' inputs only, and backward
+    recomputes one iteration at a time: one more iteration's worth."""
+    one_iteration = saved_bytes(model_cfg, batch, seq_len, 2, 0, False, dtype, device_type) - saved_bytes(
+        model_cfg, batch, seq_len, 1, 0, False, dtype, device_type
     )
-    return outside + one_iteration
+    saved = saved_bytes(model_cfg, batch, seq_len, n_loops, backprop_loops, checkpointing, dtype, device_type)
+    return saved + (2 if checkpointing else 1) * one_iteration
 
 
 # --------------------------------------------------------------------------- the plan
@@ -264,11 +280,11 @@ def plan(cfg: Config, world_size: int, seq_len: int | None = None, device_type: 
     training would refuse). seq_len: tokens per sample (default model.max_seq_len)."""
     cfg.validate(world_size=world_size)
     if device_type not in ("cuda", "cpu"):
-        raise ValueError(f"device type must be cuda or cpu, got {device_type!r}")
+        raise ConfigError(f"device type must be cuda or cpu, got {device_type!r}")
     m, par, t = cfg.model, cfg.parallel, cfg.train
     seq_len = seq_len or m.max_seq_len
     if seq_len < 1:
-        raise ValueError(f"sequence length must be ≥ 1, got {seq_len}")
+        raise ConfigError(f"sequence length must be ≥ 1, got {seq_len}")
     ep, stage, W = par.ep_size, par.zero_stage, world_size
     b = _elem_bytes(t.dtype)
     with torch.device("meta"):
@@ -369,7 +385,7 @@ def add_plan_command(sub: Any) -> None:
 
 def _cmd_plan(args: argparse.Namespace) -> int:
     if args.world_size < 1:
-        raise ValueError(f"--world-size must be ≥ 1, got {args.world_size}")
+        raise ConfigError(f"--world-size must be ≥ 1, got {args.world_size}")
     device_mem = parse_bytes(args.device_mem) if args.device_mem else None
     cfg = load_config(args.config, args.set)
     p = plan(cfg, args.world_size, args.seq_len, args.device_type)

@@ -39,6 +39,7 @@ from mythos_dist.parallel import (
     init_distributed,
     sync_router_biases,
 )
+from mythos_dist.resilience import PeerWatchdog, Preemption
 from mythos_dist.stability import injection_radius
 
 
@@ -129,16 +130,18 @@ def _any_nonfinite_grad(engine: Any) -> bool:
 def _step_without_update(engine: Any) -> None:
     """engine.step() with the optimizer's update disabled, for ZeRO-0 in fp32, where DeepSpeed has
     no overflow check and would apply non-finite gradients. Gradients are zeroed first since its
-    clipping still runs on them. Parameters and AdamW moments stay untouched (the LR schedule
-    advances)."""
+    clipping still runs on them. Parameters and AdamW moments stay untouched, and the optimizer
+    reports an overflow, so DeepSpeed leaves the LR schedule where it was and was_step_applied()
+    is False: what ZeRO-1/2 do with a non-finite gradient."""
     for p in engine.module.parameters():
         if p.grad is not None:
             p.grad.zero_()
     engine.optimizer.step = lambda *_, **__: None  # an instance attribute shadows the method
+    engine.optimizer.overflow = True  # read by DeepSpeed's _take_model_step
     try:
         engine.step()
     finally:
-        del engine.optimizer.step
+        del engine.optimizer.step, engine.optimizer.overflow
 
 
 def default_batches(cfg: Config) -> BatchSource:
@@ -162,7 +165,8 @@ def train(
     on_step: Callable[[StepInfo], None] | None = None,
 ) -> dict[str, Any]:
     """Train (resuming from checkpoint.dir/latest when enabled); returns a summary on every rank:
-    per-step losses, final loss/acc, tokens/s, checkpoint and export paths, MLflow run id, the
+    per-step losses, final loss/acc, tokens (valid ones, all ranks) and tokens/s over train_s at
+    the last log step, checkpoint and export paths, MLflow run id, the
     DeepSpeed config used, and `model`, the trained (expert-parallel) module for in-process use.
 
     stop_after_steps: leave after that many steps of this call (after checkpointing), e.g. to fit
@@ -191,6 +195,8 @@ def train(
         batches.load_state_dict(data_state)
     if start:
         say(f"resumed from {cfg.checkpoint.dir} at step {start}")
+    # Which checkpoints in checkpoint.dir are this run's (pruning, averaging): not another run's.
+    lineage = checkpoint.run_lineage(cfg.checkpoint.dir) if start else checkpoint.new_lineage()
 
     from mythos_dist.tracking import Tracker, git_commit, start_node_metrics, training_tags
 
@@ -221,9 +227,11 @@ def train(
     if start:
         summary["checkpoint"] = str(checkpoint.latest_dir(cfg.checkpoint.dir))
     status = "FAILED"
+    watchdog = PeerWatchdog(cfg.parallel.timeout_s, info.rank, [str(h) for h in hosts])
+    preemption = Preemption()  # SIGTERM: checkpoint at the next step boundary, then stop
     try:
         it = iter(batches)
-        t0, tokens = time.perf_counter(), 0.0
+        t0, tokens = time.perf_counter(), 0  # this rank's valid tokens (up to each EQ), this launch
         engine.train()
         for step in range(start, end):
             choice = policy(step)
@@ -233,8 +241,8 @@ def train(
             stats_S.zero_()  # loss sum, ce sum, correct, samples, non-finite losses (this rank)
             sample_ids: list[int] = []
             longest_chain = 0  # in this rank's micro batches of the step, after any cropping
-            dropped = False
             for micro in range(t.grad_accum_steps):
+                watchdog.mark(step + 1, f"micro batch {micro + 1} (forward, backward, optimizer step)")
                 last_micro = micro == t.grad_accum_steps - 1
                 try:
                     batch = next(it)
@@ -262,7 +270,6 @@ def train(
                     loss = loss * float("nan")
                 engine.backward(loss)
                 if last_micro and cfg.parallel.zero_stage == 0 and _any_nonfinite_grad(engine):
-                    dropped = True
                     _step_without_update(engine)
                 else:
                     engine.step()
@@ -270,8 +277,11 @@ def train(
                     [loss.item(), m["ce"].item(), m["correct"].item(), m["n"].item(), not finite]
                 )
                 sample_ids += batch["sample_id"].tolist()
-                tokens += batch["input_ids"].numel()
-            loads = sync_router_biases(engine.module)
+                tokens += int(valid_positions(batch["loss_mask"]).sum())  # the padding is skipped
+            watchdog.mark(step + 1, "router balancing and step statistics")
+            skipped = not engine.was_step_applied()  # the same on every rank
+            # A skipped step leaves the router biases too: the loads came from a non-finite forward.
+            loads = sync_router_biases(engine.module, update=not skipped)
             global_S = all_reduce_host(stats_S)
             n_micro = t.grad_accum_steps * info.world_size
             step_loss = global_S[0].item() / n_micro
@@ -279,7 +289,6 @@ def train(
             norm = engine.get_global_grad_norm()  # None at ZeRO-0: a plain torch optimizer reports none
             grad_norms.append(math.nan if norm is None else float(norm))
             done = step + 1
-            skipped = dropped or not engine.was_step_applied()
             if skipped:
                 skipped_steps.append(done)
                 in_row += 1
@@ -292,7 +301,8 @@ def train(
                 in_row = 0
             if log_now:
                 elapsed = time.perf_counter() - t0
-                tok_s = tokens * info.world_size / elapsed
+                all_tokens = int(all_reduce_host(torch.tensor([tokens], dtype=torch.float64)).item())
+                tok_s = all_tokens / elapsed
                 metrics = {
                     "loss": step_loss,
                     "ce": global_S[1].item() / n_micro,
@@ -331,15 +341,19 @@ def train(
                     f"lr {metrics['lr']:.2e}  gnorm {grad_norms[-1]:.3f}  loops {choice.n_loops}  tok/s {tok_s:,.0f}  eta {_fmt_time(eta)}"
                 )
                 tracker.log_metrics(metrics, step=done)
-                summary.update(final_acc=metrics["acc"], tokens_per_s=tok_s)
+                summary.update(
+                    final_acc=metrics["acc"], tokens_per_s=tok_s, tokens=all_tokens, train_s=elapsed
+                )
             if on_step is not None:
                 on_step(StepInfo(done, sample_ids, skipped, step_loss, engine.module))
             stop = in_row >= t.max_nonfinite_steps
+            if preemption.requested():  # collective: the same answer on every rank
+                summary["preempted"], end = True, done  # checkpointed below, then the loop ends
             if stop or done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+                watchdog.mark(done, "checkpoint save")
                 state = batches.state_dict() if hasattr(batches, "state_dict") else None
-                summary["checkpoint"] = str(
-                    checkpoint.save(engine, cfg, done, state, tracker.checkpoint_run_id())
-                )
+                run_id = tracker.checkpoint_run_id()
+                summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state, lineage, run_id))
             if stop:
                 raise TrainingStopped(
                     f"steps {done - in_row + 1}-{done} all had a non-finite loss or gradient "
@@ -347,11 +361,21 @@ def train(
                     f"{summary['checkpoint']} holds the last good state (that of step {done - in_row}). "
                     "Lower train.lr or train.grad_clip, or check the data, then resume"
                 )
+            if summary.get("preempted"):
+                say(f"step {done}: {preemption.received or 'SIGTERM on another rank'}: saved "
+                    f"{summary['checkpoint']}, stopping; launch again to resume")  # fmt: skip
+                break
         if end == t.steps:  # also when resumed at the end: the export follows the config
             summary["export"] = str(checkpoint.export_run(cfg))
             tracker.log_model(summary["export"], end)
         status = "FINISHED"
+    except RuntimeError as e:  # a collective failed (a peer died or went silent): one clear line
+        if (lost := watchdog.collective_failed(e)) is None:
+            raise
+        raise lost from e
     finally:
+        watchdog.stop()
+        preemption.close()
         if node_metrics is not None:
             node_metrics.finish()
         tracker.finish(status)

@@ -51,10 +51,13 @@ def torchrun(nproc: int, script: Path | str, *args: str, extra: list[str] | None
 
 
 def run(cmd: list[str], env: dict[str, str], log: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    """Run to completion with stdout+stderr in `log`; callers check the files the workers wrote
-    (a rank occasionally aborts at interpreter exit after finishing its work)."""
+    """Run to completion with stdout+stderr in `log`; a non-zero exit code (of the launcher: torchrun
+    fails when any rank does) raises AssertionError with the log's tail. Workers leave the process
+    group before exiting, so a rank does not abort at interpreter exit."""
     with open(log, "w") as f:
-        return subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+        proc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=timeout, cwd=REPO)
+    assert proc.returncode == 0, f"exit code {proc.returncode}: {cmd}\n{log.read_text()[-4000:]}"
+    return proc
 
 
 def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:

@@ -1,7 +1,7 @@
 """DeepSeekMoE-style FFN as separate small pieces: router → token dispatcher → experts → combine.
 
-The router picks top-k routed experts per token (renormalised weights); shared experts see every
-token. Tokens are grouped per expert by a dispatcher (`dispatch.py`): locally by sorting, or across
+The router picks top-k routed experts per token (weights renormalised over the chosen k; top-1
+keeps its softmax probability, as in Switch); shared experts see every token. Tokens are grouped per expert by a dispatcher (`dispatch.py`): locally by sorting, or across
 an expert-parallel group by all-to-all. The router and experts do not know which one is used.
 """
 
@@ -22,7 +22,7 @@ from mythos_dist.model.dispatch import LocalDispatcher, TokenDispatcher
 
 @dataclass
 class RouterOutput:
-    weights_NK: torch.Tensor  # renormalised gate weights of the chosen experts
+    weights_NK: torch.Tensor  # gate weights of the chosen experts (k > 1: renormalised over them)
     expert_ids_NK: torch.Tensor  # global expert ids, long
     tokens_per_expert_E: torch.Tensor  # assignments per global expert in this call (before drops)
     aux_loss: torch.Tensor  # scalar; zero unless aux_loss_coef > 0
@@ -54,13 +54,17 @@ class Router(nn.Module):
         scores_NE = F.softmax(self.gate(x_ND).float(), dim=-1)
         expert_ids_NK = torch.topk(scores_NE + self.expert_bias, self.top_k, dim=-1).indices
         weights_NK = scores_NE.gather(-1, expert_ids_NK)
-        weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
+        if self.top_k > 1:
+            # Top-1 is not renormalised (Switch): its weight would be ≡ 1 and the gate would get
+            # no gradient from the task loss.
+            weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
         tokens_per_expert_E = torch.bincount(expert_ids_NK.flatten(), minlength=self.n_experts)
         if self.training and self.count_load:
             self.load_E += tokens_per_expert_E
         aux_loss = scores_NE.new_zeros(())
         if self.aux_loss_coef > 0:
-            # Switch-style: E · Σ_e (fraction of assignments to e) · (mean router prob of e)
+            # Switch-style, per token of this call: E · Σ_e (fraction of assignments to e) · (mean
+            # router prob of e). The model averages it over its MoE layer uses (e.g. loops).
             frac_E = tokens_per_expert_E.float() / expert_ids_NK.numel()
             aux_loss = self.aux_loss_coef * self.n_experts * (frac_E * scores_NE.mean(0)).sum()
         return RouterOutput(weights_NK.to(x_ND.dtype), expert_ids_NK, tokens_per_expert_E, aux_loss)

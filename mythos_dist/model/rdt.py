@@ -20,7 +20,7 @@ from mythos_dist.model.recurrent import DepthLoRA, LTIInjection, RecurrentBlock
 @dataclass
 class RDTOutput:
     logits: torch.Tensor  # (B, T, V) after n_loops; (B, V) when forward got logits_at_B
-    aux_loss: torch.Tensor  # MoE balance loss (0 unless enabled)
+    aux_loss: torch.Tensor  # MoE balance loss per token per MoE layer use (0 unless enabled)
     ponder_cost: torch.Tensor  # ACT ponder cost (0 unless enabled)
     loop_logits: dict[int, torch.Tensor]  # loop count -> logits, for every count in loops_out
     delta_norms: list[torch.Tensor]  # ‖h_t − h_{t−1}‖ (B, T) per loop, when track_deltas
@@ -124,17 +124,15 @@ class RDT(nn.Module):
             answer_R = torch.arange(B, device=x.device) * T + logits_at_B
             if layout.rows_N is not None:
                 answer_R = torch.searchsorted(layout.rows_N, answer_R)
-        aux = x.new_zeros(())
         for i, layer in enumerate(self.prelude):
-            x, a = layer(x, layout, rope, cache, f"prelude{i}")
-            aux = aux + a
+            x, _ = layer(x, layout, rope, cache, f"prelude{i}")  # dense: no aux loss (only the loop is MoE)
         loop = self.recurrent(x, n_loops, rope, layout, cache, loops_out, backprop_loops, track_deltas)
         loop_logits = {n: self._coda(h, layout, rope, cache, answer_R) for n, h in loop.outputs.items()}
         if cache is not None:
             cache.pos, cache.n_loops = start + T, n_loops
         return RDTOutput(
             loop_logits[n_loops],
-            aux + loop.aux_loss,
+            loop.aux_loss,
             loop.ponder_cost,
             loop_logits,
             [layout.to_grid(d) for d in loop.delta_norms],

@@ -80,7 +80,7 @@ class DepthLoRA(nn.Module):
 @dataclass
 class LoopResult:
     outputs: dict[int, torch.Tensor]  # loop count -> state handed to the coda after that many loops
-    aux_loss: torch.Tensor  # MoE aux loss summed over loops
+    aux_loss: torch.Tensor  # MoE aux loss, mean over the loops (per token per layer use)
     ponder_cost: torch.Tensor  # ACT: mean (steps + remainder); 0 without ACT
     delta_norms: list[torch.Tensor] = field(default_factory=list)  # ‖h_t − h_{t−1}‖ per loop and row (N,)
 
@@ -177,7 +177,8 @@ class RecurrentBlock(nn.Module):
                     )  # fmt: skip
                 else:
                     h_next, aux = self.step(h, e, t, rope, layout, cache)
-            result.aux_loss = result.aux_loss + aux
+            # Mean, not sum: the aux loss's weight must not change with the (sampled) loop count.
+            result.aux_loss = result.aux_loss + aux / n_loops
             if track_deltas:
                 result.delta_norms.append((h_next - h).detach().float().norm(dim=-1))
             h = h_next

@@ -26,7 +26,7 @@ def two_ranks(small_overrides: list[str], tmp_path_factory: pytest.TempPathFacto
     args += [f"--set={o}" for o in small_overrides]
     done = run_torchrun(WORKER, 2, args, env=worker_env(tmp_path_factory.mktemp("env")), timeout=240)
     files = [out / f"rank{r}.json" for r in range(2)]
-    assert all(f.is_file() for f in files), (
+    assert done.returncode == 0 and all(f.is_file() for f in files), (
         f"rc={done.returncode}\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
     )
     return [json.loads(f.read_text()) for f in files]

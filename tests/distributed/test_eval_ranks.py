@@ -52,3 +52,46 @@ def test_two_rank_eval_equals_one_rank(tmp_path):
     summary = (tmp_path / "two" / "eval-1" / "accuracy.csv").read_text()
     assert summary == (one.out_dir / "accuracy.csv").read_text()
     assert (tmp_path / "two" / "eval-1" / "accuracy_heatmap.png").stat().st_size > 0
+
+
+FAILING_RANK0 = """
+import errno, os, sys
+import mythos_dist.plots as plots
+def write_plots(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device", "accuracy_heatmap.png")
+if os.environ["RANK"] == "0":
+    plots.write_plots = write_plots  # after every rank's region is written and the last barrier
+from mythos_dist.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.distributed
+def test_rank0_failure_after_the_last_barrier_ends_every_rank(tmp_path):
+    """`mythos eval` on 2 plain processes (no torchrun agent to kill the other rank): rank 0 fails
+    while plotting, after the barrier that ends the sweep. Rank 1 must not be stranded at the
+    closing barrier (parallel.timeout_s=300 here, the test waits 150 s): both exit 1 with the error.
+    (Before: rank 1 sat at the closing barrier until rank 0's process was gone, then failed with
+    gloo's "Connection closed by peer", not the cause; under NCCL it waits for the timeout.)"""
+    from tests.multiproc import REPO, free_port, worker_env
+
+    cfg = CONFIG | {"parallel": {"timeout_s": 300}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    args = ["eval", "--config", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "eval")]
+    port = str(free_port())
+    procs = []
+    for rank in (0, 1):
+        ranks = dict(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
+                     MASTER_ADDR="127.0.0.1", MASTER_PORT=port)  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", FAILING_RANK0, *args], env=worker_env(tmp_path, **ranks),
+                                      cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))  # fmt: skip
+    try:
+        errs = [p.communicate(timeout=150)[1] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    cause = "OSError: [Errno 28] No space left on device: 'accuracy_heatmap.png'"
+    assert [p.returncode for p in procs] == [1, 1], errs
+    assert f"mythos eval: error: {cause}" in errs[0], errs[0]
+    want = f"mythos eval: error: RuntimeError: evaluation failed on rank 0 while writing the results in {tmp_path / 'eval' / 'eval-1'}: {cause}"
+    assert want in errs[1], errs[1]

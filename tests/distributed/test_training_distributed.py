@@ -130,7 +130,8 @@ def test_relaunched_finished_run_exports_mean_of_last_checkpoints(runs: dict[str
 @pytest.fixture(scope="module")
 def two_nodes(runs: dict[str, Path]) -> Path:
     """Steps 1-2 of the EP=2 ZeRO-2 run as two torchrun invocations (--nnodes=2, one process each,
-    c10d rendezvous on 127.0.0.1), checkpointing at step 2 and stopping: the interrupted run."""
+    c10d rendezvous on 127.0.0.1), checkpointing at step 2 and stopping: the interrupted run.
+    Nodes with their own addresses, hostnames and /dev/shm: tests/multihost."""
     tmp = runs["tmp"]
     out = tmp / "two_nodes"
     out.mkdir()
@@ -152,8 +153,15 @@ def two_nodes(runs: dict[str, Path]) -> Path:
                 out / f"log_node{node}.txt",
             )
         )
-    for p in procs:
-        p.wait(timeout=300)
+    try:
+        rcs = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    logs = "".join(f"--- {f.name}\n{f.read_text()[-3000:]}" for f in sorted(out.glob("log_node*.txt")))
+    assert rcs == [0, 0], logs  # each torchrun exits 0 only when all its ranks did
     return out
 
 

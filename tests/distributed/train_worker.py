@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 
 from mythos_dist.config import load_config
 from mythos_dist.train import ChainBatches, train
@@ -30,7 +31,17 @@ def main() -> None:
     batches = ChainBatches(cfg.data.task, cfg.train.micro_batch_size, rank, world)
     summary = train(cfg, batches, stop_after_steps=args.stop_after)
     args.out.mkdir(parents=True, exist_ok=True)
-    keep = ("start_step", "end_step", "losses", "grad_norms", "final_loss", "export")
+    keep = (
+        "start_step",
+        "end_step",
+        "losses",
+        "grad_norms",
+        "final_loss",
+        "export",
+        "tokens",
+        "tokens_per_s",
+        "train_s",
+    )
     (args.out / f"summary_rank{rank}.json").write_text(json.dumps({k: summary.get(k) for k in keep}))
     if summary["end_step"] == cfg.train.steps:
         model = summary["model"].eval()
@@ -38,6 +49,9 @@ def main() -> None:
         with torch.no_grad():
             logits = model(batch["input_ids"], cfg.train.loops.n_loops).logits
         torch.save({"input_ids": batch["input_ids"], "logits": logits}, args.out / f"logits_rank{rank}.pt")
+    if dist.is_initialized():  # leave together: a rank exiting with a live process group may abort
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

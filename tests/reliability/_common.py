@@ -41,7 +41,9 @@ def start_ranks(tmp: Path, out: Path, nproc: int, *args: str, sets: list[str] = 
 
 def run_ranks(
     tmp: Path, out: Path, nproc: int, *args: str, sets: list[str] = (), timeout: float = 240
-) -> None:
+) -> list[int]:
+    """Run one job to the end; returns the exit codes, each checked against the rank's record:
+    0 when train() returned, 1 when it raised; a rank with no record must have died (non-zero)."""
     procs = start_ranks(tmp, out, nproc, *args, sets=sets)
     deadline = time.monotonic() + timeout
     try:
@@ -52,6 +54,15 @@ def run_ranks(
             if p.poll() is None:
                 p.kill()
                 p.wait()
+    codes = [p.returncode for p in procs]
+    for rank, rc in enumerate(codes):
+        record = out / f"result_rank{rank}.json"
+        if record.is_file():
+            want = 1 if json.loads(record.read_text())["error"] else 0
+            assert rc == want, f"rank {rank}: exit code {rc}, its record says {want}\n{logs(out)}"
+        else:
+            assert rc != 0, f"rank {rank}: exit code 0 but no {record.name}\n{logs(out)}"
+    return codes
 
 
 def logs(out: Path) -> str:

@@ -22,7 +22,7 @@ from mythos_dist.checkpoint import (
     read_meta,
 )
 from mythos_dist.config import Config, from_dict, load_config
-from tests.reliability._common import TINY, logs, run_ranks, steps
+from tests.reliability._common import TINY, logs, result, run_ranks, steps
 
 
 @pytest.fixture(scope="module")
@@ -152,3 +152,61 @@ def test_resume_refuses_another_recipe_but_allows_longer_training(run: Path) -> 
         "train.lr: checkpoint" in msg and "train.loops: checkpoint" in msg and "data.task: checkpoint" in msg
     )
     assert "train.steps" not in msg and "checkpoint.resume=false" in msg
+
+
+@pytest.mark.distributed
+def test_restart_with_resume_false_in_a_used_dir_keeps_its_own_checkpoints(tmp_path: Path) -> None:
+    """A run of 9 steps leaves steps 3, 6, 9; a new 4-step run (other lr, saves every 2) in the same
+    directory with checkpoint.resume=false must keep its own steps 2 and 4, `latest` naming step 4,
+    and export the mean of those two, not of the earlier run's step 3 in between. On main, pruning
+    sorted the earlier run's tags in and deleted the new run's, the one `latest` named first."""
+    ckpt = tmp_path / "ckpt"
+    common = ["parallel.zero_stage=0", f"checkpoint.dir={ckpt}"]
+    run_ranks(
+        tmp_path,
+        tmp_path / "long",
+        1,
+        sets=[*common, "train.steps=9", "checkpoint.every=3", "checkpoint.keep_last=3"],
+    )
+    assert latest_tag(ckpt) == "step_00000009", logs(tmp_path / "long")
+    (ckpt / "step_00000001").mkdir()  # a partial tag (a killed save) is never counted as complete
+    new = [*common, "train.steps=4", "checkpoint.every=2", "train.lr=0.005", "checkpoint.resume=false",
+           "checkpoint.keep_last=2", "checkpoint.average_last=2"]  # fmt: skip
+    run_ranks(tmp_path, tmp_path / "new", 1, sets=new)
+    assert result(tmp_path / "new", 0)["error"] is None, logs(tmp_path / "new")
+    assert latest_tag(ckpt) == "step_00000004"
+    for tag in ("step_00000002", "step_00000004"):
+        assert read_meta(ckpt / tag)["config"]["train"]["lr"] == 0.005  # this run's, complete
+    assert checkpoint.exported_steps(ckpt / "export") == [2, 4]
+    assert [p.name for p in checkpoint.run_checkpoints(ckpt)] == ["step_00000002", "step_00000004"]
+    for tag in ("step_00000003", "step_00000006", "step_00000009"):  # the earlier run's: not pruned
+        assert read_meta(ckpt / tag)["config"]["train"]["lr"] == 0.01
+    assert not (ckpt / "step_00000001").exists()
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("fault", "file"), [("enospc-optim@4:1", "zero_pp_rank_1_mp_rank_00_optim_states.pt"),
+                                             ("enospc-model@4:0", "layer_0_expert_0_mp_rank_00_model_states.pt")])  # fmt: skip
+def test_write_error_inside_deepspeed_save_fails_every_rank_promptly(
+    tmp_path: Path, fault: str, file: str
+) -> None:
+    """A full disk in one of DeepSpeed's own files (ZeRO optimizer state on rank 1, or the model
+    states on rank 0; 2 ranks, EP=2, ZeRO-1): every rank raises the same clear CheckpointError well
+    within parallel.timeout_s instead of waiting in mismatched collectives, and `latest` still
+    names the previous checkpoint."""
+    ckpt, out = tmp_path / "ckpt", tmp_path / "out"
+    sets = ["train.steps=4", "checkpoint.every=2", "parallel.ep_size=2", "parallel.zero_stage=1",
+            "parallel.timeout_s=300", f"checkpoint.dir={ckpt}"]  # fmt: skip
+    run_ranks(tmp_path, out, 2, "--fault", fault, sets=sets, timeout=200)  # < timeout_s: a hang fails
+    failed_rank = int(fault.rsplit(":", 1)[1])
+    for rank in (0, 1):
+        res = result(out, rank)
+        assert res["error_type"] == "CheckpointError", logs(out)
+        assert f"saving checkpoint {ckpt / 'step_00000004'} failed" in res["error"]
+        assert "removed the partial checkpoint, latest still names step_00000002" in res["error"]
+        cause = f"No space left on device: '{ckpt / 'step_00000004' / file}'"
+        assert (
+            cause in res["error"] if rank == failed_rank else "a write failed on another rank" in res["error"]
+        )
+    assert latest_tag(ckpt) == "step_00000002"
+    assert not (ckpt / "step_00000004").exists()

@@ -23,6 +23,21 @@ FAULTS = [
 ]
 
 
+STATE = ("digest", "buffers", "optimizer", "lr_schedule")  # parameters, router biases, AdamW, LR
+
+
+def assert_skipped_steps_change_nothing(rows: list[dict], skipped: list[int], applied: list[int]) -> None:
+    """Every skipped step leaves parameters, buffers, optimizer state and LR schedule as the step
+    before left them; every applied step (after a skipped one) changes each of them."""
+    at = {r["step"]: r for r in rows}
+    for s in skipped:
+        for key in STATE:
+            assert at[s][key] == at[s - 1][key], f"{key} changed in skipped step {s}"
+    for s in applied:
+        for key in STATE:
+            assert at[s][key] != at[s - 1][key], f"{key} unchanged in applied step {s}"
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tmp = tmp_path_factory.mktemp("nonfinite")
@@ -47,11 +62,7 @@ def test_nonfinite_steps_skipped_on_all_ranks_params_unchanged(run: Path) -> Non
         rows = steps(run, rank)
         assert [r["step"] for r in rows] == list(range(1, 9)), logs(run)
         assert [r["step"] for r in rows if r["skipped"]] == SKIPPED  # both ranks agree
-        digest = {r["step"]: r["digest"] for r in rows}
-        for s in SKIPPED:
-            assert digest[s] == digest[s - 1], f"rank {rank}: parameters changed in skipped step {s}"
-        for s in (3, 5):
-            assert digest[s] != digest[s - 1], f"rank {rank}: step {s} was not applied"
+        assert_skipped_steps_change_nothing(rows, SKIPPED, applied=[3, 5])
         loss = {r["step"]: r["loss"] for r in rows}
         assert math.isfinite(loss[2])  # skipped for its gradient alone
         assert math.isnan(loss[4])
@@ -97,3 +108,25 @@ def test_nonfinite_count_in_mlflow_and_divergence_warned(run: Path) -> None:
 def test_loop_divergence(deltas: list[float], expected: str | None) -> None:
     why = loop_divergence(deltas)
     assert why is None if expected is None else expected in why
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("zero", [0, 2])
+def test_skipped_step_leaves_all_state_on_zero_stage(tmp_path: Path, zero: int) -> None:
+    """ZeRO-0 (our own skip) and ZeRO-2 (DeepSpeed's), 2 ranks, EP=2: a NaN loss on rank 1 at step
+    2 and an infinite gradient on rank 0 at step 3 leave every parameter, router bias, optimizer
+    moment and the LR schedule's position as step 1 left them, on both ranks."""
+    sets = [
+        "train.steps=4",
+        "parallel.ep_size=2",
+        f"parallel.zero_stage={zero}",
+        "checkpoint.every=0",
+        f"checkpoint.dir={tmp_path / 'ckpt'}",
+    ]
+    out = tmp_path / "out"
+    run_ranks(tmp_path, out, 2, "--fault", "nan-loss@2:1", "--fault", "inf-grad@3:0", sets=sets)
+    for rank in (0, 1):
+        rows = steps(out, rank)
+        assert [r["step"] for r in rows if r["skipped"]] == [2, 3], logs(out)
+        assert_skipped_steps_change_nothing(rows, [2, 3], applied=[4])
+        assert result(out, rank)["error"] is None, logs(out)

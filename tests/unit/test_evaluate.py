@@ -183,41 +183,22 @@ def test_cli_eval_and_spectral(tmp_path, capsys):
     assert "rho(A)" in out and "Jacobian radius" in out
 
 
-def _write_export(model: RDT, out) -> None:
-    """The export format of mythos_dist.checkpoint: experts unstacked by global id + config.json."""
-    from safetensors.torch import save_file
-
-    from mythos_dist.checkpoint import EXPORT_FORMAT
-
-    tensors = {}
-    for k, v in model.state_dict().items():
-        prefix, _, name = k.rpartition(".experts.")
-        single = {"w_in_EDH": "w_in_DH", "w_out_EHD": "w_out_HD"}.get(name)
-        if prefix and single:
-            tensors |= {f"{prefix}.experts.{g}.{single}": w.contiguous() for g, w in enumerate(v)}
-        else:
-            tensors[k] = v.contiguous()
-    out.mkdir()
-    save_file(tensors, str(out / "model.safetensors"))
-    (out / "config.json").write_text(
-        json.dumps({"format": EXPORT_FORMAT, "step": 3, "model": to_dict(model.cfg)})
-    )
-
-
-def test_load_model_from_export_and_bad_checkpoints(tmp_path):
+@pytest.mark.distributed
+def test_load_model_from_export_and_bad_checkpoints(tmp_path, trained_checkpoint):
+    """An export written by checkpoint.export, and the DeepSpeed checkpoint dir itself (exported on
+    the fly), load as the model the real run trained: the logits its module gave."""
+    from mythos_dist.checkpoint import export
     from mythos_dist.evaluate import load_model
+    from tests.multiproc import TINY_MODEL
 
-    cfg = small_cfg(tmp_path)
-    model = small_model(cfg)
-    with torch.no_grad():
-        model.recurrent.injection.log_A.fill_(0.5)  # differs from any fresh init
-    _write_export(model, tmp_path / "export")
-    loaded = load_model(tmp_path / "export", cfg)
-    batches = list(chain_batches(cfg, "id", 0, 16, 16))
-    np.testing.assert_array_equal(
-        sweep(loaded, batches, (1, 3)).prediction_NL, sweep(model, batches, (1, 3)).prediction_NL
-    )
-    with pytest.raises(FileNotFoundError, match="nope"):
+    cfg = load_config(None, TINY_MODEL)
+    exported = export(trained_checkpoint["ckpt"], tmp_path / "export")
+    for source in (exported, trained_checkpoint["ckpt"]):
+        loaded = load_model(source, cfg)
+        with torch.no_grad():
+            logits = loaded(trained_checkpoint["input_ids"], 2).logits
+        torch.testing.assert_close(logits, trained_checkpoint["logits"], rtol=1e-6, atol=1e-6)
+    with pytest.raises(ConfigError, match="nope"):
         load_model(tmp_path / "nope", cfg)
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="empty"):

@@ -368,3 +368,22 @@ def test_forward_carries_only_valid_rows_and_refuses_bad_masks() -> None:
         model(ids, n_loops=2, valid_BT=valid, logits_at_B=torch.tensor([5, 5]))
     with pytest.raises(ValueError, match="KV cache"):
         model(ids, n_loops=2, valid_BT=valid, cache=KVCache())
+
+
+def test_aux_loss_is_per_token_per_moe_layer_use_whatever_the_loop_count() -> None:
+    """The looped MoE runs once per loop: the aux loss is the mean of its per-call losses, so its
+    weight does not grow with the (sampled) loop count. A uniform router gives each call's minimum,
+    aux_loss_coef · 1, at every loop count (the sum over loops gave n_loops times that)."""
+    model = make_model(aux_loss_coef=0.1)
+    ids_BT = torch.randint(0, model.cfg.vocab_size, (2, 8))
+    calls: list[torch.Tensor] = []
+    model.moe_layers()[0].router.register_forward_hook(lambda _m, _i, out: calls.append(out.aux_loss))
+    for n_loops in (1, 3, 6):
+        calls.clear()
+        aux = model(ids_BT, n_loops).aux_loss
+        assert len(calls) == n_loops
+        torch.testing.assert_close(aux, torch.stack(calls).mean())
+    with torch.no_grad():
+        model.moe_layers()[0].router.gate.weight.zero_()
+    for n_loops in (1, 3, 6):
+        torch.testing.assert_close(model(ids_BT, n_loops).aux_loss, torch.tensor(0.1))

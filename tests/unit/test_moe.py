@@ -113,15 +113,48 @@ def test_balancing_bias_moves_load_toward_uniform() -> None:
 
 
 def test_bias_changes_selection_not_weights_gradient() -> None:
+    """The balancing bias picks the experts; the weights (and their gradient) are those of the
+    unbiased scores: two biases choosing the same experts give identical weights and gradients."""
     layer = make_layer()
     x = torch.randn(10, 16)
-    w_before = layer.router(x).weights_NK
     layer.router.expert_bias.fill_(0.0)
     layer.router.expert_bias[0] = 10.0  # force expert 0 into every top-k
     route = layer.router(x)
     assert (route.expert_ids_NK == 0).any(-1).all()
-    assert torch.allclose(route.weights_NK.sum(-1), torch.ones(10))
-    assert w_before.shape == route.weights_NK.shape
+    scores_NE = torch.softmax(layer.router.gate(x).float(), -1).detach()
+    chosen_NK = scores_NE.gather(-1, route.expert_ids_NK)
+    torch.testing.assert_close(route.weights_NK, chosen_NK / chosen_NK.sum(-1, keepdim=True))
+    upstream_NK = torch.randn(10, layer.top_k)  # stands in for the task loss's gradient
+    (g,) = torch.autograd.grad((route.weights_NK * upstream_NK).sum(), [layer.router.gate.weight])
+    layer.router.expert_bias += 5.0  # the same shift for every expert: the same choice
+    shifted = layer.router(x)
+    assert torch.equal(shifted.expert_ids_NK, route.expert_ids_NK)
+    (g_shifted,) = torch.autograd.grad((shifted.weights_NK * upstream_NK).sum(), [layer.router.gate.weight])
+    assert torch.equal(shifted.weights_NK, route.weights_NK) and torch.equal(g_shifted, g)
+    assert g.abs().sum() > 0  # the gate does learn from the weights
+    assert not layer.router.expert_bias.requires_grad
+    assert all(p is not layer.router.expert_bias for p in layer.parameters())  # not trained
+
+
+def test_top1_gate_learns_from_the_task_loss() -> None:
+    """top-1: the weight is the chosen expert's softmax probability (Switch), not a renormalised
+    1, so the task loss reaches the gate with a gradient comparable to top-2's."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 16)
+    grads = {}
+    for k in (1, 2):
+        torch.manual_seed(1)
+        layer = MoEFFN(16, n_experts=4, top_k=k, expert_dim=8, n_shared=0, shared_dim=8)
+        torch.nn.init.normal_(layer.experts.w_in_EDH, std=0.3)
+        torch.nn.init.normal_(layer.experts.w_out_EHD, std=0.3)
+        y, _ = layer(x)
+        route = layer.router(x.reshape(-1, 16))
+        if k == 1:
+            scores_NE = torch.softmax(layer.router.gate(x.reshape(-1, 16)).float(), -1)
+            torch.testing.assert_close(route.weights_NK, scores_NE.gather(-1, route.expert_ids_NK))
+            assert (route.weights_NK < 1).all()
+        (grads[k],) = torch.autograd.grad(y.square().mean(), [layer.router.gate.weight])
+    assert grads[1].norm() > 0.05 * grads[2].norm() > 0, grads
 
 
 def test_aux_loss_is_positive_and_differentiable() -> None:
