@@ -333,7 +333,7 @@ class Tracker:
             return
         p = Path(path)
         if not p.exists():
-            raise ConfigError(f"artifact not found: {p}")
+            raise FileNotFoundError(f"artifact not found: {p}")
         if p.is_dir():
             dest = f"{artifact_path}/{p.name}" if artifact_path else p.name
             self._enqueue(_Op(lambda: self._client.log_artifacts(self._run_id, str(p), dest)))
