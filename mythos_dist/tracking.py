@@ -39,7 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from mythos_dist.config import Config, TrackingConfig, flatten
+from mythos_dist.config import Config, ConfigError, TrackingConfig, flatten
 
 log = logging.getLogger(__name__)
 
@@ -621,7 +621,7 @@ def _model_id_of(client: Any, checkpoint: str, parent_run_id: str | None) -> str
     if checkpoint.startswith("models:/"):
         name, _, version = checkpoint[len("models:/") :].strip("/").partition("/")
         if not version.isdigit():
-            raise ValueError(f"{checkpoint}: expected models:/NAME/VERSION")
+            raise ConfigError(f"{checkpoint}: expected models:/NAME/VERSION")
         mv = client.get_model_version(name, version)
         # The server may not echo model_id; the version's source is models:/<model id>.
         return mv.model_id or mv.source.rstrip("/").rsplit("/", 1)[-1]
@@ -651,7 +651,7 @@ def register_model(cfg: TrackingConfig, run_id: str, name: str) -> str:
     client = MlflowClient(tracking_uri=uri, registry_uri=uri)
     model_id = _model_id_of(client, f"runs:/{run_id}", None)
     if model_id is None:
-        raise ValueError(
+        raise ConfigError(
             f"MLflow run {run_id} has no logged model {MODEL_NAME!r} (an export of a training run)"
         )
     version = _register(client, model_id, run_id, name)
@@ -695,29 +695,27 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
         client = MlflowClient(tracking_uri=tracking_uri, registry_uri=tracking_uri)
         model_id = _model_id_of(client, checkpoint, None)
         if model_id is None:
-            raise FileNotFoundError(f"{checkpoint}: the run has no logged model {MODEL_NAME!r}")
+            raise ConfigError(f"{checkpoint}: the run has no logged model {MODEL_NAME!r}")
         location = client.get_logged_model(model_id).artifact_location
         mlflow.artifacts.download_artifacts(
             artifact_uri=location, dst_path=str(fresh), tracking_uri=tracking_uri
         )
     except MlflowException as e:
         shutil.rmtree(fresh, ignore_errors=True)
-        raise FileNotFoundError(
-            f"cannot fetch {checkpoint} from MLflow at {tracking_uri}: {e.message}"
-        ) from e
+        raise ConfigError(f"cannot fetch {checkpoint} from MLflow at {tracking_uri}: {e.message}") from e
     from mythos_dist.checkpoint import INDEX_FILE, SINGLE_FILE
 
     found = list(fresh.rglob("config.json"))
     weights = found and any((found[0].parent / f).is_file() for f in (SINGLE_FILE, INDEX_FILE))
     if len(found) != 1 or not weights:
         shutil.rmtree(fresh, ignore_errors=True)
-        raise FileNotFoundError(
+        raise ConfigError(
             f"{checkpoint} is not a mythos export (needs config.json and {SINGLE_FILE} or {INDEX_FILE})"
         )
     unsafe = [p.name for p in found[0].parent.iterdir() if p.suffix not in (".json", ".safetensors")]
     if unsafe or any(p.is_dir() for p in found[0].parent.iterdir()):
         shutil.rmtree(fresh, ignore_errors=True)
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint}: refusing an export with files other than JSON and safetensors: {unsafe}"
         )
     shutil.rmtree(dest, ignore_errors=True)

@@ -352,8 +352,8 @@ def train(
             if stop or done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
                 watchdog.mark(done, "checkpoint save")
                 state = batches.state_dict() if hasattr(batches, "state_dict") else None
-                saved = checkpoint.save(engine, cfg, done, state, lineage, tracker.checkpoint_run_id())
-                summary["checkpoint"] = str(saved)
+                run_id = tracker.checkpoint_run_id()
+                summary["checkpoint"] = str(checkpoint.save(engine, cfg, done, state, lineage, run_id))
             if stop:
                 raise TrainingStopped(
                     f"steps {done - in_row + 1}-{done} all had a non-finite loss or gradient "
