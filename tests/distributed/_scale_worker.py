@@ -96,4 +96,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:  # leave the process group: a live gloo group can abort the process at exit
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
