@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         )
         return p
 
+    def with_shard_size(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--max-shard-size", default="2GB", help="shard bound, e.g. 2GB, 500MB (default 2GB)")
+
     with_config(
         sub.add_parser("params", help="count parameters (total / active per token) without allocating")
     )
@@ -65,7 +68,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", required=True, help="a run's checkpoint dir (its `latest`) or a step_* dir"
     )
     xp.add_argument("--out", required=True, help="export directory (model.safetensors + config.json)")
-    xp.add_argument("--max-shard-size", default="2GB", help="shard bound, e.g. 2GB, 500MB (default 2GB)")
+    with_shard_size(xp)
     xp.add_argument(
         "--average-last",
         type=int,
@@ -75,7 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     it = with_config(sub.add_parser("init", help="a freshly initialised model written as an export"))
     it.add_argument("--out", required=True, help="export directory")
-    it.add_argument("--max-shard-size", default="2GB", help="shard bound, e.g. 2GB, 500MB (default 2GB)")
+    with_shard_size(it)
     it.add_argument(
         "--pieces", type=int, default=1, help="build in this many parts (n_experts/pieces experts each)"
     )
@@ -83,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--checkpoint", required=True, help="export directory")
     up.add_argument("--n-experts", type=int, required=True, help="new expert count, a multiple of the old")
     up.add_argument("--out", required=True, help="export directory to write")
-    up.add_argument("--max-shard-size", default="2GB", help="shard bound (default 2GB)")
+    with_shard_size(up)
     tr = with_config(sub.add_parser("train", help="train with DeepSpeed (launch with torchrun, see launch/)"))
     tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
     ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))

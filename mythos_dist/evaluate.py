@@ -369,6 +369,12 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
     return model.requires_grad_(False)  # evaluated, never trained: no weight gradients (the spectral tools)
 
 
+def _refuse_missing(checkpoint: str | None) -> None:
+    """A local checkpoint path that does not exist is bad input (an MLflow model is fetched later)."""
+    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
+        raise ConfigError(f"checkpoint {checkpoint} does not exist")
+
+
 def _join(cfg: Config) -> tuple[torch.device, int]:
     """(device, ep_size) to evaluate with. Under torchrun / deepspeed: join the process group (each
     rank gets a share of samples) and run expert-parallel at parallel.ep_size; alone: the whole
@@ -396,9 +402,7 @@ def main_eval(
     cfg = load_config(config, overrides)
     loops_t = parse_loops(loops) if loops is not None else None
     splits_t = check_splits(cfg, [s.strip() for s in splits.split(",")]) if splits is not None else None
-    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
-        # before joining any process group (an MLflow model is fetched by load_model)
-        raise ConfigError(f"checkpoint {checkpoint} does not exist")
+    _refuse_missing(checkpoint)  # before joining any process group
     device, ep_size = _join(cfg)
     distributed = dist.is_initialized()
     model = load_model(checkpoint, cfg, ep_size).to(device)
@@ -433,9 +437,7 @@ def main_spectral(
 
     cfg = load_config(config, overrides)
     n = cfg.train.loops.n_loops if n_loops is None else parse_loops([n_loops])[0]
-    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
-        # before joining any process group (an MLflow model is fetched by load_model)
-        raise ConfigError(f"checkpoint {checkpoint} does not exist")
+    _refuse_missing(checkpoint)  # before joining any process group
     device, ep_size = _join(cfg)  # expert-parallel: every rank runs the same iterations, rank 0 prints
     try:
         model = load_model(checkpoint, cfg, ep_size).to(device)

@@ -18,16 +18,9 @@ import pytest
 
 from tests.hosts import Hosts, available
 from tests.multiproc import worker_env
-from tests.reliability._common import TINY, WORKER
+from tests.reliability._common import SHARD_DATA, TINY, WORKER
 
 TIMEOUT_S = 20  # parallel.timeout_s of these jobs: a silent link must end them within TIMEOUT_S + 15 s
-DATA = [
-    "data.task.n_train=256",
-    "data.task.n_eval=16",
-    "data.samples_per_shard=64",
-    "data.build_workers=1",
-    "data.num_workers=0",
-]
 JOB = [*TINY, "train.steps=8", "checkpoint.every=2", "parallel.ep_size=2", "parallel.zero_stage=1",
        f"parallel.timeout_s={TIMEOUT_S}"]  # fmt: skip
 _ports = iter(range(29400, 30000))
@@ -52,7 +45,7 @@ def shards(tmp_path_factory: pytest.TempPathFactory) -> list[str]:
     from data_pipeline.shards import build
     from mythos_dist.config import load_config
 
-    data = [*DATA, f"data.remote={tmp_path_factory.mktemp('data') / 'shards'}"]
+    data = [*SHARD_DATA, f"data.remote={tmp_path_factory.mktemp('data') / 'shards'}"]
     build(load_config(None, data).data)
     return data
 

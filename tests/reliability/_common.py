@@ -14,6 +14,14 @@ from tests.multiproc import REPO, TINY_MODEL, free_port, worker_env
 
 WORKER = Path(__file__).with_name("_worker.py")
 TINY = TINY_MODEL
+# Small MDS shards for jobs on the real streaming loader; num_workers=0: no DataLoader worker start-up.
+SHARD_DATA = [
+    "data.task.n_train=256",
+    "data.task.n_eval=16",
+    "data.samples_per_shard=64",
+    "data.build_workers=1",
+    "data.num_workers=0",
+]
 
 
 def start_ranks(tmp: Path, out: Path, nproc: int, *args: str, sets: list[str] = ()) -> list[subprocess.Popen]:

@@ -16,25 +16,18 @@ import torch
 from data_pipeline.shards import build
 from mythos_dist.checkpoint import latest_tag
 from mythos_dist.config import load_config
-from tests.reliability._common import logs, result, run_ranks, start_ranks, steps
+from tests.reliability._common import SHARD_DATA, logs, result, run_ranks, start_ranks, steps
 
 pytestmark = pytest.mark.distributed
 
 TIMEOUT_S = 30
 KILLED_AFTER = 3  # rank 1 dies after step 3; checkpoints every 2 steps: the last complete is step 2
-DATA = [
-    "data.task.n_train=256",
-    "data.task.n_eval=16",
-    "data.samples_per_shard=64",
-    "data.build_workers=1",
-    "data.num_workers=0",
-]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("kill")
-    data = [*DATA, f"data.remote={tmp / 'shards'}"]
+    data = [*SHARD_DATA, f"data.remote={tmp / 'shards'}"]
     build(load_config(None, data).data)
     sets = [
         *data,
