@@ -5,10 +5,14 @@ The model input is `d_1..d_n EQ` (n+1 tokens); the target is the answer, predict
 the EQ position (index n), which is the only position the loss looks at.
 
 Splits are defined by chain length: `train` (TaskConfig.train_lengths) and every entry of
-TaskConfig.eval_splits. Generation is vectorised and deterministic: sample i of a split comes from
-RNG block i // BLOCK_SIZE, seeded by (seed, split name, block), so the content of a sample depends on
-neither the shard size nor how many processes build the shards, nor on the split's sample count.
-Train never contains a chain that occurs in an eval split (short chains have few possibilities).
+TaskConfig.eval_splits. Every eval split exists twice, as two held-out sets drawn with their own
+seeds: `val` (TaskConfig.val_seed), for every choice of recipe, step count or averaging window, and
+`test` (TaskConfig.test_seed), for reported numbers only. Generation is vectorised and
+deterministic: sample i of a split comes from RNG block i // BLOCK_SIZE, seeded by (seed, split
+name, block), so the content of a sample depends on neither the shard size nor how many processes
+build the shards, nor on the split's sample count. Train never contains a chain that occurs in an
+eval split of either set (short chains have few possibilities); val and test are independent draws
+of the same distribution, so they share some of the few short chains with each other.
 This module needs only numpy: training and evaluation import it without streaming or torch.
 """
 
@@ -29,7 +33,9 @@ EQ = 10
 PAD = 11
 VOCAB_SIZE = 12
 TRAIN = "train"
-GENERATOR_VERSION = 1  # bump when the sampling algorithm changes: old shards then fail verification
+VAL, TEST = "val", "test"
+HELDOUT = (VAL, TEST)  # the held-out sets every eval split is drawn as
+GENERATOR_VERSION = 2  # bump when the sampling algorithm changes: old shards then fail verification
 BLOCK_SIZE = 4096  # samples per RNG block
 _MAX_REJECTION_ROUNDS = 1000
 
@@ -72,13 +78,29 @@ def split_counts(task: TaskConfig) -> dict[str, int]:
     return {name: task.n_train if name == TRAIN else task.n_eval for name in split_lengths(task)}
 
 
-def first_sample_ids(task: TaskConfig) -> dict[str, int]:
-    """Global sample ids are contiguous per split, in `split_lengths` order (independent of YAML order)."""
+def first_sample_ids(task: TaskConfig, heldout: str = VAL) -> dict[str, int]:
+    """Global sample ids are contiguous per split, in `split_lengths` order (independent of YAML order):
+    train, then the eval splits' validation samples; the test samples' ids follow all of those."""
+    _check_heldout(heldout)
     out, offset = {}, 0
-    for name, count in split_counts(task).items():
+    counts = split_counts(task)
+    for name, count in counts.items():
         out[name] = offset
         offset += count
+    if heldout == TEST:
+        out = {k: v + (offset if k != TRAIN else 0) for k, v in out.items()}
     return out
+
+
+def heldout_seed(task: TaskConfig, heldout: str) -> int:
+    """The seed the eval splits of held-out set `heldout` ('val' or 'test') are drawn with."""
+    _check_heldout(heldout)
+    return task.val_seed if heldout == VAL else task.test_seed
+
+
+def _check_heldout(heldout: str) -> None:
+    if heldout not in HELDOUT:
+        raise DataError(f"held-out set must be one of {HELDOUT}, got {heldout!r}")
 
 
 def task_spec(task: TaskConfig) -> dict[str, Any]:
@@ -90,6 +112,8 @@ def task_spec(task: TaskConfig) -> dict[str, Any]:
         "n_train": task.n_train,
         "n_eval": task.n_eval,
         "seed": task.seed,
+        "val_seed": task.val_seed,
+        "test_seed": task.test_seed,
         "generator_version": GENERATOR_VERSION,
         "vocab": {"digits": N_DIGITS, "EQ": EQ, "PAD": PAD, "size": VOCAB_SIZE},
     }
@@ -122,21 +146,34 @@ def pad_rows(rows: Sequence[bytes | np.ndarray]) -> np.ndarray:
     return out
 
 
-def generate(task: TaskConfig, split: str, start: int = 0, stop: int | None = None) -> Chains:
-    """Samples [start, stop) of `split` (stop defaults to the split's count)."""
+def generate(
+    task: TaskConfig, split: str, start: int = 0, stop: int | None = None, *, heldout: str | None = None
+) -> Chains:
+    """Samples [start, stop) of `split` (stop defaults to the split's count).
+
+    heldout: for an eval split, which held-out set ('val' or 'test'; required, so no caller reads
+    the test set by accident); for train, None.
+    """
     ranges = split_lengths(task)
     if split not in ranges:
         raise DataError(f"unknown split {split!r}; configured: {sorted(ranges)}")
+    if split == TRAIN and heldout is not None:
+        raise DataError(f"split {TRAIN!r} is not held out; heldout must be None, got {heldout!r}")
+    if split != TRAIN:
+        if heldout is None:
+            raise DataError(f"eval split {split!r}: say which held-out set, heldout={VAL!r} or {TEST!r}")
+        _check_heldout(heldout)
     count = split_counts(task)[split]
     stop = count if stop is None else stop
     if not 0 <= start <= stop <= count:
         raise DataError(f"split {split!r} has {count} samples; asked for [{start}, {stop})")
     lo, hi = ranges[split]
     exclude = _eval_chain_keys(_eval_key(task)) if split == TRAIN else None
-    digits, lengths = _rows(task.seed, split, lo, hi, start, stop, exclude)
+    seed = task.seed if split == TRAIN else heldout_seed(task, heldout)
+    digits, lengths = _rows(seed, split, lo, hi, start, stop, exclude)
     inputs = np.concatenate([digits, np.full((len(digits), 1), PAD, np.uint8)], axis=1)
     inputs[np.arange(len(digits)), lengths] = EQ
-    ids = first_sample_ids(task)[split] + np.arange(start, stop, dtype=np.int64)
+    ids = first_sample_ids(task, heldout or VAL)[split] + np.arange(start, stop, dtype=np.int64)
     return Chains(inputs=inputs, lengths=lengths, answers=answer_of(digits, task.modulus), sample_ids=ids)
 
 
@@ -286,15 +323,16 @@ def _rows(
 def _eval_key(task: TaskConfig) -> tuple:
     lo, hi = task.train_lengths
     evals = tuple((k, v[0], v[1]) for k, v in sorted(task.eval_splits.items()))
-    return (task.seed, task.n_eval, lo, hi, evals)
+    return ((task.val_seed, task.test_seed), task.n_eval, lo, hi, evals)
 
 
 @lru_cache(maxsize=8)
 def _eval_chain_keys(key: tuple) -> np.ndarray:
-    """Keys (width = train hi) of every eval chain whose length lies in the train range."""
-    seed, n_eval, lo, hi, evals = key
+    """Keys (width = train hi) of every eval chain of both held-out sets whose length lies in the
+    train range."""
+    seeds, n_eval, lo, hi, evals = key
     keys = []
-    for name, elo, ehi in evals:
+    for (name, elo, ehi), seed in ((e, s) for e in evals for s in seeds):
         if ehi < lo or elo > hi:
             continue
         digits, lengths = _rows(seed, name, elo, ehi, 0, n_eval, None)

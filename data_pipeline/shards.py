@@ -5,7 +5,8 @@ Layout of `data.remote`:
     manifest.json            written last: task spec, counts, sha256 of every file below
     train/index.json         streaming's index (version 2), one entry per shard
     train/shard.00000.mds    samples [0, samples_per_shard) of the split, in sample-id order
-    <eval split>/...
+    <eval split>/...         the split's validation set (val_seed); the test set (test_seed) is
+                             never written beside the training data: evaluation draws it in memory
 
 A build writes everything into a hidden sibling directory and renames it onto `remote` only once the
 manifest is written, so a killed build never leaves a directory that looks complete. `verify` checks
@@ -35,6 +36,8 @@ import numpy as np
 
 from data_pipeline.digit_chain import (
     PAD,
+    TRAIN,
+    VAL,
     Chains,
     DataError,
     check_chains,
@@ -186,6 +189,7 @@ def write_manifest(root: Path, data: DataConfig) -> dict[str, Any]:
         "format_version": FORMAT_VERSION,
         "task": task_spec(data.task),
         "seed": data.task.seed,
+        "eval_splits_heldout": VAL,
         "samples_per_shard": data.samples_per_shard,
         "columns": COLUMNS,
         "splits": splits,
@@ -248,7 +252,7 @@ def _write_shard(task: TaskConfig, split: str, k: int, start: int, stop: int, ou
     Module-level so a process pool can pickle it. Each shard gets its own MDSWriter in a private
     sub-directory (MDSWriter always names its first shard shard.00000.mds), then moves into place.
     """
-    chains = generate(task, split, start, stop)
+    chains = generate(task, split, start, stop, heldout=None if split == TRAIN else VAL)
     check_chains(chains, task, split, f"generated {split}[{start}:{stop}]")  # never write bad data
     part = Path(out) / f".part-{k:05d}"
     with MDSWriter(out=str(part), columns=COLUMNS, size_limit=None) as writer:

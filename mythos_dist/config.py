@@ -164,7 +164,12 @@ class TaskConfig:
     )
     n_train: int = 200_000
     n_eval: int = 2_000  # per split
-    seed: int = 1234
+    seed: int = 1234  # train chains
+    # Every eval split is drawn twice, with its own seed each: the validation set, for every choice
+    # of recipe, step count or averaging window, and the test set, for reported numbers only.
+    # val_seed 1234 draws the samples every evaluation before the split into val/test read.
+    val_seed: int = 1234
+    test_seed: int = 4321
 
     def max_length(self) -> int:
         return max([self.train_lengths[1], *(hi for _, hi in self.eval_splits.values())])
@@ -181,6 +186,11 @@ class TaskConfig:
         _require(self.n_train >= 1, f"{prefix}.n_train", "must be ≥ 1")
         _require(self.n_eval >= 1, f"{prefix}.n_eval", "must be ≥ 1")
         _require(len(self.eval_splits) >= 1, f"{prefix}.eval_splits", "needs at least one split")
+        _require(
+            self.val_seed != self.test_seed,
+            f"{prefix}.test_seed",
+            f"must differ from val_seed ({self.val_seed}): the test set is drawn apart from the validation set",
+        )
         for name in self.eval_splits:  # split names become shard directory names
             _require(
                 name != "train" and name.isascii() and name.replace("_", "").replace("-", "").isalnum(),
@@ -387,8 +397,16 @@ class EvalConfig:
     n_samples: int = 2000  # per split
     batch_size: int = 256
     out_dir: str = "runs/digit_chain/eval"
+    # Which held-out set of every split to evaluate on: "test" for reported numbers, "val" for every
+    # choice made from evaluations (recipe, step count, averaging window, loop threshold).
+    heldout: str = "test"
 
     def validate(self, prefix: str = "eval") -> None:
+        _require(
+            self.heldout in ("val", "test"),
+            f"{prefix}.heldout",
+            f"must be 'val' (choosing) or 'test' (reporting), got {self.heldout!r}",
+        )
         _require(len(self.loops) >= 1, f"{prefix}.loops", "needs at least one loop count")
         for n in self.loops:
             _require(

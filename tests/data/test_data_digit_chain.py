@@ -11,8 +11,11 @@ import torch
 from data_pipeline.batch import chains_batch, crop_batch
 from data_pipeline.digit_chain import (
     EQ,
+    HELDOUT,
     PAD,
+    TEST,
     TRAIN,
+    VAL,
     VOCAB_SIZE,
     Chains,
     DataError,
@@ -39,9 +42,17 @@ def test_vocabulary_constants() -> None:
         make_input([1, 10])
 
 
+def _heldout(split: str, heldout: str = VAL) -> dict[str, str | None]:
+    return {"heldout": None if split == TRAIN else heldout}
+
+
+def _eval_chains(task: TaskConfig, heldouts=HELDOUT) -> set[tuple[int, ...]]:
+    return set().union(*(_chains(generate(task, s, heldout=h)) for s in task.eval_splits for h in heldouts))
+
+
 @pytest.mark.parametrize("split", [TRAIN, "id", "ood1", "ood2"])
 def test_samples_answer_lengths_and_ids(split: str) -> None:
-    c = generate(TASK, split, 0, 700)
+    c = generate(TASK, split, 0, 700, **_heldout(split))
     lo, hi = split_lengths(TASK)[split]
     for i in range(len(c)):
         tokens = c.tokens(i).tolist()
@@ -70,12 +81,59 @@ def test_generation_is_deterministic_and_independent_of_ranges() -> None:
 
 def test_train_shares_no_chain_with_any_eval_split() -> None:
     train = _chains(generate(TASK, TRAIN))
-    evals = set().union(*(_chains(generate(TASK, s)) for s in TASK.eval_splits))
+    evals = _eval_chains(TASK)  # of the validation and the test set
     assert not train & evals
     # the exclusion matters: the id split takes most of the 100 two-digit chains
     two_digit_eval = {c for c in evals if len(c) == 3}
     assert len(two_digit_eval) > 50
     assert any(len(c) == 3 for c in train)
+
+
+def test_val_and_test_are_separate_draws_with_their_own_seeds_and_ids() -> None:
+    """Every eval split exists as a validation and a test set: different samples (drawn with
+    val_seed and test_seed), disjoint global sample ids, each set a function of its own seed only,
+    and train excludes the chains of both."""
+    n = TASK.n_eval
+    for split in TASK.eval_splits:
+        val, test = generate(TASK, split, heldout=VAL), generate(TASK, split, heldout=TEST)
+        check_chains(val, TASK, split, "val")
+        check_chains(test, TASK, split, "test")
+        assert (val.inputs[:, : test.inputs.shape[1]] != test.inputs[:, : val.inputs.shape[1]]).any(
+            1
+        ).mean() > 0.9
+        assert not set(val.sample_ids.tolist()) & set(test.sample_ids.tolist())
+        assert len(set(test.sample_ids.tolist())) == n
+    ids = np.concatenate(
+        [generate(TASK, TRAIN).sample_ids]
+        + [generate(TASK, s, heldout=h).sample_ids for s in TASK.eval_splits for h in HELDOUT]
+    )
+    assert len(np.unique(ids)) == len(ids)  # unique over train, val and test
+    # a set depends on its own seed only
+    moved = dataclasses.replace(TASK, test_seed=99)
+    assert np.array_equal(
+        generate(moved, "ood1", heldout=VAL).inputs, generate(TASK, "ood1", heldout=VAL).inputs
+    )
+    assert not np.array_equal(
+        generate(moved, "ood1", heldout=TEST).inputs, generate(TASK, "ood1", heldout=TEST).inputs
+    )
+    # the validation set is drawn as every evaluation before the split drew its samples
+    # (seed val_seed = 1234, the old task seed), so earlier numbers are validation numbers
+    assert TASK.val_seed == TaskConfig().seed == 1234
+    # train excludes the test set's chains too: the short ones the test set took are not in train
+    train = _chains(generate(TASK, TRAIN))
+    test_only = _eval_chains(TASK, (TEST,)) - _eval_chains(TASK, (VAL,))
+    assert any(len(c) <= 4 for c in test_only) and not train & test_only
+
+
+def test_heldout_set_must_be_named() -> None:
+    with pytest.raises(DataError, match=r"eval split 'id': say which held-out set, heldout='val' or 'test'"):
+        generate(TASK, "id", 0, 10)
+    with pytest.raises(DataError, match=r"held-out set must be one of \('val', 'test'\), got 'dev'"):
+        generate(TASK, "id", 0, 10, heldout="dev")
+    with pytest.raises(DataError, match="'train' is not held out"):
+        generate(TASK, TRAIN, 0, 10, heldout=VAL)
+    with pytest.raises(ConfigError, match=r"data\.task\.test_seed: must differ from val_seed"):
+        TaskConfig(val_seed=5, test_seed=5).validate()
 
 
 def test_train_lengths_exhausted_by_eval_raise() -> None:
@@ -85,7 +143,7 @@ def test_train_lengths_exhausted_by_eval_raise() -> None:
 
 
 def test_check_chains_names_the_bad_sample() -> None:
-    good = generate(TASK, "id", 0, 50)
+    good = generate(TASK, "id", 0, 50, heldout=VAL)
     check_chains(good, TASK, "id", "here")
     oov = good.inputs.copy()
     oov[3, 0] = 12
@@ -102,7 +160,7 @@ def test_check_chains_names_the_bad_sample() -> None:
     with pytest.raises(DataError, match="length"):
         check_chains(good, TASK, "ood2", "here")  # id lengths lie outside ood2's range
     with pytest.raises(DataError, match="empty"):
-        check_chains(generate(TASK, "id", 0, 0), TASK, "id", "here")
+        check_chains(generate(TASK, "id", 0, 0, heldout=VAL), TASK, "id", "here")
 
 
 def test_pad_rows() -> None:
@@ -142,12 +200,12 @@ def test_crop_cuts_long_chains_to_prefixes_with_their_own_answer() -> None:
     cropped = Chains(out["input_ids"].numpy().astype(np.uint8), n_B.numpy(), out["answer"].numpy(),
                      out["sample_id"].numpy())  # fmt: skip
     check_chains(cropped, TASK, TRAIN, "cropped")
-    evals = set().union(*(_chains(generate(TASK, s)) for s in TASK.eval_splits))
+    evals = _eval_chains(TASK)
     assert not _chains(cropped) & evals  # train still never holds an eval chain
-    # uniform over 2..6 but for the chains the eval splits take (most 2-digit ones), as in the
-    # generator's own train split
+    # uniform over 2..6 but for the chains the eval splits of both held-out sets take (most 2-digit
+    # ones, a third of the 3-digit, a few 4-digit), as in the generator's own train split
     counts = torch.bincount(n_B, minlength=7)[2:].tolist()
-    assert counts[0] < 0.3 * counts[-1] and max(counts[2:]) < 1.1 * min(counts[2:]), counts
+    assert counts[0] < 0.3 * counts[-1] and max(counts[3:]) < 1.1 * min(counts[3:]), counts
     again = crop_batch(batch, TASK, 6, seed=0, step=7)
     assert all(torch.equal(again[k], out[k]) for k in out)
     half = crop_batch({k: v[1::2] for k, v in batch.items()}, TASK, 6, seed=0, step=7)

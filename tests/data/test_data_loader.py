@@ -32,7 +32,7 @@ needs_shm = pytest.mark.skipif(not SHM.is_dir(), reason="needs Linux /dev/shm")
 
 
 def test_collate_pads_and_masks_the_eq_position(cfg: Config) -> None:
-    c = generate(cfg.data.task, "id", 0, 9)
+    c = generate(cfg.data.task, "id", 0, 9, heldout="val")
     samples = [
         {
             "tokens": c.tokens(i).tobytes(),

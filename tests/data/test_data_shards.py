@@ -55,6 +55,17 @@ def test_manifest_content(cfg: Config) -> None:
         "ood2": 200,
     }
     assert all(len(h) == 64 for s in manifest["splits"].values() for h in s["shards"].values())
+    # eval splits on disk are the validation set; the test set is never written beside train
+    assert manifest["eval_splits_heldout"] == "val"
+    assert (manifest["task"]["val_seed"], manifest["task"]["test_seed"]) == (1234, 4321)
+    root = shards.shard_root(cfg.data.remote)
+    entry = manifest["splits"]["ood1"]
+    (name,) = entry["shards"]
+    info = json.loads((root / "ood1" / "index.json").read_text())["shards"][0]
+    on_disk = shards._decode((root / "ood1" / name).read_bytes(), info, root / "ood1" / name)
+    val = generate(cfg.data.task, "ood1", heldout="val")
+    assert np.array_equal(on_disk.sample_ids, val.sample_ids)
+    assert np.array_equal(on_disk.inputs, val.inputs[:, : on_disk.inputs.shape[1]])
 
 
 def test_interrupted_build_is_never_taken_for_complete(
