@@ -2,12 +2,13 @@
 
 from mythos_dist.model.attention import KVCache, attention_window
 from mythos_dist.model.rdt import RDT, ParamCount, RDTOutput, count_params
-from mythos_dist.model.recurrent import LoopChoice, LoopPolicy
+from mythos_dist.model.recurrent import LoopChoice, LoopHalting, LoopPolicy
 
 __all__ = [
     "RDT",
     "KVCache",
     "LoopChoice",
+    "LoopHalting",
     "LoopPolicy",
     "ParamCount",
     "RDTOutput",

@@ -14,7 +14,7 @@ from mythos_dist.model.attention import GQAttention, KVCache, MLAttention, Rope,
 from mythos_dist.model.block import TransformerBlock
 from mythos_dist.model.moe import GroupedExperts, MoEFFN, Router
 from mythos_dist.model.norm import RMSNorm
-from mythos_dist.model.recurrent import DepthLoRA, LTIInjection, RecurrentBlock
+from mythos_dist.model.recurrent import DepthLoRA, LoopHalting, LTIInjection, RecurrentBlock
 
 
 @dataclass
@@ -24,6 +24,7 @@ class RDTOutput:
     ponder_cost: torch.Tensor  # ACT ponder cost (0 unless enabled)
     loop_logits: dict[int, torch.Tensor]  # loop count -> logits, for every count in loops_out
     delta_norms: list[torch.Tensor]  # ‖h_t − h_{t−1}‖ (B, T) per loop, when track_deltas
+    loops_used: torch.Tensor | None = None  # with halting: loops each sample ran, (B,) int64
 
 
 class RDT(nn.Module):
@@ -90,6 +91,7 @@ class RDT(nn.Module):
         track_deltas: bool = False,
         valid_BT: torch.Tensor | None = None,
         logits_at_B: torch.Tensor | None = None,
+        halting: LoopHalting | None = None,
     ) -> RDTOutput:
         """Logits after `n_loops` iterations of the looped block (any count ≥ 1, also past training).
 
@@ -101,6 +103,8 @@ class RDT(nn.Module):
         in, so their values equal the full forward's. Logits and delta norms elsewhere are 0.
         logits_at_B: one valid position per row; only there does the last coda layer's FFN and the
         head run, and logits come back as (B, V).
+        halting: each sample stops looping once its state has converged (LoopHalting), at most
+        n_loops; `loops_used` says how many loops each ran. Inference only.
         """
         loops_out = sorted(set(loops_out))
         if n_loops < 1 or any(n < 1 or n > n_loops for n in loops_out):
@@ -126,16 +130,19 @@ class RDT(nn.Module):
                 answer_R = torch.searchsorted(layout.rows_N, answer_R)
         for i, layer in enumerate(self.prelude):
             x, _ = layer(x, layout, rope, cache, f"prelude{i}")  # dense: no aux loss (only the loop is MoE)
-        loop = self.recurrent(x, n_loops, rope, layout, cache, loops_out, backprop_loops, track_deltas)
+        loop = self.recurrent(
+            x, n_loops, rope, layout, cache, loops_out, backprop_loops, track_deltas, halting=halting
+        )
         loop_logits = {n: self._coda(h, layout, rope, cache, answer_R) for n, h in loop.outputs.items()}
-        if cache is not None:
-            cache.pos, cache.n_loops = start + T, n_loops
+        if cache is not None:  # with halting the cache holds the iterations that ran
+            cache.pos, cache.n_loops = start + T, loop.loops_run if halting is not None else n_loops
         return RDTOutput(
             loop_logits[n_loops],
             loop.aux_loss,
             loop.ponder_cost,
             loop_logits,
             [layout.to_grid(d) for d in loop.delta_norms],
+            loop.loops_used_B,
         )
 
     def _coda(
@@ -163,13 +170,18 @@ class RDT(nn.Module):
         n_loops: int,
         temperature: float = 0.0,
         top_k: int = 0,
+        halting: LoopHalting | None = None,
     ) -> torch.Tensor:
         """Autoregressive decoding with a KV cache (one entry per layer and loop iteration).
 
         temperature 0 is greedy. Returns (B, T + max_new_tokens).
+        halting: the prompt's samples stop looping once converged (n_loops is the cap); the loop
+        iterations that ran fix the count every decoded token runs (the cache holds one entry per
+        iteration), within which each sample again stops once its state has converged.
         """
         cache = KVCache()
-        logits = self(ids_BT, n_loops, cache=cache).logits[:, -1]
+        logits = self(ids_BT, n_loops, cache=cache, halting=halting).logits[:, -1]
+        n_loops = cache.n_loops
         out = [ids_BT]
         for i in range(max_new_tokens):
             if temperature <= 0:
@@ -182,7 +194,7 @@ class RDT(nn.Module):
                 nxt = torch.multinomial(torch.softmax(logits, -1), 1)
             out.append(nxt)
             if i + 1 < max_new_tokens:
-                logits = self(nxt, n_loops, cache=cache).logits[:, -1]
+                logits = self(nxt, n_loops, cache=cache, halting=halting).logits[:, -1]
         return torch.cat(out, dim=1)
 
 

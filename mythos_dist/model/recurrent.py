@@ -3,12 +3,14 @@
 A is diagonal with entries exp(-exp(log_dt + log_A)) ∈ (0, 1), so ρ(A) < 1 by construction.
 ACT halting is optional and off by default; when on, every position runs every loop (no early
 exit, which would desynchronise expert-parallel ranks) and the output is the ACT-weighted mixture.
+Inference can instead stop each sample once its state has converged (`LoopHalting`): a stopped
+sample's state is frozen, so its output is exactly that of a fixed count equal to its loops used.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass, field
 
@@ -77,12 +79,37 @@ class DepthLoRA(nn.Module):
         return (self.down(x) * s) @ self.up
 
 
+@dataclass(frozen=True)
+class LoopHalting:
+    """Inference that picks its own loop count per sample: a sample stops after loop t (≥ min_loops)
+    once max over its tokens of ‖h_t − h_{t−1}‖ / ‖h_t‖ < threshold, or at the forward's n_loops
+    (the cap). A stopped sample's rows keep their state (they still pass through the block, so
+    shapes and collectives stay the same on every rank) until every sample is done.
+
+    all_done(local) -> bool: whether every sample everywhere has stopped, given whether this
+    process's have. Under expert parallelism every rank must run the same loops (each loop's MoE
+    is an all-to-all), so the caller passes a reduction over the group; alone, the identity.
+    """
+
+    threshold: float = 0.01
+    min_loops: int = 1
+    all_done: Callable[[bool], bool] = lambda local: local
+
+    def __post_init__(self) -> None:
+        if not (self.threshold > 0 and math.isfinite(self.threshold)):
+            raise ValueError(f"halting threshold must be a finite number > 0, got {self.threshold!r}")
+        if self.min_loops < 1:
+            raise ValueError(f"halting min_loops must be ≥ 1, got {self.min_loops}")
+
+
 @dataclass
 class LoopResult:
     outputs: dict[int, torch.Tensor]  # loop count -> state handed to the coda after that many loops
     aux_loss: torch.Tensor  # MoE aux loss, mean over the loops (per token per layer use)
     ponder_cost: torch.Tensor  # ACT: mean (steps + remainder); 0 without ACT
     delta_norms: list[torch.Tensor] = field(default_factory=list)  # ‖h_t − h_{t−1}‖ per loop and row (N,)
+    loops_used_B: torch.Tensor | None = None  # with halting: loops each sample ran (int64, (B,))
+    loops_run: int = 0  # iterations of the block that ran (with halting: ≥ every sample's count)
 
 
 class RecurrentBlock(nn.Module):
@@ -147,15 +174,22 @@ class RecurrentBlock(nn.Module):
         emit_at: Iterable[int] = (),
         backprop_loops: int = 0,
         track_deltas: bool = False,
+        halting: LoopHalting | None = None,
     ) -> LoopResult:
         """Run n_loops iterations from h_0 = e (rows (N, D) placed by `layout`).
 
         emit_at: extra loop counts (≤ n_loops) whose output is also returned — the same values a
         separate forward with that many loops gives (for ACT: the remainder goes to that step).
         backprop_loops k > 0: gradients flow only through the last k loops (truncated BPTT).
+        halting: stop each sample when its state has converged (n_loops is then the cap); the
+        output is outputs[n_loops], each sample's state after its own loops_used_B.
         """
         if n_loops < 1:
             raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
+        if halting is not None:
+            if self.halt is not None or set(emit_at) - {n_loops} or backprop_loops or torch.is_grad_enabled():
+                raise ValueError("halting is for inference: no ACT, emit_at, backprop_loops or gradients")
+            return self._forward_halting(e, n_loops, rope, layout, cache, track_deltas, halting)
         emit = {n for n in emit_at if n <= n_loops} | {n_loops}
         h = e
         result = LoopResult({}, e.new_zeros(()), e.new_zeros(()))
@@ -204,6 +238,47 @@ class RecurrentBlock(nn.Module):
             halted = halted | over
         if act:
             result.ponder_cost = (steps + remainder).mean()
+        return result
+
+    def _forward_halting(
+        self,
+        e: torch.Tensor,
+        n_loops: int,
+        rope: Rope,
+        layout: TokenLayout,
+        cache: KVCache | None,
+        track_deltas: bool,
+        halting: LoopHalting,
+    ) -> LoopResult:
+        """`forward` with per-sample halting (see LoopHalting)."""
+        rows_N = (
+            layout.rows_N if layout.rows_N is not None else torch.arange(layout.B * layout.T, device=e.device)
+        )
+        sample_N = rows_N // layout.T
+        running_B = torch.zeros(layout.B, dtype=torch.bool, device=e.device)
+        running_B[sample_N] = True  # a sample without rows has nothing to compute
+        used_B = torch.zeros(layout.B, dtype=torch.int64, device=e.device)
+        # A decode step with a filled cache must add an entry for every cached loop iteration.
+        may_stop_early = cache is None or cache.n_loops is None
+        h = e
+        result = LoopResult({}, e.new_zeros(()), e.new_zeros(()))
+        for t in range(n_loops):
+            h_next, aux = self.step(h, e, t, rope, layout, cache)
+            result.aux_loss = result.aux_loss + aux / n_loops
+            delta_N = (h_next - h).float().norm(dim=-1)
+            if track_deltas:
+                result.delta_norms.append(torch.where(running_B[sample_N], delta_N, 0.0))
+            rel_N = delta_N / h_next.float().norm(dim=-1).clamp_min(1e-30)
+            rel_B = torch.zeros(layout.B, device=e.device).scatter_reduce(0, sample_N, rel_N, "amax")
+            h = torch.where(running_B[sample_N, None], h_next, h)
+            used_B = used_B + running_B.long()
+            if t + 1 >= halting.min_loops:
+                running_B = running_B & ~(rel_B < halting.threshold)
+            result.loops_run = t + 1
+            if may_stop_early and t + 1 < n_loops and halting.all_done(not bool(running_B.any())):
+                break
+        result.outputs[n_loops] = h
+        result.loops_used_B = used_B
         return result
 
 
