@@ -89,8 +89,18 @@ def build_parser() -> argparse.ArgumentParser:
     with_shard_size(up)
     tr = with_config(sub.add_parser("train", help="train with DeepSpeed (launch with torchrun, see launch/)"))
     tr.add_argument("--stop-after", type=int, help="leave after N steps (checkpointed); resume later")
-    ex = with_config(sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval"))
+    ex = sub.add_parser("experiment", help="shards → train on local processes → loop-sweep eval, per recipe")
+    ex.add_argument(
+        "--config", action="append", required=True,
+        help="YAML config (see configs/); repeat it to run several recipes one after the other and compare them",
+    )  # fmt: skip
+    ex.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override for every config, e.g. train.steps=200"
+    )  # fmt: skip
     ex.add_argument("--nproc", type=int, default=2, help="local training processes (default 2)")
+    ex.add_argument(
+        "--out", help="with several configs: the side-by-side table and figure (default runs/experiment)"
+    )
     rg = with_config(
         sub.add_parser("register", help="put a training run's export in the MLflow Model Registry")
     )
@@ -206,7 +216,7 @@ def _cmd_experiment(args: argparse.Namespace) -> int:
 
     if args.nproc < 1:
         raise ConfigError(f"--nproc must be ≥ 1, got {args.nproc}")
-    return run_experiment(args.config, args.set, args.nproc)
+    return run_experiment(args.config, args.set, args.nproc, args.out)
 
 
 def _cmd_register(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 shards (`mythos data build`) → training on N local processes (`mythos train` under torchrun:
 DeepSpeed ZeRO + expert parallelism as the config says) → loop-sweep evaluation of the exported
-model on every eval split, logged as an MLflow run nested under the training run → the accuracy
-table, plots and where to look. On a cluster run the same three subcommands with the launchers in
+model on every eval split (the test set unless eval.heldout says val), logged as an MLflow run
+nested under the training run → the accuracy table, plots and where to look. Given several
+configs (recipes), it runs them one after the other and ends with their accuracy tables side by
+side and one comparison figure. On a cluster run the same three subcommands with the launchers in
 launch/; nothing here is specific to one machine.
 """
 
@@ -14,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from mythos_dist.config import ConfigError, load_config
 
@@ -30,17 +33,94 @@ def _check_writable(path: Path, what: str) -> None:
         raise ConfigError(f"{what} {path} is not writable: {e}") from e
 
 
-def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
+def run_experiment(configs: list[str], overrides: list[str], nproc: int, out_dir: str | None = None) -> int:
+    """Each config (recipe) end to end, in order; with several, then their tables side by side and
+    the comparison figure in `out_dir`. --set overrides apply to every config."""
+    if not configs:
+        raise ConfigError("experiment needs at least one --config")
+    cfgs = [load_config(c, overrides) for c in configs]
+    for config, cfg in zip(configs, cfgs):  # every config error before any process, file or shard
+        try:
+            cfg.validate(world_size=nproc)
+        except ConfigError as e:
+            raise ConfigError(f"{config}: {e}") from None
+    dirs = {
+        "checkpoint.dir": [Path(c.checkpoint.dir) for c in cfgs],
+        "eval.out_dir": [Path(c.eval.out_dir) for c in cfgs],
+    }
+    for what, paths in dirs.items():
+        if len({p.absolute() for p in paths}) < len(paths):
+            raise ConfigError(f"{what}: the recipes share {sorted(set(map(str, paths)))}; each needs its own")
+        for path in paths:
+            _check_writable(path, what)
+    compare_dir = Path(out_dir or "runs/experiment")
+    if len(configs) > 1:
+        _check_writable(compare_dir, "--out")
+    t0 = time.perf_counter()
+    results = []
+    for i, (config, cfg) in enumerate(zip(configs, cfgs)):
+        if len(configs) > 1:
+            print(f"\n=== recipe {i + 1} of {len(configs)}: {config} ===", flush=True)
+        res = _run_one(config, cfg, overrides, nproc)
+        if res is None:
+            return 1
+        results.append(res)
+    if len(configs) > 1:
+        _compare(configs, results, compare_dir, time.perf_counter() - t0)
+    return 0
+
+
+def _compare(configs: list[str], results: list[Any], out_dir: Path, wall_s: float) -> None:
+    """The recipes' accuracy tables side by side (stdout, CSV) and one figure of accuracy vs loops
+    per split with every recipe in it."""
+    from mythos_dist.plots import accuracy_vs_loops_recipes
+
+    names = [Path(c).stem for c in configs]
+    summaries = [r.summary for r in results]
+    heldout = {s.get("heldout", "test") for s in summaries}
+    print(
+        f"\n=== the recipes side by side: accuracy on the {'/'.join(sorted(heldout))} set, split × loops ==="
+    )
+    print(side_by_side(names, summaries))
+    lines = ["recipe,split,loops,accuracy"]
+    for name, s in zip(names, summaries):
+        for split, d in s["splits"].items():
+            lines += [f"{name},{split},{n},{a:.6f}" for n, a in zip(s["loops"], d["acc"])]
+    csv = out_dir / "comparison.csv"
+    csv.write_text("\n".join(lines) + "\n")
+    png = accuracy_vs_loops_recipes(dict(zip(names, summaries)), out_dir / "comparison.png")
+    print(f"comparison: {png}  (table: {csv}); all recipes {wall_s:.0f} s")
+
+
+def side_by_side(names: list[str], summaries: list[dict[str, Any]]) -> str:
+    """One row per loop count (the union), per recipe a column group of its splits' accuracies."""
+    loops = sorted({n for s in summaries for n in s["loops"]})
+    splits = [list(s["splits"]) for s in summaries]
+    widths = [max(len(name), 8 * len(sp) - 2) for name, sp in zip(names, splits)]
+    head1 = f"{'':>6}" + "".join(f" | {name:<{w}}" for name, w in zip(names, widths))
+    head2 = f"{'loops':>6}" + "".join(
+        f" | {''.join(f'{x:>6}  ' for x in sp)[:-2]:<{w}}" for sp, w in zip(splits, widths)
+    )
+    rows = [head1, head2]
+    for n in loops:
+        cells = []
+        for s, sp, w in zip(summaries, splits, widths):
+            k = s["loops"].index(n) if n in s["loops"] else None
+            vals = [f"{100 * s['splits'][x]['acc'][k]:6.1f}" if k is not None else f"{'–':>6}" for x in sp]
+            cells.append(f" | {'  '.join(vals):<{w}}")
+        rows.append(f"{n:>6}" + "".join(cells))
+    return "\n".join(rows)
+
+
+def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
+    """shards → training → evaluation of one config; prints its report, returns the EvalResult
+    (None when training failed)."""
     from data_pipeline import shards
     from mythos_dist.checkpoint import exported_steps, read_json
     from mythos_dist.evaluate import format_table, load_model, run_eval, stability_over_training
     from mythos_dist.tracking import resolve_uri, run_page
 
-    cfg = load_config(config, overrides)
-    cfg.validate(world_size=nproc)  # every config error before any process, file or shard
     ckpt_dir = Path(cfg.checkpoint.dir)
-    for path, what in [(ckpt_dir, "checkpoint.dir"), (Path(cfg.eval.out_dir), "eval.out_dir")]:
-        _check_writable(path, what)
     t0 = time.perf_counter()
 
     print(f"[1/3] shards: {cfg.data.remote}", flush=True)
@@ -61,7 +141,7 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     # A rank can rarely abort at exit after finishing: judge by the summary rank 0 writes last.
     if not summary_path.is_file():
         print(f"training failed (exit code {rc}); checkpoints so far are in {ckpt_dir}", file=sys.stderr)
-        return rc or 1
+        return None
     train_summary = read_json(summary_path)
     train_s = time.perf_counter() - t0
 
@@ -81,7 +161,10 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     )
     assert res is not None  # single process: rank 0
 
-    print(f"\naccuracy (split × loops), trained at {cfg.train.loops.kind} {cfg.train.loops.n_loops} loops:")
+    print(
+        f"\naccuracy on the {cfg.eval.heldout} set (split × loops), trained at {cfg.train.loops.kind} "
+        f"{cfg.train.loops.n_loops} loops:"
+    )
     print(format_table(res.summary))
     start, end = train_summary["start_step"], train_summary["end_step"]
     if end > start:
@@ -106,4 +189,4 @@ def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
         print(f"  open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
     elif res.run_id and (page := run_page(uri, train_summary["run_id"])):
         print(f"  training run page: {page}")
-    return 0
+    return res

@@ -1,5 +1,6 @@
 """Evaluation figures (PNG, headless): accuracy vs loops, length × loops heatmap, convergence of
-‖h_t − h_{t−1}‖ and the stability figure. Inputs are `evaluate.summarize` / `spectral_report` dicts."""
+‖h_t − h_{t−1}‖, the stability figure and several recipes side by side. Inputs are `evaluate.summarize`
+/ `spectral_report` dicts."""
 
 from __future__ import annotations
 
@@ -29,6 +30,26 @@ def accuracy_vs_loops(summary: dict[str, Any], path: Path) -> Path:
     ax.set_xticks(summary["loops"])
     ax.grid(alpha=0.3)
     ax.legend()
+    return _save(fig, path)
+
+
+def accuracy_vs_loops_recipes(summaries: dict[str, dict[str, Any]], path: Path) -> Path:
+    """Several recipes in one figure: a panel per split, accuracy vs loop count, a line per recipe."""
+    splits = list(dict.fromkeys(s for summary in summaries.values() for s in summary["splits"]))
+    loops = sorted({n for summary in summaries.values() for n in summary["loops"]})
+    fig, axes = plt.subplots(1, len(splits), figsize=(3.6 * len(splits), 3.4), sharey=True, squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        for name, summary in summaries.items():
+            if split in summary["splits"]:
+                ax.plot(summary["loops"], summary["splits"][split]["acc"], marker="o", label=name)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(loops, [str(n) for n in loops])
+        ax.set(xlabel="loops", title=split, ylim=(-0.02, 1.02))
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=8)
+    heldout = {s.get("heldout", "test") for s in summaries.values()}
+    fig.suptitle(f"Accuracy vs loop count ({'/'.join(sorted(heldout))} set)")
     return _save(fig, path)
 
 
