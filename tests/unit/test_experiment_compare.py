@@ -1,0 +1,40 @@
+"""`mythos experiment` with several recipes: input checks before anything runs, the side-by-side table."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+from mythos_dist.experiment import side_by_side
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _summary(loops: list[int], accs: dict[str, list[float]]) -> dict:
+    return {"loops": loops, "splits": {s: {"acc": a, "n": 10} for s, a in accs.items()}}
+
+
+def test_side_by_side_lines_up_every_loop_count_of_either_recipe() -> None:
+    a = _summary([1, 4], {"id": [0.1, 0.995], "ood1": [0.2, 0.3]})
+    b = _summary([4, 32], {"id": [0.99, 0.98], "ood1": [0.5, 0.9]})
+    rows = side_by_side(["seed", "loops"], [a, b]).splitlines()
+    assert "seed" in rows[0] and "loops" in rows[0] and rows[1].count("ood1") == 2
+    by_loops = {r.split("|")[0].strip(): [c.split() for c in r.split("|")[1:]] for r in rows[2:]}
+    assert by_loops == {
+        "1": [["10.0", "20.0"], ["–", "–"]],
+        "4": [["99.5", "30.0"], ["99.0", "50.0"]],
+        "32": [["–", "–"], ["98.0", "90.0"]],
+    }
+
+
+def test_recipes_sharing_a_directory_are_refused_before_anything_runs(tmp_path: Path) -> None:
+    cmd = [sys.executable, "-m", "mythos_dist.cli", "experiment", "--config", "configs/digit_chain.yaml",
+           "--config", "configs/digit_chain_recipe2.yaml", "--set", f"checkpoint.dir={tmp_path / 'ck'}",
+           "--set", f"data.remote={tmp_path / 'shards'}"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "checkpoint.dir: the recipes share" in proc.stderr and "each needs its own" in proc.stderr
+    assert not (tmp_path / "shards").exists()  # nothing built
+    bad = subprocess.run(
+        [*cmd[:8], "--set", "train.stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    assert bad.returncode == 2 and "stepz" in bad.stderr
