@@ -116,8 +116,11 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
     """shards → training → evaluation of one config; prints its report, returns the EvalResult
     (None when training failed)."""
     from data_pipeline import shards
-    from mythos_dist.checkpoint import exported_steps, read_json
-    from mythos_dist.evaluate import format_table, load_model, run_eval, stability_over_training
+    from mythos_dist.evaluate import run_eval, stability_over_training
+    from mythos_dist.export import exported_steps
+    from mythos_dist.loading import load_model
+    from mythos_dist.report import format_table
+    from mythos_dist.safe_io import read_json
     from mythos_dist.tracking import resolve_uri, run_page
 
     ckpt_dir = Path(cfg.checkpoint.dir)

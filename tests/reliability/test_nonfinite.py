@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from mythos_dist.checkpoint import export, latest_tag, load_exported
+from mythos_dist.checkpoint import export, latest_tag
+from mythos_dist.export import load_exported
 from mythos_dist.train import loop_divergence
 from tests.reliability._common import logs, result, run_ranks, steps
 
