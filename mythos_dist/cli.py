@@ -53,7 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="export dir, DeepSpeed checkpoint dir, or MLflow model models:/NAME/VERSION or runs:/RUN_ID "
         "(default: fresh init)",
     )
-    ev.add_argument("--loops", help="comma-separated loop counts, e.g. 1,2,4,8 (default: eval.loops)")
+    ev.add_argument(
+        "--loops",
+        help="comma-separated loop counts, e.g. 1,2,4,8 (default: eval.loops); 'auto' adds the count each "
+        "sample picks itself (eval.auto_*): --loops auto or --loops 4,8,16,32,auto",
+    )
     ev.add_argument("--splits", help="comma-separated eval splits (default: eval.splits)")
     ev.add_argument("--n-samples", type=int, help="samples per split (default: eval.n_samples)")
     ev.add_argument("--out", help="output directory; results go to OUT/eval-K (default: eval.out_dir)")
@@ -125,10 +129,12 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from mythos_dist.evaluate import join, run_eval
     from mythos_dist.loading import load_model, refuse_missing
     from mythos_dist.report import format_table
-    from mythos_dist.sweep import check_splits, parse_loops
+    from mythos_dist.sweep import check_splits, parse_loop_spec
 
     cfg = load_config(args.config, args.set)
-    loops = parse_loops(args.loops) if args.loops is not None else None
+    loops, auto = parse_loop_spec(args.loops) if args.loops is not None else (None, False)
+    if auto:
+        cfg.eval.auto = True
     splits = (
         check_splits(cfg, [s.strip() for s in args.splits.split(",")]) if args.splits is not None else None
     )

@@ -248,12 +248,29 @@ class EvalConfig:
     # Which held-out set of every split to evaluate on: "test" for reported numbers, "val" for every
     # choice made from evaluations (recipe, step count, averaging window, loop threshold).
     heldout: str = "test"
+    # Also evaluate with the loop count each sample picks itself (`mythos eval --loops auto`): it
+    # stops once max over its tokens of ‖h_t − h_{t−1}‖ / ‖h_t‖ < auto_threshold (after at least
+    # auto_min_loops), at most auto_max_loops loops; the loops used per sample go in the store.
+    auto: bool = False
+    auto_threshold: float = 0.01
+    auto_min_loops: int = 1
+    auto_max_loops: int = 32
 
     def validate(self, prefix: str = "eval") -> None:
         require(
             self.heldout in ("val", "test"),
             f"{prefix}.heldout",
             f"must be 'val' (choosing) or 'test' (reporting), got {self.heldout!r}",
+        )
+        require(
+            isinstance(self.auto_threshold, (int, float)) and 0 < self.auto_threshold < float("inf"),
+            f"{prefix}.auto_threshold",
+            f"must be a number > 0, got {self.auto_threshold!r}",
+        )
+        require(
+            1 <= self.auto_min_loops <= self.auto_max_loops,
+            f"{prefix}.auto_min_loops",
+            f"needs 1 ≤ auto_min_loops ≤ auto_max_loops, got {self.auto_min_loops} and {self.auto_max_loops}",
         )
         require(len(self.loops) >= 1, f"{prefix}.loops", "needs at least one loop count")
         for n in self.loops:

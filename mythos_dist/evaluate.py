@@ -28,6 +28,7 @@ from mythos_dist.config import Config, ConfigError, to_dict
 from mythos_dist.loading import load_model
 from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.rdt import RDT
+from mythos_dist.model.recurrent import LoopHalting
 from mythos_dist.report import write_summary
 from mythos_dist.results_store import (
     STORE_NAME,
@@ -149,13 +150,16 @@ def run_eval(
     expert_parallel = any(isinstance(m.dispatcher, AllToAllDispatcher) for m in model.moe_layers())
     regions = [rank_region(n, world, r, bs) for r in range(world)]
     lockstep = max(math.ceil((b - a) / bs) for a, b, _ in regions) if expert_parallel else 0
+    halting = _halting(cfg, expert_parallel and world > 1)
+    cap = cfg.eval.auto_max_loops
     for split in splits:
         if start < stop:
-            res = sweep(model, chain_batches(cfg, split, start, stop, bs), loops)
+            res = sweep(model, chain_batches(cfg, split, start, stop, bs), loops, halting, cap)
             write_region(store, split, start, res)
         fillers = lockstep - math.ceil((stop - start) / bs)
         if fillers > 0:
-            sweep(model, itertools.repeat(next(chain_batches(cfg, split, 0, min(bs, n), bs)), fillers), loops)
+            filler = next(chain_batches(cfg, split, 0, min(bs, n), bs))
+            sweep(model, itertools.repeat(filler, fillers), loops, halting, cap)
     spectral = None
     if expert_parallel or rank == 0:  # collective under expert parallelism: every rank joins
         ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
@@ -181,6 +185,22 @@ def run_eval(
             f"evaluation failed on rank 0 while writing the results in {version_dir}: {outcome[0]}"
         )
     return result
+
+
+def _halting(cfg: Config, collective: bool) -> LoopHalting | None:
+    """eval.auto's halting rule. collective (expert parallelism): a loop ends the forward only once
+    every rank's samples have stopped, so every rank runs the same iterations (and all-to-alls)."""
+    if not cfg.eval.auto:
+        return None
+
+    def all_done(local: bool) -> bool:
+        running = torch.tensor([0 if local else 1], dtype=torch.int64)
+        dist.all_reduce(running, op=dist.ReduceOp.MAX)
+        return int(running) == 0
+
+    e = cfg.eval
+    rule = LoopHalting(e.auto_threshold, e.auto_min_loops)
+    return dataclasses.replace(rule, all_done=all_done) if collective else rule
 
 
 def _report(
@@ -235,7 +255,7 @@ def _track(
 
     tracker = tracking.Tracker(cfg.tracking, enabled_on_this_rank=True)
     # The config as a training run logs it, plus what this evaluation actually ran (CLI overrides).
-    run = {k: summary[k] for k in ("loops", "store")} | {"splits": list(summary["splits"])}
+    run = {k: summary[k] for k in ("loops", "store", "heldout")} | {"splits": list(summary["splits"])}
     run["checkpoint"] = checkpoint or ""
     export = tracking.export_dir_of(checkpoint) if tracking.is_model_uri(checkpoint) else checkpoint
     if export and (Path(export) / "config.json").is_file():  # an export: whose weights
@@ -249,6 +269,10 @@ def _track(
     metrics = {"spectral/rho_A": spectral["rho_A"], "spectral/jacobian_radius": spectral["jacobian_radius"]}
     for split, d in summary["splits"].items():
         metrics |= {acc_metric(split, n): a for n, a in zip(summary["loops"], d["acc"])}
+        if "auto" in d:  # the loop count each sample picked itself
+            a = d["auto"]
+            metrics |= {f"eval/{split}/acc_auto": a["acc"], f"eval/{split}/loops_auto_mean": a["loops_mean"],
+                        f"eval/{split}/loops_auto_p90": a["loops_p90"]}  # fmt: skip
     tracker.log_metrics(metrics, step=0)
     for split, d in summary["splits"].items():  # the same numbers as curves over loop count
         for n, a in zip(summary["loops"], d["acc"]):

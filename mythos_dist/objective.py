@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from mythos_dist.config import Config, ModelConfig
-from mythos_dist.model import RDT, RDTOutput
+from mythos_dist.model import RDT, LoopHalting, RDTOutput
 
 
 def answer_positions(loss_mask_BT: torch.Tensor) -> torch.Tensor:
@@ -35,8 +35,10 @@ def answer_forward(
     loops_out: Iterable[int] = (),
     backprop_loops: int = 0,
     track_deltas: bool = False,
+    halting: LoopHalting | None = None,
 ) -> RDTOutput:
-    """Forward whose `logits` / `loop_logits` are (B, V) at the answer position."""
+    """Forward whose `logits` / `loop_logits` are (B, V) at the answer position (halting: each
+    sample stops once converged, n_loops is the cap)."""
     return model(
         batch["input_ids"],
         n_loops=n_loops,
@@ -45,6 +47,7 @@ def answer_forward(
         track_deltas=track_deltas,
         valid_BT=valid_positions(batch["loss_mask"]),
         logits_at_B=answer_positions(batch["loss_mask"]),
+        halting=halting,
     )
 
 

@@ -16,11 +16,23 @@ from mythos_dist.safe_io import read_json
 
 
 def format_table(summary: dict[str, Any]) -> str:
+    """Accuracy per split × loop count; with auto also the accuracy at each sample's own count,
+    the loops it used (mean / p90) and the best fixed count."""
     loops = summary["loops"]
+    auto = summary.get("auto")
     head = f"{'split':<10}{'n':>7}" + "".join(f"{'@' + str(n):>8}" for n in loops)
-    rows = [
-        f"{s:<10}{d['n']:>7}" + "".join(f"{a:>8.3f}" for a in d["acc"]) for s, d in summary["splits"].items()
-    ]
+    if auto:
+        head += f"{'@auto':>8}{'loops mean/p90':>16}{'best fixed':>13}"
+    rows = []
+    for s, d in summary["splits"].items():
+        row = f"{s:<10}{d['n']:>7}" + "".join(f"{a:>8.3f}" for a in d["acc"])
+        if auto:
+            a = d["auto"]
+            best = f"{a['best_fixed_acc']:.3f} @{a['best_fixed_loops']}"
+            row += f"{a['acc']:>8.3f}{a['loops_mean']:>10.1f} /{a['loops_p90']:>4.0f}{best:>13}"
+        rows.append(row)
+    if auto:
+        rows.append(f"auto: threshold {auto['threshold']:g}, loops {auto['min_loops']}-{auto['max_loops']}")
     return "\n".join([head, *rows])
 
 
@@ -49,7 +61,12 @@ def write_summary(summary: dict[str, Any], out_dir: Path) -> list[Path]:
     by_len = _write_csv(out_dir / "accuracy_by_length.csv", ["split", "length", *acc_cols], rows)
     js = out_dir / "summary.json"
     js.write_text(json.dumps(summary, indent=2))
-    return [table, by_len, js]
+    files = [table, by_len, js]
+    if summary.get("auto"):
+        cols = ["acc", "loops_mean", "loops_p90", "loops_max", "best_fixed_loops", "best_fixed_acc"]
+        rows = [[s, *(d["auto"][c] for c in cols)] for s, d in splits.items()]
+        files.append(_write_csv(out_dir / "auto_loops.csv", ["split", *cols], rows))
+    return files
 
 
 def aggregate_runs(eval_dirs: Sequence[str | Path]) -> dict[str, Any]:
@@ -81,6 +98,12 @@ def aggregate_runs(eval_dirs: Sequence[str | Path]) -> dict[str, Any]:
             "max": acc_RL.max(0).tolist(),
             "per_run": acc_RL.tolist(),
         }
+        if all("auto" in r["splits"][split] for r in runs):  # the adaptive count, per run and mean
+            per_run = [r["splits"][split]["auto"] for r in runs]
+            keys = ("acc", "loops_mean", "loops_p90", "best_fixed_acc")
+            out["splits"][split]["auto"] = {k: float(np.mean([a[k] for a in per_run])) for k in keys} | {
+                "per_run": [{k: a[k] for k in (*keys, "best_fixed_loops")} for a in per_run]
+            }
     return out
 
 
@@ -109,4 +132,11 @@ def format_report(report: dict[str, Any]) -> str:
         f"{split:<10}" + "".join(f"{m:>8.3f} ±{s:.3f}" for m, s in zip(d["acc"], d["std"]))
         for split, d in report["splits"].items()
     ]
+    for split, d in report["splits"].items():
+        if "auto" in d:
+            a = d["auto"]
+            rows.append(
+                f"{split:<10}auto: acc {a['acc']:.3f}, loops mean {a['loops_mean']:.1f} / p90 "
+                f"{a['loops_p90']:.1f}; best fixed count (per run) {a['best_fixed_acc']:.3f}"
+            )
     return "\n".join([head, *rows])

@@ -42,7 +42,8 @@ def create_store(
     batch_size: int,
     checkpoint: str | None,
 ) -> None:
-    """Rank 0: the group, its attributes and every array at full size (no data written yet)."""
+    """Rank 0: the group, its attributes and every array at full size (no data written yet).
+    With cfg.eval.auto also each sample's prediction and loops used at its own loop count."""
     import zarr
 
     from data_pipeline.digit_chain import task_spec
@@ -61,6 +62,8 @@ def create_store(
             "n_samples": n_samples,
             "world_size": world,
             "batch_size": batch_size,
+            "heldout": cfg.eval.heldout,
+            "auto": _auto_attrs(cfg),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
     )
@@ -76,7 +79,11 @@ def create_store(
             ("answer", (n_samples,), "int16", -1),
             ("sample_id", (n_samples,), "int64", -1),
             ("delta_norm", (n_samples, M), "float32", float("nan")),
-        ]:
+        ] + [
+            ("auto_prediction", (n_samples,), "int16", -1),
+            ("auto_correct", (n_samples,), "bool", False),
+            ("auto_loops", (n_samples,), "int16", -1),
+        ] * cfg.eval.auto:
             g.create_array(name, shape=shape, dtype=dtype, chunks=(chunk, *shape[1:]), fill_value=fill)
 
 
@@ -92,15 +99,30 @@ def write_region(path: Path, split: str, start: int, res: SweepResult) -> None:
     g["answer"][start:stop] = res.answer_N.astype(np.int16)
     g["sample_id"][start:stop] = res.sample_id_N
     g["delta_norm"][start:stop] = res.delta_NM
+    if res.auto_prediction_N is not None:
+        g["auto_prediction"][start:stop] = res.auto_prediction_N
+        g["auto_correct"][start:stop] = res.auto_prediction_N == res.answer_N
+        g["auto_loops"][start:stop] = res.auto_loops_N
+
+
+def _auto_attrs(cfg: Config) -> dict[str, Any] | None:
+    e = cfg.eval
+    if not e.auto:
+        return None
+    return {"threshold": e.auto_threshold, "min_loops": e.auto_min_loops, "max_loops": e.auto_max_loops}
 
 
 def summarize(path: Path) -> dict[str, Any]:
-    """Accuracy per split × loop count, per chain length × loop count, and mean ‖Δh‖ per loop."""
+    """Accuracy per split × loop count, per chain length × loop count, and mean ‖Δh‖ per loop; with
+    auto: accuracy at each sample's own loop count, mean / p90 / max loops used (also per length),
+    beside the best fixed count."""
     import zarr
 
     root = zarr.open_group(str(path), mode="r")
     loops = list(root.attrs["loops"])
-    out: dict[str, Any] = {"loops": loops, "store": str(path), "splits": {}}
+    auto = root.attrs.get("auto")
+    out: dict[str, Any] = {"loops": loops, "store": str(path), "heldout": root.attrs.get("heldout", "val"),
+                           "auto": auto, "splits": {}}  # fmt: skip
     for split in root.attrs["splits"]:
         g = root[split]
         correct_NL, length_N, delta_NM = g["correct"][:], g["length"][:], g["delta_norm"][:]
@@ -115,4 +137,19 @@ def summarize(path: Path) -> dict[str, Any]:
             "acc_by_length": by_len,
             "delta_norm_mean": delta_NM.mean(0).tolist(),
         }
+        if auto:
+            correct_N, used_N = g["auto_correct"][:], g["auto_loops"][:].astype(np.int64)
+            acc = correct_NL.mean(0)
+            out["splits"][split]["auto"] = {
+                "acc": float(correct_N.mean()),
+                "loops_mean": float(used_N.mean()),
+                "loops_p90": float(np.percentile(used_N, 90)),
+                "loops_max": int(used_N.max()),
+                "best_fixed_loops": int(loops[int(acc.argmax())]),
+                "best_fixed_acc": float(acc.max()),
+                "by_length": {
+                    int(n): [float(correct_N[length_N == n].mean()), float(used_N[length_N == n].mean())]
+                    for n in np.unique(length_N)
+                },  # chain length -> [accuracy, mean loops used]
+            }
     return out

@@ -1,7 +1,9 @@
-"""The loop sweep: accuracy at every requested loop count from one forward per batch.
+"""The loop sweep: accuracy at every requested loop count from one forward per batch, and
+optionally at the loop count each sample picks itself (`LoopHalting`, eval.auto).
 
 Sample i of a split is the same on any number of ranks (`data_pipeline.digit_chain.generate` is a
-pure function of the index), so `chain_batches` of a range gives the same batches anywhere.
+pure function of the index), so `chain_batches` of a range gives the same batches anywhere. The
+samples are those of the held-out set cfg.eval.heldout ('test' unless choosing on 'val').
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 from data_pipeline.batch import Batch, chains_batch
 from mythos_dist.config import Config, ConfigError
 from mythos_dist.model.rdt import RDT
+from mythos_dist.model.recurrent import LoopHalting
 from mythos_dist.objective import answer_forward, answer_positions, valid_positions
 
 
@@ -35,6 +38,14 @@ def parse_loops(spec: str | Sequence[Any]) -> tuple[int, ...]:
     return tuple(sorted(set(out)))
 
 
+def parse_loop_spec(spec: str) -> tuple[tuple[int, ...] | None, bool]:
+    """`--loops`: '1,2,4', 'auto' or '4,8,auto' -> (fixed counts or None for the config's, auto?)."""
+    items = [x.strip() for x in spec.split(",")]
+    auto = "auto" in items
+    fixed = [x for x in items if x != "auto"]
+    return (parse_loops(",".join(fixed)) if fixed else None), auto
+
+
 def check_splits(cfg: Config, splits: Sequence[str]) -> tuple[str, ...]:
     known = cfg.data.task.eval_splits
     unknown = [s for s in splits if s not in known]
@@ -49,7 +60,9 @@ def chain_batches(cfg: Config, split: str, start: int, stop: int, batch_size: in
     from data_pipeline.digit_chain import generate
 
     for lo in range(start, stop, batch_size):
-        yield chains_batch(generate(cfg.data.task, split, lo, min(lo + batch_size, stop)))
+        yield chains_batch(
+            generate(cfg.data.task, split, lo, min(lo + batch_size, stop), heldout=cfg.eval.heldout)
+        )
 
 
 def spectral_inputs(cfg: Config, split: str, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -69,12 +82,22 @@ class SweepResult:
     answer_N: np.ndarray
     sample_id_N: np.ndarray
     delta_NM: np.ndarray  # ‖h_t − h_{t−1}‖ at the EQ position for t = 1..max(loops)
+    auto_prediction_N: np.ndarray | None = None  # with halting: prediction at the sample's own count
+    auto_loops_N: np.ndarray | None = None  # loops it used
 
 
 @torch.no_grad()
-def sweep(model: RDT, batches: Iterable[Batch], loops: Sequence[int]) -> SweepResult:
+def sweep(
+    model: RDT,
+    batches: Iterable[Batch],
+    loops: Sequence[int],
+    halting: LoopHalting | None = None,
+    halting_cap: int = 0,
+) -> SweepResult:
     """All loop counts from ONE forward per batch (the recurrence runs max(loops) times and the coda
-    is applied to the state after each requested count), predictions read at the EQ position."""
+    is applied to the state after each requested count), predictions read at the EQ position.
+    halting: a second forward per batch in which each sample stops once converged, at most
+    halting_cap loops (its prediction and loops used)."""
     loops = sorted(loops)
     was_training = model.training
     model.eval()
@@ -92,10 +115,14 @@ def sweep(model: RDT, batches: Iterable[Batch], loops: Sequence[int]) -> SweepRe
             delta_BM = torch.stack([d[rows_B, pos_B] for d in out.delta_norms], 1)
             answer_B = b["answer"]
             fields = (pred_BL, pred_BL == answer_B[:, None], b["length"], answer_B, b["sample_id"], delta_BM)
+            if halting is not None:
+                auto = answer_forward(model, b, halting_cap, halting=halting)
+                fields += (auto.logits.argmax(-1), auto.loops_used)
             parts.append(tuple(t.cpu().numpy() for t in fields))
     finally:
         model.train(was_training)
     if not parts:
         raise ValueError("sweep got no batches")
     cols = [np.concatenate(c) for c in zip(*parts)]
-    return SweepResult(cols[0].astype(np.int16), cols[1], *cols[2:5], cols[5].astype(np.float32))
+    auto = (cols[6].astype(np.int16), cols[7].astype(np.int16)) if halting is not None else (None, None)
+    return SweepResult(cols[0].astype(np.int16), cols[1], *cols[2:5], cols[5].astype(np.float32), *auto)

@@ -6,6 +6,7 @@ collective); `mythos spectral` runs expert-parallel too."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -141,3 +142,40 @@ def test_spectral_runs_expert_parallel(exported: tuple[Path, Path], tmp_path: Pa
     assert proc.stdout.count("Jacobian radius") == 1  # rank 0 prints
     assert radius(proc.stdout) == pytest.approx(radius(one.stdout), rel=1e-4)
     assert os.environ.get("RANK") is None
+
+
+def test_two_rank_expert_parallel_auto_loops_equal_one_rank(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """`--loops ...,auto` on 2 ranks at EP=2: each sample stops once converged; ranks whose samples
+    have all stopped keep stepping (and rank 1 runs a filler batch) until every rank is done, so the
+    loops used and predictions equal the 1-rank evaluation's sample for sample, and every sample's
+    prediction is the fixed-count prediction at its own loops used."""
+    cfg_path, out = exported
+    sets = ["--set", "eval.auto_threshold=0.14", "--set", "eval.auto_max_loops=12"]
+    args = ["eval", "--config", str(cfg_path), "--checkpoint", str(out), "--n-samples", "17", *sets]
+    proc = _torchrun(tmp_path, *args, "--loops", "1,2,4,auto", "--out", str(tmp_path / "two"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "@auto" in proc.stdout and "loops mean/p90" in proc.stdout
+    cfg = load_config(cfg_path, [s for s in sets if s != "--set"])
+    cfg.eval.auto = True
+    one = run_eval(
+        load_model(out, cfg), cfg, loops=list(range(1, 13)), n_samples=17, out_dir=tmp_path / "one"
+    )
+    two = zarr.open_group(str(tmp_path / "two" / "eval-1" / "results.zarr"), mode="r")
+    ref = zarr.open_group(str(one.store), mode="r")
+    assert two.attrs["auto"] == {"threshold": 0.14, "min_loops": 1, "max_loops": 12}
+    assert two.attrs["heldout"] == "test"
+    used_all = []
+    for split in ("id", "ood1"):
+        for name in ("auto_prediction", "auto_correct", "auto_loops"):
+            np.testing.assert_array_equal(two[split][name][:], ref[split][name][:], err_msg=f"{split}/{name}")
+        used = ref[split]["auto_loops"][:].astype(int)
+        pred_at_used = ref[split]["prediction"][:][np.arange(17), used - 1]  # ref holds loops 1..12
+        np.testing.assert_array_equal(ref[split]["auto_prediction"][:], pred_at_used)
+        used_all += used.tolist()
+    assert min(used_all) >= 1 and max(used_all) <= 12 and len(set(used_all)) >= 2  # not all the same
+    summary = json.loads((tmp_path / "two" / "eval-1" / "summary.json").read_text())
+    auto = summary["splits"]["id"]["auto"]
+    assert auto["loops_mean"] == pytest.approx(np.mean(two["id"]["auto_loops"][:]))
+    assert (tmp_path / "two" / "eval-1" / "auto_loops.csv").is_file()
