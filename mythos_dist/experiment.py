@@ -93,7 +93,8 @@ def _compare(configs: list[str], results: list[Any], out_dir: Path, wall_s: floa
 
 
 def side_by_side(names: list[str], summaries: list[dict[str, Any]]) -> str:
-    """One row per loop count (the union), per recipe a column group of its splits' accuracies."""
+    """One row per loop count (the union), per recipe a column group of its splits' accuracies (%);
+    with eval.auto also the accuracy at each sample's own loop count and the mean loops it used."""
     loops = sorted({n for s in summaries for n in s["loops"]})
     splits = [list(s["splits"]) for s in summaries]
     widths = [max(len(name), 8 * len(sp) - 2) for name, sp in zip(names, splits)]
@@ -109,6 +110,17 @@ def side_by_side(names: list[str], summaries: list[dict[str, Any]]) -> str:
             vals = [f"{100 * s['splits'][x]['acc'][k]:6.1f}" if k is not None else f"{'–':>6}" for x in sp]
             cells.append(f" | {'  '.join(vals):<{w}}")
         rows.append(f"{n:>6}" + "".join(cells))
+    for label, key, fmt in (
+        ("auto", "acc", lambda v: f"{100 * v:6.1f}"),
+        ("loops", "loops_mean", lambda v: f"{v:6.1f}"),
+    ):
+        if not any(s.get("auto") for s in summaries):
+            break
+        cells = []
+        for s, sp, w in zip(summaries, splits, widths):
+            vals = [fmt(s["splits"][x]["auto"][key]) if s.get("auto") else f"{'–':>6}" for x in sp]
+            cells.append(f" | {'  '.join(vals):<{w}}")
+        rows.append(f"{label:>6}" + "".join(cells))  # the count each sample picked, and its mean
     return "\n".join(rows)
 
 

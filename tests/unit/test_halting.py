@@ -97,3 +97,20 @@ def test_halting_refuses_training_and_bad_settings() -> None:
         LoopHalting(0.0)
     with pytest.raises(ValueError, match="min_loops"):
         LoopHalting(0.1, min_loops=0)
+
+
+def test_loop_spec_and_auto_settings_are_checked() -> None:
+    from mythos_dist.config import ConfigError, EvalConfig
+    from mythos_dist.sweep import parse_loop_spec
+
+    assert parse_loop_spec("auto") == (None, True)
+    assert parse_loop_spec("8, 4,auto") == ((4, 8), True)
+    assert parse_loop_spec("1,2") == ((1, 2), False)
+    with pytest.raises(ConfigError, match="loop counts must be integers"):
+        parse_loop_spec("4,autoo")
+    with pytest.raises(ConfigError, match=r"eval\.auto_threshold: must be a number > 0"):
+        EvalConfig(auto_threshold=0).validate()
+    with pytest.raises(ConfigError, match=r"eval\.auto_min_loops: needs 1 ≤ auto_min_loops ≤ auto_max_loops"):
+        EvalConfig(auto_min_loops=9, auto_max_loops=8).validate()
+    with pytest.raises(ConfigError, match=r"eval\.heldout: must be 'val' \(choosing\) or 'test'"):
+        EvalConfig(heldout="train").validate()
