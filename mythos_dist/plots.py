@@ -1,6 +1,6 @@
 """Evaluation figures (PNG, headless): accuracy vs loops, length × loops heatmap, convergence of
-‖h_t − h_{t−1}‖, the stability figure and several recipes side by side. Inputs are `evaluate.summarize`
-/ `spectral_report` dicts."""
+‖h_t − h_{t−1}‖, the stability figure and several recipes side by side. Inputs are
+`results_store.summarize` / `spectral_report` dicts."""
 
 from __future__ import annotations
 

@@ -183,6 +183,9 @@ class RecurrentBlock(nn.Module):
         backprop_loops k > 0: gradients flow only through the last k loops (truncated BPTT).
         halting: stop each sample when its state has converged (n_loops is then the cap); the
         output is outputs[n_loops], each sample's state after its own loops_used_B.
+
+        One function on purpose: the loop, its gradient truncation, ACT halting and the emitted
+        loop counts interact at every iteration, and the reader should see them together.
         """
         if n_loops < 1:
             raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
