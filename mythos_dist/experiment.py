@@ -112,7 +112,7 @@ def side_by_side(names: list[str], summaries: list[dict[str, Any]]) -> str:
         rows.append(f"{n:>6}" + "".join(cells))
     for label, key, fmt in (
         ("auto", "acc", lambda v: f"{100 * v:6.1f}"),
-        ("loops", "loops_mean", lambda v: f"{v:6.1f}"),
+        ("used", "loops_mean", lambda v: f"{v:6.1f}"),
     ):
         if not any(s.get("auto") for s in summaries):
             break

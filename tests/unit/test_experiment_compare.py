@@ -24,6 +24,13 @@ def test_side_by_side_lines_up_every_loop_count_of_either_recipe() -> None:
         "4": [["99.5", "30.0"], ["99.0", "50.0"]],
         "32": [["–", "–"], ["98.0", "90.0"]],
     }
+    # with eval.auto: the accuracy at each sample's own count and the mean loops it used
+    b["auto"] = {"threshold": 0.01}
+    for split, (acc, used) in {"id": (0.99, 5.25), "ood1": (0.88, 14.0)}.items():
+        b["splits"][split]["auto"] = {"acc": acc, "loops_mean": used}
+    rows = side_by_side(["seed", "loops"], [a, b]).splitlines()
+    assert [c.split() for c in rows[-2].split("|")] == [["auto"], ["–", "–"], ["99.0", "88.0"]]
+    assert [c.split() for c in rows[-1].split("|")] == [["used"], ["–", "–"], ["5.2", "14.0"]]
 
 
 def test_recipes_sharing_a_directory_are_refused_before_anything_runs(tmp_path: Path) -> None:
@@ -38,3 +45,22 @@ def test_recipes_sharing_a_directory_are_refused_before_anything_runs(tmp_path: 
         [*cmd[:8], "--set", "train.stepz=3"], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
     assert bad.returncode == 2 and "stepz" in bad.stderr
+
+
+def test_comparison_writes_one_figure_and_the_long_table(tmp_path: Path, capsys) -> None:
+    from types import SimpleNamespace
+
+    from mythos_dist.experiment import _compare
+
+    a = _summary([1, 4], {"id": [0.1, 0.995], "ood1": [0.2, 0.3]})
+    b = _summary([4, 32], {"id": [0.99, 0.98], "ood1": [0.5, 0.9]})
+    _compare(
+        ["configs/x.yaml", "configs/y.yaml"],
+        [SimpleNamespace(summary=a), SimpleNamespace(summary=b)],
+        tmp_path,
+        1.0,
+    )
+    rows = (tmp_path / "comparison.csv").read_text().splitlines()
+    assert rows[0] == "recipe,split,loops,accuracy" and "y,ood1,32,0.900000" in rows and len(rows) == 9
+    assert (tmp_path / "comparison.png").stat().st_size > 5000
+    assert "comparison.png" in capsys.readouterr().out
