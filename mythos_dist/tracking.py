@@ -187,7 +187,8 @@ def _digest(obj: Any) -> str:
 def dataset_record(cfg: Config, split: str, from_shards: bool, n_samples: int | None = None) -> DatasetRecord:
     """`split` of the digit-chain task. From shards: the digest covers the manifest's task spec and
     that split's index and shard hashes, the source is the split's shard directory. Otherwise (the
-    samples generated from the spec, as evaluation does): the digest covers the spec and the split."""
+    samples generated from the spec, as evaluation does): the digest covers the spec, the split and
+    the held-out set (eval.heldout: val or test)."""
     from data_pipeline.digit_chain import task_spec
     from data_pipeline.shards import read_manifest, shard_root
 
@@ -211,10 +212,13 @@ def dataset_record(cfg: Config, split: str, from_shards: bool, n_samples: int | 
             str(root / split),
             profile,
         )
-    source = f"data_pipeline.digit_chain.generate(task, {split!r})"
+    heldout = cfg.eval.heldout  # which held-out set of the split evaluation drew
+    profile["heldout"] = heldout
+    source = f"data_pipeline.digit_chain.generate(task, {split!r}, heldout={heldout!r})"
     return DatasetRecord(
-        f"digit-chain/{split}", _digest({"task": spec, "split": split}), "code", source, profile
-    )
+        f"digit-chain/{split}/{heldout}", _digest({"task": spec, "split": split, "heldout": heldout}), "code",
+        source, profile,
+    )  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ the tracker

@@ -152,7 +152,11 @@ def test_datasets_are_the_shards(job):
     assert dataset_record(cfg, "train", from_shards=True).digest == ds["digest"]
     for child in _children(job):  # the eval splits, as evaluation inputs
         names = {d["dataset"]["name"] for d in child["inputs"]["dataset_inputs"]}
-        assert names == {"digit-chain/id", "digit-chain/ood1", "digit-chain/ood2"}
+        assert names == {
+            "digit-chain/id/test",
+            "digit-chain/ood1/test",
+            "digit-chain/ood2/test",
+        }  # eval.heldout
 
 
 def test_export_is_the_runs_model_registered_with_eval_metrics_linked(job):

@@ -201,3 +201,14 @@ def test_server_that_hangs_mid_run_warns_once_and_buffered_metrics_arrive(server
         proxy.close()
     assert server.metric_history(run_id, "loss") == [(s, float(s)) for s in range(12)]
     assert server.get("runs/get", run_id=run_id)["run"]["info"]["status"] == "FINISHED"
+
+
+def test_an_evaluation_dataset_names_its_held_out_set() -> None:
+    from mythos_dist.config import load_config
+    from mythos_dist.tracking import dataset_record
+
+    test = dataset_record(load_config(None, []), "ood1", from_shards=False)
+    val = dataset_record(load_config(None, ["eval.heldout=val"]), "ood1", from_shards=False)
+    assert (test.name, val.name) == ("digit-chain/ood1/test", "digit-chain/ood1/val")
+    assert test.digest != val.digest and val.profile["heldout"] == "val"
+    assert "heldout='val'" in val.source
