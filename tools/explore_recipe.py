@@ -1,7 +1,9 @@
 """Try a digit-chain recipe in one process in minutes: no DeepSpeed, no shards, chains drawn in
 memory. For choosing settings before a real `mythos experiment` run; not a substitute for it (the
 loss, loop policy, counted chains, model and optimiser settings are the library's, the data order
-and the distributed engine are not).
+and the distributed engine are not). It evaluates on the validation set (the first --n-eval
+samples of each split, data.task.val_seed): a setting chosen here is a choice, and choices are
+made on val. Its training chains are drawn freely, so they may contain held-out chains (short ones).
 
     OMP_NUM_THREADS=1 .venv/bin/python tools/explore_recipe.py --config configs/digit_chain_recipe3.yaml \\
         [--set model.attn_window=3 --set train.attn_windows=[2,3,4] ...] [--save state.pt]
@@ -15,8 +17,8 @@ import time
 import numpy as np
 import torch
 
-from data_pipeline.batch import as_tensors, batch_arrays, crop_batch
-from data_pipeline.digit_chain import EQ, PAD
+from data_pipeline.batch import as_tensors, batch_arrays, chains_batch, crop_batch
+from data_pipeline.digit_chain import EQ, PAD, generate
 from mythos_dist.config import load_config
 from mythos_dist.model import RDT, LoopPolicy, attention_window
 from mythos_dist.objective import answer_forward, curriculum_cap, longest_counted, loss_and_metrics
@@ -79,11 +81,11 @@ def main() -> None:
     if args.save:
         torch.save(model.state_dict(), args.save)
     model.eval()
-    erng = np.random.default_rng(task.seed)
+    print("validation set")
     print("split  " + "".join(f"{f'@{n}':>7}" for n in cfg.eval.loops))
     with torch.no_grad():
         for split in cfg.eval.splits:
-            batch = chains(args.n_eval, *task.eval_splits[split], task.modulus, erng)
+            batch = chains_batch(generate(task, split, 0, min(args.n_eval, task.n_eval), heldout="val"))
             out = answer_forward(model, batch, max(cfg.eval.loops), loops_out=cfg.eval.loops)
             acc = [
                 (out.loop_logits[n].argmax(-1) == batch["answer"]).float().mean().item()
