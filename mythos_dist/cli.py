@@ -79,9 +79,6 @@ def build_parser() -> argparse.ArgumentParser:
     it = with_config(sub.add_parser("init", help="a freshly initialised model written as an export"))
     it.add_argument("--out", required=True, help="export directory")
     with_shard_size(it)
-    it.add_argument(
-        "--pieces", type=int, default=1, help="build in this many parts (n_experts/pieces experts each)"
-    )
     up = sub.add_parser("upcycle", help="grow an export to m·E experts, the same function at step 0")
     up.add_argument("--checkpoint", required=True, help="export directory")
     up.add_argument("--n-experts", type=int, required=True, help="new expert count, a multiple of the old")
@@ -203,9 +200,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     shard_bytes = parse_size(args.max_shard_size)
-    if args.pieces < 1 or cfg.model.n_experts % args.pieces:
-        raise ConfigError(f"--pieces must divide model.n_experts={cfg.model.n_experts}, got {args.pieces}")
-    out = init_export(cfg, args.out, shard_bytes, args.pieces)
+    out = init_export(cfg, args.out, shard_bytes)
     print(f"initialised (train.seed={cfg.train.seed}) and wrote {out}")
     return 0
 

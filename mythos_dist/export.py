@@ -7,8 +7,8 @@
   <export>/config.json                  {"format", "step", "model": ModelConfig, ...}
 
 Written tensor by tensor (`write_export`, at most one shard held) from any source of (key, tensor)
-pairs: a DeepSpeed checkpoint (`mythos_dist.checkpoint.export`), a fresh init in pieces
-(`init_export`), an upcycled export (`mythos_dist.upcycle`). Read tensor by tensor (`ExportReader`):
+pairs: a DeepSpeed checkpoint (`mythos_dist.checkpoint.export`), a fresh init tensor by
+tensor (`init_export`), an upcycled export (`mythos_dist.upcycle`). Read tensor by tensor (`ExportReader`):
 a rank reads only the dense part and its own experts (`load_shard`). Needs no DeepSpeed.
 """
 
@@ -139,28 +139,50 @@ def export_keys(model: RDT) -> Iterator[tuple[str, torch.Tensor]]:
             yield f"{prefix}.experts.{first + i}.{single}", v[i]
 
 
-def init_export(
-    cfg: Config, out_dir: str | Path, max_shard_bytes: int | None = None, pieces: int = 1
-) -> Path:
+def init_export(cfg: Config, out_dir: str | Path, max_shard_bytes: int | None = None) -> Path:
     """A freshly initialised model (keyed by train.seed: training's initial weights) written as an
-    export, built `pieces` parts at a time (the dense part once, then n_experts/pieces experts per
-    part), so no more than one part is ever held."""
-    if cfg.model.n_experts % pieces:
-        raise CheckpointError(f"n_experts={cfg.model.n_experts} is not divisible by {pieces} pieces")
-    n_local = cfg.model.n_experts // pieces
+    export one tensor at a time: the model stays on the meta device and only the tensor being
+    written is materialised and initialised (`RDT.reset_parameters` skips meta tensors), each
+    routed expert on its own. Memory: one shard plus one tensor, never a part of the model."""
+    from mythos_dist.model.moe import GroupedExperts
 
-    def parts() -> Iterator[tuple[str, torch.Tensor]]:
-        for r in range(pieces):
-            with torch.device("meta"):
-                model = RDT(cfg.model)
-            for moe in model.moe_layers():
-                moe.experts.shard(r * n_local, n_local)
-            model.to_empty(device="cpu")
-            model.reset_parameters(cfg.train.seed)
-            yield from ((k, v) for k, v in export_keys(model) if r == 0 or expert_id(k) is not None)
+    seed = cfg.train.seed
+    with torch.device("meta"):
+        model = RDT(cfg.model)
 
-    config = {"format": EXPORT_FORMAT, "step": 0, "model": to_dict(cfg.model), "init_seed": cfg.train.seed}
-    return write_export(parts(), config, out_dir, max_shard_bytes)
+    def initialised(module: torch.nn.Module, leaf: str) -> torch.Tensor:
+        """module.<leaf> materialised on the CPU and initialised, then returned to the meta device."""
+        meta = getattr(module, leaf)
+        cpu = torch.empty_like(meta, device="cpu")
+        if isinstance(meta, torch.nn.Parameter):
+            setattr(module, leaf, torch.nn.Parameter(cpu, requires_grad=meta.requires_grad))
+        else:
+            module._buffers[leaf] = cpu
+        model.reset_parameters(seed)
+        if isinstance(meta, torch.nn.Parameter):
+            setattr(module, leaf, meta)
+        else:
+            module._buffers[leaf] = meta
+        return cpu
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in model.state_dict():  # the order `export_keys` writes
+            prefix, _, leaf = name.rpartition(".")
+            module = model.get_submodule(prefix)
+            if not isinstance(module, GroupedExperts):
+                yield name, initialised(module, leaf)
+                continue
+            moe = model.get_submodule(prefix.rpartition(".")[0])
+            stack = module
+            for g in range(cfg.model.n_experts):  # global expert g alone, keyed by its id
+                with torch.device("meta"):
+                    moe.experts = GroupedExperts(cfg.model.dim, stack.hidden, 1, g)
+                single = dict(EXPERT_WEIGHTS)[leaf]
+                yield f"{prefix}.{g}.{single}", initialised(moe.experts, leaf)[0]
+            moe.experts = stack
+
+    config = {"format": EXPORT_FORMAT, "step": 0, "model": to_dict(cfg.model), "init_seed": seed}
+    return write_export(tensors(), config, out_dir, max_shard_bytes)
 
 
 def replace_dir(new: Path, dest: Path) -> None:

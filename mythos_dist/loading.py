@@ -48,10 +48,14 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         source = ExportReader(path) if (path / "config.json").is_file() else CheckpointTensors(path)
         if ep == 1:
             model = load_shard(source)
-        else:
-            from mythos_dist.parallel import expert_parallel_rank, parallelize
+        else:  # torch's all-to-all on a plain process group: evaluation never imports DeepSpeed
+            from mythos_dist.comm import expert_parallel_group
+            from mythos_dist.model.dispatch import AllToAllDispatcher
 
-            model = parallelize(load_shard(source, ep, expert_parallel_rank(ep)), ep)
+            group, ep_rank = expert_parallel_group(ep)
+            model = load_shard(source, ep, ep_rank)
+            for moe in model.moe_layers():
+                moe.dispatcher = AllToAllDispatcher(moe.n_experts, group)
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
     longest = cfg.data.task.max_length() + 1

@@ -40,16 +40,16 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(config path, export dir): a fresh init written in 2 pieces, sharded in 8 kB shards."""
+    """(config path, export dir): a fresh init written tensor by tensor, in 8 kB shards."""
     tmp = tmp_path_factory.mktemp("ep_eval")
     cfg_path = tmp / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(CONFIG))
     args = ["init", "--config", str(cfg_path), "--out", str(tmp / "init"), "--max-shard-size", "8kB"]
-    assert main([*args, "--pieces", "2"]) == 0
+    assert main(args) == 0
     return cfg_path, tmp / "init"
 
 
-def test_init_in_pieces_equals_the_whole_models_keyed_init(
+def test_init_tensor_by_tensor_equals_the_whole_models_keyed_init(
     exported: tuple[Path, Path], tmp_path: Path
 ) -> None:
     cfg_path, out = exported
