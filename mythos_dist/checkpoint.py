@@ -30,9 +30,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mythos_dist.comm import all_reduce_host, barrier, rank
+from mythos_dist.comm import all_reduce_host, barrier, rank, world_size
 from mythos_dist.config import Config, ModelConfig, config_diff, from_dict, parse_size, to_dict
-from mythos_dist.export import EXPORT_FORMAT, check_keys, expected_shapes, write_export
+from mythos_dist.export import (
+    EXPORT_FORMAT,
+    check_keys,
+    expected_shapes,
+    rank_of_tensor,
+    write_export,
+    write_export_across_ranks,
+)
 from mythos_dist.model import RDT, count_params
 from mythos_dist.model.moe import MoEFFN
 from mythos_dist.safe_io import (
@@ -471,7 +478,10 @@ class CheckpointTensors:
 
 
 def export(
-    checkpoints: str | Path | list[str | Path], out_dir: str | Path, max_shard_bytes: int | None = None
+    checkpoints: str | Path | list[str | Path],
+    out_dir: str | Path,
+    max_shard_bytes: int | None = None,
+    across_ranks: bool = False,
 ) -> Path:
     """Consolidate DeepSpeed checkpoints (checkpoint dirs with `latest`, or step_* dirs) into
     out_dir: model.safetensors, or with max_shard_bytes safetensors shards of at most that size +
@@ -482,6 +492,10 @@ def export(
     Several checkpoints: the export holds the mean of their weights (summed in fp64 per tensor,
     stored in each tensor's dtype); they must share the model config. config.json records every
     averaged step. out_dir is replaced as a whole, once complete.
+
+    across_ranks: collective; every rank of the process group reads and writes its share
+    (`export.rank_of_tensor`: rank 0 the dense tensors, each rank a block of experts, its own
+    when the world size is the ep_size that wrote the checkpoint) into one directory all ranks see.
     """
     sources = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not sources:
@@ -509,4 +523,8 @@ def export(
     config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": first.meta["config"]["model"]}
     if len(steps) > 1:
         config["averaged_steps"] = steps
-    return write_export(((name, mean(name)) for name in first.names), config, out_dir, max_shard_bytes)
+    if not across_ranks:
+        return write_export(((name, mean(name)) for name in first.names), config, out_dir, max_shard_bytes)
+    n, world, me = first.model_cfg.n_experts, world_size(), rank()
+    mine = (name for name in first.names if rank_of_tensor(name, n, world) == me)
+    return write_export_across_ranks(((name, mean(name)) for name in mine), config, out_dir, max_shard_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -185,11 +186,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
     shard_bytes = parse_size(args.max_shard_size)
+    across_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: each rank its share
+    me = 0
+    if across_ranks:
+        import torch.distributed as dist
+
+        from mythos_dist.comm import init_process_group
+        from mythos_dist.config import ParallelConfig
+
+        init_process_group(ParallelConfig().timeout_s)
+        me = dist.get_rank()
     try:
         sources = checkpoint.last_checkpoints(args.checkpoint, args.average_last)
-        out = checkpoint.export(sources, args.out, shard_bytes)
+        out = checkpoint.export(sources, args.out, shard_bytes, across_ranks=across_ranks)
     except CheckpointError as e:  # a bad or untrusted checkpoint is bad input
         raise ConfigError(str(e)) from e
+    finally:
+        if across_ranks:
+            dist.destroy_process_group()
+    if me != 0:
+        return 0
     steps = ", ".join(map(str, exported_steps(out)))
     print(f"exported the weights of step {steps} to {out}")
     return 0

@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import save_file
 
+from mythos_dist import comm
 from mythos_dist.config import Config, ModelConfig, config_diff, from_dict, to_dict
 from mythos_dist.model import RDT
 from mythos_dist.model.moe import MoEFFN
@@ -58,13 +59,14 @@ class TensorSource(Protocol):
 
 class _ShardWriter:
     """Writes tensors into safetensors shards of at most max_bytes each (a tensor larger than that
-    gets a shard of its own), holding at most one shard in memory."""
+    gets a shard of its own), holding at most one shard in memory. Files are `<stem>-<i>.tmp` until
+    `_name_shards` names them."""
 
-    def __init__(self, out: Path, max_bytes: int | None):
-        self.out, self.max_bytes = out, max_bytes
+    def __init__(self, out: Path, max_bytes: int | None, stem: str = "shard"):
+        self.out, self.max_bytes, self.stem = out, max_bytes, stem
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -76,30 +78,36 @@ class _ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        save_file(
-            self.pending, str(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": EXPORT_FORMAT}
-        )
-        self.shards.append(list(self.pending))
+        file = f"{self.stem}-{len(self.shards)}.tmp"
+        save_file(self.pending, str(self.out / file), metadata={"format": EXPORT_FORMAT})
+        self.shards.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> None:
-        """Name the shards (model.safetensors alone, or model-0000i-of-0000n.safetensors + index)."""
-        if self.pending or not self.shards:
+    def finish(self) -> list[tuple[str, list[str]]]:
+        if self.pending:
             self._flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.out / "shard-0.tmp", self.out / SINGLE_FILE)
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out / f"shard-{i}.tmp", self.out / file)
-            weight_map |= dict.fromkeys(names, file)
-        index = {
-            "metadata": {"total_size": self.total_bytes, "format": EXPORT_FORMAT},
-            "weight_map": weight_map,
-        }
-        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        return self.shards
+
+
+def _name_shards(out: Path, shards: list[tuple[str, list[str]]], total_bytes: int, single: bool) -> None:
+    """Name the written shards: model.safetensors alone (single, one shard), or
+    model-0000i-of-0000n.safetensors + the index (tensor -> file, Hugging Face layout)."""
+    n = len(shards)
+    if single and n == 1:
+        os.replace(out / shards[0][0], out / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (tmp, names) in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(out / tmp, out / file)
+        weight_map |= dict.fromkeys(names, file)
+    index = {"metadata": {"total_size": total_bytes, "format": EXPORT_FORMAT}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
+
+
+def _refuse_non_export(out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"{out} exists and is not an export directory: refusing to replace it")
 
 
 def write_export(
@@ -111,17 +119,89 @@ def write_export(
     """Write an export directory from (export key, tensor) pairs consumed one at a time, and its
     config.json; out_dir is replaced as a whole once complete (a non-export dir is refused)."""
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise CheckpointError(f"{out} exists and is not an export directory: refusing to replace it")
+    _refuse_non_export(out)
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
     partial.mkdir(parents=True)
     writer = _ShardWriter(partial, max_shard_bytes)
     for name, tensor in named_tensors:
         writer.add(name, tensor)
-    writer.close()
+    shards = writer.finish()
+    _name_shards(partial, shards, writer.total_bytes, single=True)
     (partial / "config.json").write_text(json.dumps(config, indent=1))
     replace_dir(partial, out)
+    return out
+
+
+def rank_of_tensor(name: str, n_experts: int, world: int) -> int:
+    """Which rank writes `name` in an export across `world` ranks: the dense tensors rank 0, the
+    routed experts in contiguous blocks by global id (rank r: the g with g·world // n_experts = r,
+    its own experts when world = ep_size)."""
+    g = expert_id(name)
+    return 0 if g is None else g * world // n_experts
+
+
+def write_export_across_ranks(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    config: dict[str, Any],
+    out_dir: str | Path,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Collective `write_export`: every rank of the process group writes the shards of its own
+    (key, tensor) pairs into one directory all ranks see; rank 0 then names them (in rank order),
+    writes the index and config.json and replaces out_dir as a whole. A failure on any rank (bad
+    file, full disk) makes every rank raise after the step it is in, with the partial directory
+    removed and out_dir untouched: no rank waits for one that gave up."""
+    out, r = Path(out_dir), comm.rank()
+    partial = out.with_name(f".{out.name}.partial")
+
+    def agree(error: BaseException | None, what: str) -> None:
+        failed = comm.all_reduce_host(
+            torch.tensor([float(error is not None)]), torch.distributed.ReduceOp.MAX
+        )
+        if not failed.item():
+            return
+        comm.barrier()
+        if r == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise CheckpointError(f"exporting to {out} failed on another rank while {what}; {out} is unchanged")
+
+    error: BaseException | None = None
+    if r == 0:
+        try:
+            _refuse_non_export(out)
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
+            partial.mkdir(parents=True)
+        except (CheckpointError, OSError) as e:
+            error = e
+    agree(error, "preparing")
+    shards: list[tuple[str, list[str]]] = []
+    total = 0
+    try:
+        writer = _ShardWriter(partial, max_shard_bytes, stem=f"rank{r}")
+        for name, tensor in named_tensors:
+            writer.add(name, tensor)
+        shards, total = writer.finish(), writer.total_bytes
+    except Exception as e:  # any failure: the others must not wait for this rank
+        error = e
+    agree(error, "writing its shards")
+    gathered: list[Any] = [None] * comm.world_size()
+    torch.distributed.all_gather_object(gathered, (shards, total))
+    if r == 0:
+        try:
+            _name_shards(
+                partial,
+                [s for ranks, _ in gathered for s in ranks],
+                sum(t for _, t in gathered),
+                single=False,
+            )
+            (partial / "config.json").write_text(json.dumps(config, indent=1))
+            replace_dir(partial, out)
+        except OSError as e:
+            error = e
+    agree(error, "naming the shards")
     return out
 
 

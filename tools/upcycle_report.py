@@ -27,6 +27,10 @@ sys.path.insert(0, str(REPO))
 from mythos_dist.config import load_config  # noqa: E402
 
 
+def with_sets(items: list[str]) -> list[str]:
+    return [a for kv in items for a in ("--set", kv)]
+
+
 def sh(cmd: list[str], env: dict[str, str]) -> None:
     print("+ " + " ".join(cmd), flush=True)
     subprocess.run(cmd, env=env, cwd=REPO, check=True)
@@ -57,7 +61,7 @@ def main() -> None:
     out = (REPO / args.out).resolve()
     py = str(REPO / ".venv" / "bin" / "python")
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), DS_ACCELERATOR="cpu")
-    sh([py, "-m", "mythos_dist.cli", "data", "build", "--config", args.config, *sum((["--set", s] for s in args.set), [])], env)  # fmt: skip
+    sh([py, "-m", "mythos_dist.cli", "data", "build", "--config", args.config, *with_sets(args.set)], env)  # fmt: skip
 
     def train(name: str, steps: int, seed: int, extra: list[str]) -> Path:
         ckpt = out / name
@@ -68,7 +72,7 @@ def main() -> None:
                 f"checkpoint.every={steps}", "tracking.enabled=false", *extra]  # fmt: skip
         t = time.perf_counter()
         sh([py, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.nproc}", "-m",
-            "mythos_dist.cli", "train", "--config", args.config, *sum((["--set", s] for s in sets), [])], env)  # fmt: skip
+            "mythos_dist.cli", "train", "--config", args.config, *with_sets(sets)], env)  # fmt: skip
         print(f"  {name}: {steps} steps in {time.perf_counter() - t:.0f} s", flush=True)
         return export
 
@@ -76,7 +80,7 @@ def main() -> None:
         dest = out / "eval" / name
         if not any(dest.glob("eval-*/summary.json")):
             sets = [*args.set, "tracking.enabled=false"]
-            sh([py, "-m", "mythos_dist.cli", "eval", "--config", args.config, *sum((["--set", s] for s in sets), []),
+            sh([py, "-m", "mythos_dist.cli", "eval", "--config", args.config, *with_sets(sets),
                 "--checkpoint", str(export), "--loops", args.loops, "--splits", args.splits,
                 "--n-samples", str(args.n_samples), "--out", str(dest)], env)  # fmt: skip
         found = sorted(dest.glob("eval-*/summary.json"))
