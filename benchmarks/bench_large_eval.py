@@ -5,8 +5,9 @@ half the experts), each process's peak RSS beside its lower bound (the bytes of 
   .venv/bin/python benchmarks/bench_large_eval.py [--config configs/scales/mythos_1b.yaml]
       [--max-shard-size 1GB] [--n-samples 16] [--out runs/bench_large_eval]
 
-Prints a markdown table (and writes OUT/bench_large_eval.json). Lower bounds: init holds one shard
-(it is written tensor by tensor); an evaluating rank holds dense + n_experts/ep experts. Peaks are
+Between them, `mythos export` of the init's weights in a DeepSpeed checkpoint's file layout.
+Prints a markdown table (and writes OUT/bench_large_eval.json). Lower bounds: init and export hold
+one shard (they write tensor by tensor); an evaluating rank holds dense + n_experts/ep experts. Peaks are
 VmHWM (resident set high-water mark) of each process, read at its exit; "runtime" is the process's
 RSS once Python, torch and the CLI are imported, before any model work (printed by the wrapper).
 """
@@ -17,6 +18,7 @@ import argparse
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,6 +57,39 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[int, int], dic
     return wall, per_rank("PEAK"), per_rank("RUNTIME")
 
 
+def deepspeed_layout(export: Path, step_dir: Path) -> None:
+    """The export's weights in the files a DeepSpeed checkpoint of the model has (the dense module
+    in mp_rank_00_model_states.pt, each routed expert in its own file by global id, our meta file),
+    which `mythos export` reads: the 1B model's DeepSpeed engine does not fit this machine."""
+    from mythos_dist.checkpoint import META, _moe_prefixes
+    from mythos_dist.export import ExportReader, expert_id
+    from mythos_dist.weight_names import DS_EXPERT_SEGMENT, ROUTER_BIAS, ROUTER_BIAS_DS
+
+    reader = ExportReader(export)
+    prefixes = _moe_prefixes(reader.model_cfg)
+    step_dir.mkdir(parents=True, exist_ok=True)
+
+    def ds_key(k: str) -> str:  # the inverse of checkpoint._plain_key
+        for p in prefixes:
+            if k.startswith(f"{p}."):
+                return f"{p}.layer.{k[len(p) + 1 :]}".replace(ROUTER_BIAS, ROUTER_BIAS_DS)
+        return k
+
+    dense = {ds_key(k): reader.get(k) for k in reader.names if expert_id(k) is None}
+    torch.save({"module": dense}, step_dir / "mp_rank_00_model_states.pt")
+    del dense
+    for layer, p in enumerate(prefixes):
+        for g in range(reader.model_cfg.n_experts):
+            state = {
+                f"{p}.{DS_EXPERT_SEGMENT}{g}.{w}": reader.get(f"{p}.experts.{g}.{w}")
+                for w in ("w_in_DH", "w_out_HD")
+            }
+            torch.save(state, step_dir / f"layer_{layer}_expert_{g}_mp_rank_00_model_states.pt")
+    meta = {"step": 1, "world_size": 1, "config": {"model": reader.saved["model"]}, "lineage": "bench"}
+    (step_dir / META).write_text(json.dumps(meta))
+    (step_dir.parent / "latest").write_text(step_dir.name)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--config", default="configs/scales/mythos_1b.yaml")
@@ -91,6 +126,19 @@ def main() -> None:
     dense = sum(nbytes.values()) - experts
     shard = max(f.stat().st_size for f in export.glob("*.safetensors"))
     rows = [("init", init_s, init_peak[0], init_base[0], shard)]
+    deepspeed_layout(export, out / "ckpt" / "step_00000001")
+    ex_cmd = [*py, "export", "--checkpoint", str(out / "ckpt"), "--out", str(out / "export")]
+    ex_s, ex_peak, ex_base = run([*ex_cmd, "--max-shard-size", args.max_shard_size], env)
+    rows.append(
+        (
+            "export",
+            ex_s,
+            ex_peak[0],
+            ex_base[0],
+            max(f.stat().st_size for f in (out / "export").glob("*.safetensors")),
+        )
+    )
+    shutil.rmtree(out / "ckpt")
     ev = [
         "eval",
         "--config",
@@ -126,6 +174,7 @@ def main() -> None:
     print(
         f"\nEP=2 per-rank peak / EP=1 peak: {ep2 / ep1:.3f} (lower bounds: {(dense + experts / 2) / (dense + experts):.3f})"
     )
+    print(f"export peak - largest shard: {(ex_peak[0] - rows[1][4]) / 2**30:.2f} GiB")
     print(f"init peak - largest shard: {(init_peak[0] - shard) / 2**30:.2f} GiB (target ≤ 1 GiB over the shard: "
           f"{'met' if init_peak[0] <= shard + 2**30 else 'not met'}); shard bound {parse_size(args.max_shard_size) / 2**30:.2f} GiB")  # fmt: skip
     (out / "bench_large_eval.json").write_text(json.dumps({"host": host, "rows": rows}, indent=1))

@@ -494,7 +494,7 @@ def export(
     averaged step. out_dir is replaced as a whole, once complete.
 
     across_ranks: collective; every rank of the process group reads and writes its share
-    (`export.rank_of_tensor`: rank 0 the dense tensors, each rank a block of experts, its own
+    (rank 0 the dense tensors, each rank a block of experts by `export.rank_of_tensor`, its own
     when the world size is the ep_size that wrote the checkpoint) into one directory all ranks see.
     """
     sources = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
@@ -526,5 +526,5 @@ def export(
     if not across_ranks:
         return write_export(((name, mean(name)) for name in first.names), config, out_dir, max_shard_bytes)
     n, world, me = first.model_cfg.n_experts, world_size(), rank()
-    mine = (name for name in first.names if rank_of_tensor(name, n, world) == me)
+    mine = (name for name in first.names if (rank_of_tensor(name, n, world) or 0) == me)  # dense: rank 0
     return write_export_across_ranks(((name, mean(name)) for name in mine), config, out_dir, max_shard_bytes)

@@ -45,6 +45,14 @@ def expert_id(key: str) -> int | None:
     return None if m is None else int(m.group(1))
 
 
+def rank_of_tensor(name: str, n_experts: int, ranks: int) -> int | None:
+    """Which of `ranks` ranks holding contiguous blocks of routed experts by global id holds export
+    key `name` (expert g: rank g·ranks // n_experts; at ranks = ep_size, `load_shard`'s
+    [r·E/ep, (r+1)·E/ep)); None for a dense tensor, which every rank holds."""
+    g = expert_id(name)
+    return None if g is None else g * ranks // n_experts
+
+
 class TensorSource(Protocol):
     """Weights in export form, read one tensor at a time: an `ExportReader` or a DeepSpeed
     checkpoint (`mythos_dist.checkpoint.CheckpointTensors`)."""
@@ -131,14 +139,6 @@ def write_export(
     (partial / "config.json").write_text(json.dumps(config, indent=1))
     replace_dir(partial, out)
     return out
-
-
-def rank_of_tensor(name: str, n_experts: int, world: int) -> int:
-    """Which rank writes `name` in an export across `world` ranks: the dense tensors rank 0, the
-    routed experts in contiguous blocks by global id (rank r: the g with g·world // n_experts = r,
-    its own experts when world = ep_size)."""
-    g = expert_id(name)
-    return 0 if g is None else g * world // n_experts
 
 
 def write_export_across_ranks(
@@ -352,7 +352,9 @@ class ExportReader:
     tensors (a rank's dense part and its own experts) reads only those, and `read_into` reads a
     tensor's bytes into its destination with no copy in between. bytes_read counts what was read."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, shard: tuple[int, int] | None = None):
+        """shard (ep_size, ep_rank): only the tensors that rank holds (`rank_of_tensor`) are indexed, and
+        only the files holding them need to exist (e.g. a per-rank download)."""
         d = Path(path)
         if not (d / "config.json").is_file() or not (
             (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file()
@@ -369,6 +371,10 @@ class ExportReader:
             raise CheckpointError(f"{d / 'config.json'}: no 'model' section; the file is corrupt")
         self.dir, self.saved = d, saved
         self.model_cfg = from_dict(ModelConfig, saved["model"], "model")
+        if shard is not None and self.model_cfg.n_experts % shard[0]:
+            raise CheckpointError(
+                f"{d}: n_experts={self.model_cfg.n_experts} is not divisible by ep_size={shard[0]}"
+            )
         if (d / INDEX_FILE).is_file():
             try:
                 index = json.loads((d / INDEX_FILE).read_text())
@@ -376,7 +382,8 @@ class ExportReader:
                 raise CheckpointError(f"{d / INDEX_FILE}: not valid JSON ({e})") from e
             if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
                 raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
-            files = {d / f for f in index["weight_map"].values()}
+            wanted = {k: f for k, f in index["weight_map"].items() if shard is None or self._holds(k, shard)}
+            files = {d / f for f in wanted.values()}
             for f in sorted(files):
                 if not f.is_file():
                     raise CheckpointError(f"{d / INDEX_FILE} names {f.name}, which does not exist")
@@ -384,10 +391,20 @@ class ExportReader:
             files = {d / SINGLE_FILE}
         self._where = {}  # name -> (file, dtype, shape, first byte, end byte)
         for f in sorted(files):
-            self._where |= {k: (f, *e) for k, e in _safetensors_header(f).items()}
+            self._where |= {
+                k: (f, *e)
+                for k, e in _safetensors_header(f).items()
+                if shard is None or self._holds(k, shard)
+            }
         self.names = list(self._where)
-        check_keys(expected_shapes(self.model_cfg), self.shapes(), d)  # headers only
+        expected = expected_shapes(self.model_cfg)
+        if shard is not None:
+            expected = {k: v for k, v in expected.items() if self._holds(k, shard)}
+        check_keys(expected, self.shapes(), d)  # headers only
         self.bytes_read = 0
+
+    def _holds(self, name: str, shard: tuple[int, int]) -> bool:
+        return rank_of_tensor(name, self.model_cfg.n_experts, shard[0]) in (None, shard[1])
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the files' headers (no tensor data is read)."""

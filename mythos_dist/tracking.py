@@ -673,15 +673,15 @@ def export_dir_of(checkpoint: str) -> Path:
     return Path(tempfile.gettempdir()) / _DOWNLOADS / f"{key}-{os.getpid()}"
 
 
-def fetch_export(checkpoint: str, cfg: TrackingConfig, wanted: Callable[[str], bool] | None = None) -> Path:
+def fetch_export(checkpoint: str, cfg: TrackingConfig, shard: tuple[int, int] | None = None) -> Path:
     """Download the export (one file or shards) a models:/NAME/VERSION or runs:/RUN_ID URI names
     (a training run: its newest logged export) into
     `export_dir_of(checkpoint)` and return it. Only safetensors and JSON files are accepted (nothing
     downloaded is ever unpickled); `export.load_exported` reads them.
 
-    wanted (tensor name -> bool, e.g. the dense part and one rank's experts): of a sharded export,
-    only config.json, the index and the shards holding a wanted tensor are downloaded; read it with
-    `export.ExportReader(dir, wanted)`. A single-file export is downloaded whole."""
+    shard (ep_size, ep_rank): of a sharded export, only config.json, the index and the files
+    holding that rank's tensors (the dense part and its own experts, `export.rank_of_tensor`) are
+    downloaded; read it with `export.ExportReader(dir, shard)`. A single file is downloaded whole."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -712,7 +712,7 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig, wanted: Callable[[str], b
             )
 
         listed = None
-        if wanted is not None:
+        if shard is not None:
             listed = {
                 f.path: f
                 for f in mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
@@ -720,7 +720,7 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig, wanted: Callable[[str], b
         if listed is None or INDEX_FILE not in listed or "config.json" not in listed:
             download()  # everything: a single-file export, or not one we know how to select from
         else:
-            _fetch_shards_of(checkpoint, fresh, listed, download, wanted)
+            _fetch_shards_of(checkpoint, fresh, listed, download, shard)
     except MlflowException as e:
         shutil.rmtree(fresh, ignore_errors=True)
         raise ConfigError(f"cannot fetch {checkpoint} from MLflow at {tracking_uri}: {e.message}") from e
@@ -753,11 +753,11 @@ def _fetch_shards_of(
     into: Path,
     listed: dict[str, Any],
     download: Callable[[str], None],
-    wanted: Callable[[str], bool],
+    shard: tuple[int, int],
 ) -> None:
-    """config.json, the index, and the shards the index names for a wanted tensor; every file
-    must be one the model lists (an index cannot point outside it)."""
-    from mythos_dist.export import INDEX_FILE
+    """config.json, the index, and the files the index names for the tensors of rank shard[1] of
+    shard[0]; every file must be one the model lists (an index cannot point outside it)."""
+    from mythos_dist.export import INDEX_FILE, rank_of_tensor
     from mythos_dist.safe_io import read_json
 
     others = [p for p in listed if p not in ("config.json", INDEX_FILE)]
@@ -768,10 +768,18 @@ def _fetch_shards_of(
         )
     download("config.json")
     download(INDEX_FILE)
+    model = read_json(into / "config.json", ConfigError).get("model")
+    n_experts = model.get("n_experts") if isinstance(model, dict) else None
+    if not isinstance(n_experts, int) or n_experts < 1 or n_experts % shard[0]:
+        raise ConfigError(
+            f"{checkpoint}: config.json's n_experts={n_experts!r} does not split over ep_size={shard[0]}"
+        )
     weight_map = read_json(into / INDEX_FILE, ConfigError).get("weight_map")
     if not isinstance(weight_map, dict):
         raise ConfigError(f"{checkpoint}: {INDEX_FILE} has no weight_map")
-    needed = sorted({f for name, f in weight_map.items() if wanted(name)})
+    needed = sorted(
+        {f for name, f in weight_map.items() if rank_of_tensor(name, n_experts, shard[0]) in (None, shard[1])}
+    )
     missing = [f for f in needed if f not in others]
     if missing:
         raise ConfigError(f"{checkpoint}: {INDEX_FILE} names {missing}, which the model does not hold")
@@ -781,7 +789,7 @@ def _fetch_shards_of(
     total = sum(listed[f].file_size or 0 for f in others)
     print(
         f"fetched {len(needed)} of {len(others)} shards of {checkpoint} ({size / 2**20:,.1f} of "
-        f"{total / 2**20:,.1f} MiB): those holding this rank's tensors",
+        f"{total / 2**20:,.1f} MiB): those of expert-parallel rank {shard[1]} of {shard[0]}",
         flush=True,
     )
 
