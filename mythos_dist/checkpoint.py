@@ -14,7 +14,9 @@ Every .pt file is read through `mythos_dist.safe_io.torch_load` (no code from a 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import mmap
 import os
 import pickle
 import random
@@ -419,6 +421,24 @@ def export_run(cfg: Config) -> Path:
     return out
 
 
+def _unmap_pages(mapped: torch.Tensor) -> None:
+    """Drop the whole pages of a tensor of a memory-mapped (private, read-only use) checkpoint file
+    from this process's resident set (madvise MADV_DONTNEED; the file is read again if they are
+    touched again). Without it, every dense tensor an export has read stays resident until the
+    file is unmapped: the whole dense part, not one shard. A no-op where libc has no madvise."""
+    page = mmap.PAGESIZE
+    start = mapped.data_ptr()
+    lo, hi = -(-start // page) * page, (start + mapped.numel() * mapped.element_size()) // page * page
+    if hi > lo and _LIBC is not None:
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4: MADV_DONTNEED
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 class CheckpointTensors:
     """One DeepSpeed checkpoint's weights in export form (experts keyed by global id), read tensor
     by tensor: the dense file is memory-mapped, each expert file is read when one of its tensors is
@@ -461,8 +481,11 @@ class CheckpointTensors:
         out.copy_(self.get(name))
 
     def get(self, name: str) -> torch.Tensor:
-        if name in self._dense:
-            return self._dense[name]
+        if name in self._dense:  # a private copy; the mapped pages it was read from leave the RSS
+            mapped = self._dense[name]
+            tensor = mapped.clone()
+            _unmap_pages(mapped)
+            return tensor
         f = self._expert_file[name]
         if self._open is None or self._open[0] != f:  # experts are asked for file by file
             state = torch_load(f)

@@ -713,10 +713,9 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig, shard: tuple[int, int] | 
 
         listed = None
         if shard is not None:
-            listed = {
-                f.path: f
-                for f in mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
-            }
+            # paths come back relative to the location's parent: the file names are their last part
+            found = mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
+            listed = {Path(f.path).name: f for f in found}
         if listed is None or INDEX_FILE not in listed or "config.json" not in listed:
             download()  # everything: a single-file export, or not one we know how to select from
         else:
