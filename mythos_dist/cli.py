@@ -143,8 +143,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectral(args: argparse.Namespace) -> int:
-    """ρ(A), Jacobian radius and contraction ratios on real eval inputs (expert-parallel: every rank
-    runs the same iterations, rank 0 prints)."""
+    """ρ(A), Jacobian radius and contraction ratios on real eval inputs (under torchrun every rank
+    runs its share of the samples, norms summed over the ranks; rank 0 prints)."""
     import torch.distributed as dist
 
     from mythos_dist import comm
@@ -161,7 +161,9 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
         model = load_model(args.checkpoint, cfg, ep_size).to(device)
         split = cfg.eval.splits[0]
         ids_BT, valid_BT = spectral_inputs(cfg, split)
-        rep = spectral_report(model, ids_BT.to(device), n, valid_BT.to(device))
+        rep = spectral_report(
+            model, ids_BT.to(device), n, valid_BT.to(device), across_ranks=dist.is_initialized()
+        )
         rank = comm.rank()
         comm.barrier()
     finally:

@@ -172,7 +172,9 @@ def run_eval(
     if expert_parallel or rank == 0:  # collective under expert parallelism: every rank joins
         ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
         device = next(model.parameters()).device
-        spectral = spectral_report(model, ids_BT.to(device), max(loops), valid_BT.to(device))
+        spectral = spectral_report(
+            model, ids_BT.to(device), max(loops), valid_BT.to(device), across_ranks=expert_parallel
+        )
     comm.barrier()
     # Rank 0 summarises, plots and tracks; every rank learns whether that worked, so none is left
     # waiting for a rank that failed (e.g. at `mythos eval`'s closing barrier) and all end with the error.
