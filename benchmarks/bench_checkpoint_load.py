@@ -23,9 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_moe import matmul_gflops  # noqa: E402
+from data_pipeline.batch import ChainBatches  # noqa: E402
 from mythos_dist import safe_io  # noqa: E402
 from mythos_dist.config import load_config  # noqa: E402
-from mythos_dist.train import ChainBatches, train  # noqa: E402
+from mythos_dist.train import train  # noqa: E402
 
 
 def timed(load, files: list[Path]) -> float:

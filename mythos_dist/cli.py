@@ -29,6 +29,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long on purpose: a declarative list of every subcommand and its options, one block each.
     parser = argparse.ArgumentParser(prog="mythos", description="MoE recurrent-depth transformers")
     parser.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -255,15 +256,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # Explained failures (unwritable/full checkpoint dir, failed save, divergence): no traceback.
         print(f"mythos train: error: {e}", file=sys.stderr)
         return 1
-    if summary["rank"] == 0:
-        keys = ("run_id", "export", "checkpoint", "start_step", "end_step", "final_loss", "final_acc")
-        record = {k: summary.get(k) for k in keys} | {"wall_s": summary["wall_s"]}
+    if summary.rank == 0:
+        keys = (
+            "run_id",
+            "export",
+            "checkpoint",
+            "start_step",
+            "end_step",
+            "final_loss",
+            "final_acc",
+            "wall_s",
+        )
+        record = {k: getattr(summary, k) for k in keys}
         tmp = Path(cfg.checkpoint.dir) / f".{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(tmp.with_name(SUMMARY_FILE))  # last: its presence means training finished
         # No loss when launched again after the run had finished (nothing left to train).
-        loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-        print(f"done: step {summary['end_step']}, loss {loss}, export {summary.get('export')}")
+        loss = "-" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+        print(f"done: step {summary.end_step}, loss {loss}, export {summary.export}")
     return 0
 
 
