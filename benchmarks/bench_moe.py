@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -49,15 +50,31 @@ def place(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(DEVICE)._apply(lambda t: t.to(DTYPE) if t.is_floating_point() else t)
 
 
-def matmul_gflops(n: int, reps: int = 20) -> float:
+def matmul_gflops(n: int, reps: int = 20, clock: Callable[[], float] = time.perf_counter) -> float:
     a, b = (torch.randn(n, n, device=DEVICE, dtype=DTYPE) for _ in range(2))
     a @ b
     sync()
-    t = time.perf_counter()
+    t = clock()
     for _ in range(reps):
         a @ b
     sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (clock() - t) / 1e9
+
+
+def host_line(threads: int, clock: Callable[[], float] = time.perf_counter) -> tuple[str, float]:
+    """(the host line docs/benchmarks.md records: CPU model, vector ISA, threads, fp32 matmul rate
+    at that thread count, timed with `clock` as the cases are; and that rate in GFLOP/s)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
+    peak = statistics.median(
+        matmul_gflops(1024 if DEVICE.type == "cpu" else 8192, clock=clock) for _ in range(5)
+    )
+    # The CPU's vector ISA sets the matmul rate more than anything in our code (see docs/benchmarks.md).
+    where = f"{model}, cpu={torch.backends.cpu.get_cpu_capability()}, threads={threads}"
+    if DEVICE.type == "cuda":
+        where = torch.cuda.get_device_name(DEVICE)
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[DTYPE]
+    return f"{where}, {dtype} matmul {peak:.1f} GFLOP/s, torch {torch.__version__}", peak
 
 
 def count_flops(fn: Callable[[], None]) -> int:
@@ -74,20 +91,29 @@ def count_flops(fn: Callable[[], None]) -> int:
     return fc.get_total_flops()
 
 
-def time_pair(fns: dict[str, Callable[[], None]], repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call, alternating the contenders so drift hits both alike."""
+def time_pair(
+    fns: dict[str, Callable[[], None]],
+    repeats: int,
+    inner: int,
+    fence: Callable[[], None] = sync,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds per call, alternating the contenders so drift hits both alike. `fence` runs
+    before and after each timed stretch (the device's sync; a barrier across ranks). `clock`:
+    wall time, or time.process_time (this process's CPU seconds, user + system: on a CPU shared
+    with other jobs it leaves out the time the process waits for a core)."""
     for fn in fns.values():
         fn()
         fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync()
-            t = time.perf_counter()
+            fence()
+            t = clock()
             for _ in range(inner):
                 fn()
-            sync()
-            samples[name].append((time.perf_counter() - t) / inner)
+            fence()
+            samples[name].append((clock() - t) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -184,11 +210,8 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     torch.set_num_threads(args.threads)
     # TF32 stays off (torch's default): fp32 numbers are true fp32 on both sides and in the rate.
-    peak = statistics.median(matmul_gflops(1024 if DEVICE.type == "cpu" else 8192) for _ in range(5))
-    # The CPU's vector ISA sets the matmul rate more than anything in our code (see docs/benchmarks.md).
-    cpu = f"threads={args.threads} cpu={torch.backends.cpu.get_cpu_capability()}"
-    where = cpu if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
-    print(f"{where}  {args.dtype} matmul rate: {peak:.1f} GFLOP/s  torch {torch.__version__}")
+    line, peak = host_line(args.threads)
+    print(line)
     rows = [(f"MoE layer fwd+bwd, {n} tokens", moe_case(n, args.repeats)) for n in args.tokens]
     rows += [
         (f"training step, batch {b} x 13, 4 loops", train_step_case(b, args.repeats)) for b in args.batch
