@@ -4,7 +4,7 @@
 
 Trains one step of a mid-size MoE RDT (1 process, ZeRO-1) to write a real DeepSpeed checkpoint,
 then reads each kind of file alternately with `torch.load(weights_only=False)` (the old path) and
-`checkpoint.torch_load` (globals listed from the pickle's opcodes, then the weights_only unpickler),
+`safe_io.torch_load` (globals listed from the pickle's opcodes, then the weights_only unpickler),
 median of the repeats, and prints the ratio per file kind and for the whole checkpoint.
 """
 
@@ -23,9 +23,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_moe import matmul_gflops  # noqa: E402
-from mythos_dist import checkpoint  # noqa: E402
+from data_pipeline.batch import ChainBatches  # noqa: E402
+from mythos_dist import safe_io  # noqa: E402
 from mythos_dist.config import load_config  # noqa: E402
-from mythos_dist.train import ChainBatches, train  # noqa: E402
+from mythos_dist.train import train  # noqa: E402
 
 
 def timed(load, files: list[Path]) -> float:
@@ -78,7 +79,7 @@ def main() -> None:
             old, new = [], []
             for _ in range(args.repeats):
                 old.append(timed(unsafe_load, group))
-                new.append(timed(checkpoint.torch_load, group))
+                new.append(timed(safe_io.torch_load, group))
             o, n = statistics.median(old), statistics.median(new)
             totals = [totals[0] + o, totals[1] + n]
             print(f"| {kind} | {o * 1e3:.1f} | {n * 1e3:.1f} | {n / o:.2f}× |")

@@ -60,8 +60,8 @@ def main() -> None:
     args = ap.parse_args()
 
     from benchmarks.bench_moe import matmul_gflops
-    from mythos_dist.checkpoint import ExportReader
     from mythos_dist.config import parse_size
+    from mythos_dist.export import ExportReader
 
     torch.set_num_threads(1)
     rate = statistics.median(matmul_gflops(1024) for _ in range(5))

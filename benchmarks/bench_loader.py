@@ -60,9 +60,9 @@ def training_samples_per_s(cfg: Config, batch_size: int, steps: int = 30) -> flo
     with `batch_size` chains per step: what one rank's loader must keep up with."""
     import torch
 
-    from mythos_dist.evaluate import chain_batches
     from mythos_dist.model import RDT
     from mythos_dist.objective import answer_forward, loss_and_metrics
+    from mythos_dist.sweep import chain_batches
 
     model = RDT(cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)

@@ -28,15 +28,16 @@ VARIANTS = {  # name -> overrides; "generated" uses ChainBatches (no loader at a
 
 
 def worker(args: argparse.Namespace) -> None:
+    from data_pipeline.batch import ChainBatches
     from mythos_dist.config import load_config
-    from mythos_dist.train import ChainBatches, StepInfo, train
+    from mythos_dist.train import StepResult, train
 
     cfg = load_config(args.config, args.set)
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     batches = ChainBatches(cfg.data.task, cfg.train.micro_batch_size, rank, world) if args.generated else None
     t0, first = 0.0, cfg.train.steps // 4
 
-    def on_step(info: StepInfo) -> None:
+    def on_step(info: StepResult, _model: object) -> None:
         nonlocal t0
         if info.step == first:
             t0 = time.perf_counter()

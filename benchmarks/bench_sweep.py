@@ -19,9 +19,9 @@ from collections.abc import Callable
 import torch
 
 from mythos_dist.config import Config, ModelConfig
-from mythos_dist.evaluate import chain_batches
 from mythos_dist.model import RDT
 from mythos_dist.objective import answer_positions, valid_positions
+from mythos_dist.sweep import chain_batches
 
 LOOPS = (1, 2, 4, 6, 8)
 

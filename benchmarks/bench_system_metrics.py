@@ -28,8 +28,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.bench_moe import matmul_gflops  # noqa: E402
+from data_pipeline.batch import ChainBatches  # noqa: E402
 from mythos_dist.config import load_config  # noqa: E402
-from mythos_dist.train import ChainBatches, train  # noqa: E402
+from mythos_dist.train import train  # noqa: E402
 from tests.mlflow_servers import Server  # noqa: E402
 
 
@@ -40,7 +41,7 @@ def cpu_model() -> str:
     return "unknown CPU"
 
 
-def stamp(ends: list[float], _step: object) -> None:
+def stamp(ends: list[float], _step: object, _model: object) -> None:
     ends.append(time.perf_counter())
 
 

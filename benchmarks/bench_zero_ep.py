@@ -33,11 +33,11 @@ def measure(cfg, steps: int) -> dict[str, float]:
     """Build the engine for cfg, train `steps` (+2 warm-up) steps, return per-rank numbers."""
     import torch.distributed as dist
 
+    from data_pipeline.batch import ChainBatches
     from mythos_dist.model import RDT
     from mythos_dist.model.moe import GroupedExperts
     from mythos_dist.objective import answer_forward, loss_and_metrics
     from mythos_dist.parallel import build_engine, parallelize, sync_router_biases
-    from mythos_dist.train import ChainBatches
 
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)

@@ -12,10 +12,13 @@ Batches (B samples, T = longest input in the batch, = max length + 1):
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from typing import Any, Protocol
+
 import numpy as np
 import torch
 
-from data_pipeline.digit_chain import Chains, crop_chains
+from data_pipeline.digit_chain import TRAIN, Chains, crop_chains, generate
 from mythos_dist.config import TaskConfig
 
 Batch = dict[str, torch.Tensor]
@@ -60,3 +63,47 @@ def crop_batch(batch: Batch, task: TaskConfig, longest: int, seed: int, step: in
     )
     inputs = inputs[:, : int(length.max()) + 1]
     return {**batch, **as_tensors(batch_arrays(inputs, length, answer, batch["sample_id"].numpy()))}
+
+
+class BatchSource(Protocol):
+    """What the loop needs from a loader: endless-or-epoch iteration and an exact resume state."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class ChainBatches:
+    """Micro batches straight from the task generator, no shards (tests, benchmarks, smoke runs).
+
+    Rank r's k-th micro batch holds train samples [(k·W + r)·B, (k·W + r + 1)·B) mod n_train, so the
+    samples of optimizer step s are the same for any world size W with W·grad_accum fixed.
+    """
+
+    def __init__(self, task: TaskConfig, micro_batch: int, rank: int, world_size: int):
+        self.task, self.micro_batch, self.rank, self.world_size = task, micro_batch, rank, world_size
+        self.consumed = 0
+
+    def batch(self, k: int) -> Batch:
+        n, b = self.task.n_train, self.micro_batch
+        start = (k * self.world_size + self.rank) * b % n
+        parts = [generate(self.task, TRAIN, start, min(n, start + b))]
+        if start + b > n:  # wrap around the split
+            parts.append(generate(self.task, TRAIN, 0, start + b - n))
+        return chains_batch(
+            Chains(*(np.concatenate(cols) for cols in zip(*(vars(p).values() for p in parts))))
+        )
+
+    def __iter__(self) -> Iterator[Batch]:
+        while True:
+            k = self.consumed
+            self.consumed += 1  # before yielding: state_dict() then counts the batch handed out
+            yield self.batch(k)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.consumed = int(state["consumed"])

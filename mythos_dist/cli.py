@@ -108,28 +108,80 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from mythos_dist.evaluate import main_eval
+    """Validates every argument first, joins the process group under torchrun, prints the table."""
+    import torch.distributed as dist
 
-    return main_eval(
-        args.config,
-        args.set,
-        args.checkpoint,
-        args.loops,
-        args.splits,
-        args.n_samples,
-        args.out,
-        args.parent_run_id,
+    from mythos_dist import comm
+    from mythos_dist.evaluate import join, run_eval
+    from mythos_dist.loading import load_model, refuse_missing
+    from mythos_dist.report import format_table
+    from mythos_dist.sweep import check_splits, parse_loops
+
+    cfg = load_config(args.config, args.set)
+    loops = parse_loops(args.loops) if args.loops is not None else None
+    splits = (
+        check_splits(cfg, [s.strip() for s in args.splits.split(",")]) if args.splits is not None else None
     )
+    refuse_missing(args.checkpoint)  # before joining any process group
+    device, ep_size = join(cfg)
+    try:
+        model = load_model(args.checkpoint, cfg, ep_size).to(device)
+        if comm.rank() == 0 and args.checkpoint is None:
+            print("note: no --checkpoint, evaluating a freshly initialised model", file=sys.stderr)
+        if comm.rank() == 0 and ep_size > 1:
+            n = model.cfg.n_experts
+            print(f"expert-parallel evaluation: ep_size={ep_size}, {n // ep_size} of {n} experts per rank")
+        res = run_eval(
+            model, cfg, loops, splits, args.n_samples, args.out, args.checkpoint, args.parent_run_id
+        )
+        if res is not None:
+            print(format_table(res.summary))
+            print(f"results: {res.out_dir}" + (f"  (MLflow run {res.run_id})" if res.run_id else ""))
+        comm.barrier()  # ranks leave together; one exiting with a live process group can stall the others
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
 
 
 def _cmd_spectral(args: argparse.Namespace) -> int:
-    from mythos_dist.evaluate import main_spectral
+    """ρ(A), Jacobian radius and contraction ratios on real eval inputs (expert-parallel: every rank
+    runs the same iterations, rank 0 prints)."""
+    import torch.distributed as dist
 
-    return main_spectral(args.config, args.set, args.checkpoint, args.n_loops)
+    from mythos_dist import comm
+    from mythos_dist.evaluate import join
+    from mythos_dist.loading import load_model, refuse_missing
+    from mythos_dist.stability import spectral_report
+    from mythos_dist.sweep import parse_loops, spectral_inputs
+
+    cfg = load_config(args.config, args.set)
+    n = cfg.train.loops.n_loops if args.n_loops is None else parse_loops([args.n_loops])[0]
+    refuse_missing(args.checkpoint)  # before joining any process group
+    device, ep_size = join(cfg)
+    try:
+        model = load_model(args.checkpoint, cfg, ep_size).to(device)
+        split = cfg.eval.splits[0]
+        ids_BT, valid_BT = spectral_inputs(cfg, split)
+        rep = spectral_report(model, ids_BT.to(device), n, valid_BT.to(device))
+        rank = comm.rank()
+        comm.barrier()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0
+    print(f"checkpoint:         {args.checkpoint or '(fresh init)'}  inputs: {split}, n_loops={n}")
+    print(f"rho(A):             {rep['rho_A']:.6f}")
+    print(f"Jacobian radius:    {rep['jacobian_radius']:.6f}  (Rayleigh {rep['jacobian_rayleigh']:+.6f})")
+    print("contraction ratios: " + " ".join(f"{r:.3f}" for r in rep["contraction_ratios"]))
+    return 0
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from mythos_dist import checkpoint
+    from mythos_dist.export import exported_steps
+    from mythos_dist.safe_io import CheckpointError
 
     if args.average_last < 1:
         raise ConfigError(f"--average-last must be ≥ 1, got {args.average_last}")
@@ -139,32 +191,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     try:
         sources = checkpoint.last_checkpoints(args.checkpoint, args.average_last)
         out = checkpoint.export(sources, args.out, shard_bytes)
-    except checkpoint.CheckpointError as e:  # a bad or untrusted checkpoint is bad input
+    except CheckpointError as e:  # a bad or untrusted checkpoint is bad input
         raise ConfigError(str(e)) from e
-    steps = ", ".join(map(str, checkpoint.exported_steps(out)))
+    steps = ", ".join(map(str, exported_steps(out)))
     print(f"exported the weights of step {steps} to {out}")
     return 0
 
 
 def _cmd_init(args: argparse.Namespace) -> int:
-    from mythos_dist import checkpoint
+    from mythos_dist.export import init_export
 
     cfg = load_config(args.config, args.set)
     shard_bytes = parse_size(args.max_shard_size)
     if args.pieces < 1 or cfg.model.n_experts % args.pieces:
         raise ConfigError(f"--pieces must divide model.n_experts={cfg.model.n_experts}, got {args.pieces}")
-    out = checkpoint.init_export(cfg, args.out, shard_bytes, args.pieces)
+    out = init_export(cfg, args.out, shard_bytes, args.pieces)
     print(f"initialised (train.seed={cfg.train.seed}) and wrote {out}")
     return 0
 
 
 def _cmd_upcycle(args: argparse.Namespace) -> int:
-    from mythos_dist import checkpoint
+    from mythos_dist.safe_io import CheckpointError
+    from mythos_dist.upcycle import upcycle
 
     shard_bytes = parse_size(args.max_shard_size)
     try:
-        out = checkpoint.upcycle(args.checkpoint, args.out, args.n_experts, shard_bytes)
-    except checkpoint.CheckpointError as e:  # a bad source or factor is bad input
+        out = upcycle(args.checkpoint, args.out, args.n_experts, shard_bytes)
+    except CheckpointError as e:  # a bad source or factor is bad input
         raise ConfigError(str(e)) from e
     m = json.loads((out / "config.json").read_text())["model"]
     print(
@@ -175,8 +228,8 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from mythos_dist.checkpoint import CheckpointError
     from mythos_dist.resilience import EXIT_STUCK, PeerLost
+    from mythos_dist.safe_io import CheckpointError
     from mythos_dist.train import TrainingStopped, train
 
     cfg = load_config(args.config, args.set)
@@ -189,15 +242,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         # Explained failures (unwritable/full checkpoint dir, failed save, divergence): no traceback.
         print(f"mythos train: error: {e}", file=sys.stderr)
         return 1
-    if summary["rank"] == 0:
-        keys = ("run_id", "export", "checkpoint", "start_step", "end_step", "final_loss", "final_acc")
-        record = {k: summary.get(k) for k in keys} | {"wall_s": summary["wall_s"]}
+    if summary.rank == 0:
+        keys = (
+            "run_id",
+            "export",
+            "checkpoint",
+            "start_step",
+            "end_step",
+            "final_loss",
+            "final_acc",
+            "wall_s",
+        )
+        record = {k: getattr(summary, k) for k in keys}
         tmp = Path(cfg.checkpoint.dir) / f".{SUMMARY_FILE}.tmp"
         tmp.write_text(json.dumps(record, indent=2))
         tmp.replace(tmp.with_name(SUMMARY_FILE))  # last: its presence means training finished
         # No loss when launched again after the run had finished (nothing left to train).
-        loss = "-" if summary["final_loss"] is None else f"{summary['final_loss']:.4f}"
-        print(f"done: step {summary['end_step']}, loss {loss}, export {summary.get('export')}")
+        loss = "-" if summary.final_loss is None else f"{summary.final_loss:.4f}"
+        print(f"done: step {summary.end_step}, loss {loss}, export {summary.export}")
     return 0
 
 
@@ -218,9 +280,16 @@ def _cmd_register(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from mythos_dist.evaluate import main_report
+    """Mean ± std over runs (seeds) of one recipe, as a table, CSV, JSON and plot."""
+    from mythos_dist.report import aggregate_runs, format_report, write_report
 
-    return main_report(args.eval_dirs, args.out)
+    report = aggregate_runs(args.eval_dirs)
+    files = write_report(report, Path(args.out))
+    print(f"accuracy over {len(args.eval_dirs)} runs, mean (± std):")
+    print(format_report(report))
+    for f in files:
+        print(f"  {f}")
+    return 0
 
 
 COMMANDS = {

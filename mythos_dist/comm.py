@@ -1,4 +1,5 @@
-"""Collectives on small host (CPU) tensors: counters, flags and statistics every rank must agree on."""
+"""The process group seen from one rank: its rank and size (1 alone), a barrier, and collectives on
+small host (CPU) tensors: counters, flags and statistics every rank must agree on."""
 
 from __future__ import annotations
 
@@ -16,3 +17,17 @@ def all_reduce_host(x: torch.Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp
     on = x.to(f"cuda:{torch.cuda.current_device()}") if dist.get_backend() == "nccl" else x.clone()
     dist.all_reduce(on, op=op)
     return on.cpu()
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def barrier() -> None:
+    """dist.barrier(); nothing without a process group."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

@@ -18,14 +18,8 @@ from typing import Any, Literal
 
 import yaml
 
-
-class ConfigError(ValueError):
-    """A configuration value is missing, unknown, of the wrong type or inconsistent."""
-
-
-def _require(cond: bool, field_name: str, msg: str) -> None:
-    if not cond:
-        raise ConfigError(f"{field_name}: {msg}")
+# The model's sections live beside the model; they are part of this config (nested in Config).
+from mythos_dist.model.config import ConfigError, LoopPolicyConfig, ModelConfig, require
 
 
 def parse_size(text: str) -> int:
@@ -35,121 +29,6 @@ def parse_size(text: str) -> int:
         raise ConfigError(f"not a size: {text!r} (e.g. 2GB, 500MB, 1048576)")
     base = 1024 if m.group(3) else 1000
     return int(float(m.group(1)) * base ** " KMGT".index(m.group(2) or " "))
-
-
-@dataclass
-class ModelConfig:
-    """Architecture of the MoE recurrent-depth transformer (prelude → looped block → coda)."""
-
-    vocab_size: int = 12
-    dim: int = 128
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    max_seq_len: int = 64
-    max_loop_iters: int = 16  # size of the loop-indexed tables (depth LoRA); more loops still work
-    prelude_layers: int = 1
-    coda_layers: int = 1
-    attn_type: Literal["gqa", "mla"] = "gqa"
-    pos_encoding: Literal["rope", "none"] = "rope"
-    # Sliding-window attention: each query sees itself and the attn_window − 1 keys before it, in
-    # every layer; 0 = full causal. Information then travels ≤ attn_window − 1 tokens per layer, so
-    # longer inputs need more loops, and RoPE only ever sees offsets below the window.
-    attn_window: int = 0
-    # A learned per-head logit for an extra key with value 0 (an attention sink), so a head can
-    # attend to nothing, e.g. when the key it looks for lies before the sequence start.
-    attn_sink: bool = False
-    rope_theta: float = 10000.0
-    # MLA (DeepSeek-V2): low-rank Q, compressed KV latent plus one shared RoPE key per token
-    kv_lora_rank: int = 64
-    q_lora_rank: int = 64
-    qk_rope_head_dim: int = 16
-    qk_nope_head_dim: int = 32
-    v_head_dim: int = 32
-    # MoE FFN in the looped block (prelude/coda use a dense SwiGLU of width dense_ffn_dim)
-    n_experts: int = 8
-    n_shared_experts: int = 1
-    n_experts_per_tok: int = 2
-    expert_dim: int = 64
-    dense_ffn_dim: int = 0  # 0: 4·dim·2/3 rounded up to a multiple of 8
-    capacity_factor: float = 0.0  # 0: dropless
-    router_bias_update_rate: float = 1e-3  # aux-loss-free balancing; 0 disables
-    aux_loss_coef: float = 0.0  # optional Switch-style load-balance loss
-    # Recurrence
-    lora_rank: int = 8  # depth-wise LoRA; 0 disables
-    loop_signal: bool = True  # sinusoidal loop-index signal added before the block
-    act_enabled: bool = False
-    act_threshold: float = 0.99
-    act_ponder_coef: float = 0.01
-    dropout: float = 0.0
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
-    # Token embeddings' init std. The first pre-norm divides by their scale, so at 0.02 their
-    # gradient is ~50× the others' and each AdamW step moves them by lr/0.02 relative (the digit-chain
-    # runs' gradient spikes, docs/results.md); 1.0 puts them at the scale the norm expects.
-    embed_init_std: float = 0.02
-
-    def ffn_dim(self) -> int:
-        if self.dense_ffn_dim:
-            return self.dense_ffn_dim
-        return (8 * self.dim // 3 + 7) // 8 * 8
-
-    @property
-    def head_dim(self) -> int:
-        return self.dim // self.n_heads
-
-    def receptive_field(self, n_loops: int, attn_window: int | None = None) -> int | None:
-        """How many tokens back a position can see after n_loops: (window − 1) per attention layer
-        (prelude, each loop, coda), window = attn_window if given else the model's; None for full
-        causal attention (no bound)."""
-        window = attn_window or self.attn_window
-        if not window:
-            return None
-        return (window - 1) * (self.prelude_layers + n_loops + self.coda_layers)
-
-    def validate(self, prefix: str = "model") -> None:
-        p = prefix
-        for name in ("vocab_size", "dim", "n_heads", "n_kv_heads", "max_seq_len", "max_loop_iters"):
-            _require(getattr(self, name) >= 1, f"{p}.{name}", f"must be ≥ 1, got {getattr(self, name)}")
-        for name in ("prelude_layers", "coda_layers", "n_shared_experts", "lora_rank"):
-            _require(getattr(self, name) >= 0, f"{p}.{name}", f"must be ≥ 0, got {getattr(self, name)}")
-        _require(
-            self.dim % self.n_heads == 0,
-            f"{p}.dim",
-            f"dim={self.dim} is not divisible by n_heads={self.n_heads}",
-        )
-        _require(
-            self.n_heads % self.n_kv_heads == 0,
-            f"{p}.n_kv_heads",
-            f"n_heads={self.n_heads} is not divisible by n_kv_heads={self.n_kv_heads}",
-        )
-        if self.attn_type == "gqa" and self.pos_encoding == "rope":
-            _require(
-                self.head_dim % 2 == 0, f"{p}.n_heads", f"RoPE needs an even head_dim, got {self.head_dim}"
-            )
-        if self.attn_type == "mla":
-            for name in ("kv_lora_rank", "q_lora_rank", "qk_nope_head_dim", "v_head_dim"):
-                _require(getattr(self, name) >= 1, f"{p}.{name}", "must be ≥ 1 for attn_type=mla")
-            _require(
-                self.qk_rope_head_dim >= 2 and self.qk_rope_head_dim % 2 == 0,
-                f"{p}.qk_rope_head_dim",
-                f"must be even and ≥ 2 (RoPE rotates pairs), got {self.qk_rope_head_dim}",
-            )
-        _require(self.n_experts >= 1, f"{p}.n_experts", f"must be ≥ 1, got {self.n_experts}")
-        _require(
-            1 <= self.n_experts_per_tok <= self.n_experts,
-            f"{p}.n_experts_per_tok",
-            f"top-k={self.n_experts_per_tok} must be in [1, n_experts={self.n_experts}]",
-        )
-        _require(self.expert_dim >= 1, f"{p}.expert_dim", "must be ≥ 1")
-        _require(self.capacity_factor >= 0, f"{p}.capacity_factor", "must be ≥ 0 (0 = dropless)")
-        _require(self.router_bias_update_rate >= 0, f"{p}.router_bias_update_rate", "must be ≥ 0")
-        _require(self.aux_loss_coef >= 0, f"{p}.aux_loss_coef", "must be ≥ 0")
-        _require(0 < self.act_threshold <= 1, f"{p}.act_threshold", "must be in (0, 1]")
-        _require(0 <= self.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
-        _require(self.attn_window >= 0, f"{p}.attn_window", "must be ≥ 0 (0 = full causal attention)")
-        _require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0")
-        for name in ("init_std", "embed_init_std"):
-            _require(getattr(self, name) > 0, f"{p}.{name}", f"must be > 0, got {getattr(self, name)}")
 
 
 @dataclass
@@ -170,19 +49,17 @@ class TaskConfig:
         return max([self.train_lengths[1], *(hi for _, hi in self.eval_splits.values())])
 
     def validate(self, prefix: str = "data.task") -> None:
-        _require(
-            2 <= self.modulus <= 10, f"{prefix}.modulus", "must be in [2, 10] (answers are digit tokens)"
-        )
+        require(2 <= self.modulus <= 10, f"{prefix}.modulus", "must be in [2, 10] (answers are digit tokens)")
         ranges = {"train_lengths": self.train_lengths} | {
             f"eval_splits.{k}": v for k, v in self.eval_splits.items()
         }
         for name, (lo, hi) in ranges.items():
-            _require(1 <= lo <= hi, f"{prefix}.{name}", f"needs 1 ≤ lo ≤ hi, got [{lo}, {hi}]")
-        _require(self.n_train >= 1, f"{prefix}.n_train", "must be ≥ 1")
-        _require(self.n_eval >= 1, f"{prefix}.n_eval", "must be ≥ 1")
-        _require(len(self.eval_splits) >= 1, f"{prefix}.eval_splits", "needs at least one split")
+            require(1 <= lo <= hi, f"{prefix}.{name}", f"needs 1 ≤ lo ≤ hi, got [{lo}, {hi}]")
+        require(self.n_train >= 1, f"{prefix}.n_train", "must be ≥ 1")
+        require(self.n_eval >= 1, f"{prefix}.n_eval", "must be ≥ 1")
+        require(len(self.eval_splits) >= 1, f"{prefix}.eval_splits", "needs at least one split")
         for name in self.eval_splits:  # split names become shard directory names
-            _require(
+            require(
                 name != "train" and name.isascii() and name.replace("_", "").replace("-", "").isalnum(),
                 f"{prefix}.eval_splits.{name}",
                 "split names must be letters, digits, '_' or '-', and not 'train'",
@@ -205,40 +82,11 @@ class DataConfig:
 
     def validate(self, prefix: str = "data") -> None:
         self.task.validate(f"{prefix}.task")
-        _require(bool(self.remote), f"{prefix}.remote", "must name the shard directory or URL")
-        _require(self.samples_per_shard >= 1, f"{prefix}.samples_per_shard", "must be ≥ 1")
-        _require(self.build_workers >= 1, f"{prefix}.build_workers", "must be ≥ 1")
-        _require(self.num_workers >= 0, f"{prefix}.num_workers", "must be ≥ 0")
-        _require(self.num_canonical_nodes >= 1, f"{prefix}.num_canonical_nodes", "must be ≥ 1")
-
-
-@dataclass
-class LoopPolicyConfig:
-    """How many loops each training step runs (see mythos_dist.model.recurrent.LoopPolicy)."""
-
-    kind: Literal["fixed", "uniform", "poisson_lognormal"] = "fixed"
-    n_loops: int = 4  # fixed: the count; uniform / poisson_lognormal: the mean
-    min_loops: int = 1  # uniform: lower bound (inclusive)
-    max_loops: int = 8  # uniform: upper bound; all: hard cap
-    sigma: float = 0.5  # poisson_lognormal: std of the log-normal rate
-    backprop_loops: int = 0  # truncated backprop through the last k loops; 0 = all
-
-    def validate(self, prefix: str = "train.loops") -> None:
-        _require(self.n_loops >= 1, f"{prefix}.n_loops", f"loop counts must be ≥ 1, got {self.n_loops}")
-        _require(self.min_loops >= 1, f"{prefix}.min_loops", f"loop counts must be ≥ 1, got {self.min_loops}")
-        _require(
-            self.max_loops >= max(self.min_loops, 1),
-            f"{prefix}.max_loops",
-            f"must be ≥ min_loops={self.min_loops}",
-        )
-        if self.kind != "fixed":
-            _require(
-                self.min_loops <= self.n_loops <= self.max_loops,
-                f"{prefix}.n_loops",
-                f"mean {self.n_loops} must lie in [min_loops, max_loops]",
-            )
-        _require(self.sigma >= 0, f"{prefix}.sigma", "must be ≥ 0")
-        _require(self.backprop_loops >= 0, f"{prefix}.backprop_loops", "must be ≥ 0 (0 = all loops)")
+        require(bool(self.remote), f"{prefix}.remote", "must name the shard directory or URL")
+        require(self.samples_per_shard >= 1, f"{prefix}.samples_per_shard", "must be ≥ 1")
+        require(self.build_workers >= 1, f"{prefix}.build_workers", "must be ≥ 1")
+        require(self.num_workers >= 0, f"{prefix}.num_workers", "must be ≥ 0")
+        require(self.num_canonical_nodes >= 1, f"{prefix}.num_canonical_nodes", "must be ≥ 1")
 
 
 @dataclass
@@ -283,27 +131,27 @@ class TrainConfig:
 
     def validate(self, prefix: str = "train") -> None:
         for name in ("steps", "micro_batch_size", "grad_accum_steps", "log_every", "max_nonfinite_steps"):
-            _require(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be ≥ 1, got {getattr(self, name)}")
-        _require(self.lr > 0, f"{prefix}.lr", "must be > 0")
-        _require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
-        _require(0 <= self.warmup_steps <= self.steps, f"{prefix}.warmup_steps", "must be in [0, steps]")
-        _require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be ≥ 0 (0 disables)")
-        _require(
+            require(getattr(self, name) >= 1, f"{prefix}.{name}", f"must be ≥ 1, got {getattr(self, name)}")
+        require(self.lr > 0, f"{prefix}.lr", "must be > 0")
+        require(0 <= self.min_lr_ratio <= 1, f"{prefix}.min_lr_ratio", "must be in [0, 1]")
+        require(0 <= self.warmup_steps <= self.steps, f"{prefix}.warmup_steps", "must be in [0, steps]")
+        require(self.grad_clip >= 0, f"{prefix}.grad_clip", "must be ≥ 0 (0 disables)")
+        require(
             self.length_curriculum_steps >= 0, f"{prefix}.length_curriculum_steps", "must be ≥ 0 (0 = off)"
         )
-        _require(
+        require(
             self.length_curriculum_mode == "mask" or self.length_curriculum_steps > 0,
             f"{prefix}.length_curriculum_mode",
             "'crop' needs train.length_curriculum_steps > 0 (there is no cap to crop to)",
         )
-        _require(
+        require(
             all(w >= 2 for w in self.attn_windows),
             f"{prefix}.attn_windows",
             f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
         )
         self.loops.validate(f"{prefix}.loops")
         if self.init_from:
-            _require(
+            require(
                 (Path(self.init_from) / "config.json").is_file(),
                 f"{prefix}.init_from",
                 f"{self.init_from} is not an export directory (no config.json)",
@@ -318,11 +166,11 @@ class ParallelConfig:
     ds_config_override: dict[str, Any] = field(default_factory=dict)  # merged last, logged
 
     def validate(self, prefix: str = "parallel") -> None:
-        _require(self.ep_size >= 1, f"{prefix}.ep_size", "must be ≥ 1")
-        _require(
+        require(self.ep_size >= 1, f"{prefix}.ep_size", "must be ≥ 1")
+        require(
             self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0-3, got {self.zero_stage}"
         )
-        _require(self.timeout_s > 0, f"{prefix}.timeout_s", "must be > 0")
+        require(self.timeout_s > 0, f"{prefix}.timeout_s", "must be > 0")
 
 
 @dataclass
@@ -338,16 +186,16 @@ class CheckpointConfig:
     max_shard_size: str = "2GB"
 
     def validate(self, prefix: str = "checkpoint") -> None:
-        _require(bool(self.dir), f"{prefix}.dir", "must be set")
-        _require(self.every >= 0, f"{prefix}.every", "must be ≥ 0")
-        _require(self.keep_last >= 1, f"{prefix}.keep_last", "must be ≥ 1")
-        _require(self.average_last >= 1, f"{prefix}.average_last", "must be ≥ 1")
+        require(bool(self.dir), f"{prefix}.dir", "must be set")
+        require(self.every >= 0, f"{prefix}.every", "must be ≥ 0")
+        require(self.keep_last >= 1, f"{prefix}.keep_last", "must be ≥ 1")
+        require(self.average_last >= 1, f"{prefix}.average_last", "must be ≥ 1")
         try:
             shard_bytes = parse_size(self.max_shard_size)
         except ValueError as e:
             raise ConfigError(f"{prefix}.max_shard_size: {e}") from None
-        _require(shard_bytes > 0, f"{prefix}.max_shard_size", f"must be > 0, got {self.max_shard_size!r}")
-        _require(
+        require(shard_bytes > 0, f"{prefix}.max_shard_size", f"must be > 0, got {self.max_shard_size!r}")
+        require(
             self.average_last <= self.keep_last,
             f"{prefix}.average_last",
             f"{self.average_last} checkpoints to average, but keep_last={self.keep_last} retains fewer",
@@ -374,10 +222,10 @@ class TrackingConfig:
     registered_model: str = ""  # set: each export becomes a new version of this registered model
 
     def validate(self, prefix: str = "tracking") -> None:
-        _require(bool(self.experiment), f"{prefix}.experiment", "must be set")
-        _require(self.timeout_s > 0, f"{prefix}.timeout_s", "must be > 0")
-        _require(self.buffer >= 1, f"{prefix}.buffer", "must be ≥ 1")
-        _require(self.system_metrics_interval_s > 0, f"{prefix}.system_metrics_interval_s", "must be > 0")
+        require(bool(self.experiment), f"{prefix}.experiment", "must be set")
+        require(self.timeout_s > 0, f"{prefix}.timeout_s", "must be > 0")
+        require(self.buffer >= 1, f"{prefix}.buffer", "must be ≥ 1")
+        require(self.system_metrics_interval_s > 0, f"{prefix}.system_metrics_interval_s", "must be > 0")
 
 
 @dataclass
@@ -389,15 +237,15 @@ class EvalConfig:
     out_dir: str = "runs/digit_chain/eval"
 
     def validate(self, prefix: str = "eval") -> None:
-        _require(len(self.loops) >= 1, f"{prefix}.loops", "needs at least one loop count")
+        require(len(self.loops) >= 1, f"{prefix}.loops", "needs at least one loop count")
         for n in self.loops:
-            _require(
+            require(
                 isinstance(n, int) and not isinstance(n, bool) and n >= 1,
                 f"{prefix}.loops",
                 f"loop counts must be integers ≥ 1, got {n!r}",
             )
-        _require(self.n_samples >= 1, f"{prefix}.n_samples", "must be ≥ 1")
-        _require(self.batch_size >= 1, f"{prefix}.batch_size", "must be ≥ 1")
+        require(self.n_samples >= 1, f"{prefix}.n_samples", "must be ≥ 1")
+        require(self.batch_size >= 1, f"{prefix}.batch_size", "must be ≥ 1")
 
 
 @dataclass
@@ -420,43 +268,43 @@ class Config:
         self.tracking.validate()
         self.eval.validate()
         m, par = self.model, self.parallel
-        _require(
+        require(
             m.n_experts % par.ep_size == 0,
             "parallel.ep_size",
             f"n_experts={m.n_experts} is not divisible by ep_size={par.ep_size}",
         )
-        _require(
+        require(
             par.zero_stage != 3,
             "parallel.zero_stage",
             "ZeRO stage 3 is not supported with MoE layers (DeepSpeed refuses native MoE under "
             "stage 3); use stage 1 or 2",
         )
         longest = self.data.task.max_length() + 1  # digits + EQ; the answer is predicted, not fed
-        _require(
+        require(
             m.max_seq_len >= longest,
             "model.max_seq_len",
             f"{m.max_seq_len} is below the longest chain's input ({longest} tokens incl. EQ)",
         )
-        _require(
+        require(
             not self.train.reachable_only or m.attn_window > 0,
             "train.reachable_only",
             "needs model.attn_window > 0 (with full attention every chain is within reach)",
         )
-        _require(
+        require(
             not self.train.attn_windows or m.attn_window > 0,
             "train.attn_windows",
             "needs model.attn_window > 0 (the window evaluation uses; full attention has none)",
         )
         ck = self.checkpoint
-        _require(
+        require(
             ck.average_last <= ck.n_saved(self.train.steps),
             "checkpoint.average_last",
             f"{ck.average_last} checkpoints to average, but a run of train.steps={self.train.steps} with "
             f"checkpoint.every={ck.every} writes {ck.n_saved(self.train.steps)}",
         )
-        _require(m.vocab_size >= 12, "model.vocab_size", "digit chains need ≥ 12 tokens (0-9, EQ, PAD)")
+        require(m.vocab_size >= 12, "model.vocab_size", "digit chains need ≥ 12 tokens (0-9, EQ, PAD)")
         unknown = set(self.eval.splits) - set(self.data.task.eval_splits)
-        _require(
+        require(
             not unknown,
             "eval.splits",
             f"unknown split(s) {sorted(unknown)}; configured: {sorted(self.data.task.eval_splits)}",
@@ -471,11 +319,11 @@ class Config:
                 for k in here
                 if saved.get(k) != here[k]
             ]
-            _require(
+            require(
                 not diff, "train.init_from", f"{self.train.init_from} holds another model: " + "; ".join(diff)
             )
         if world_size is not None:
-            _require(
+            require(
                 world_size % par.ep_size == 0,
                 "parallel.ep_size",
                 f"world size {world_size} is not divisible by ep_size={par.ep_size}",
@@ -636,3 +484,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     raw = read_config_file(path) if path is not None else {}
     raw = apply_overrides(raw, overrides or [])
     return from_dict(Config, raw).validate()
+
+
+def config_diff(saved: dict[str, Any], current: dict[str, Any], prefix: str) -> list[str]:
+    """['model.dim: checkpoint 32, this run 64', ...] for every differing key."""
+    keys = sorted(set(saved) | set(current))
+    return [
+        f"{prefix}.{k}: checkpoint {saved.get(k, '<absent>')!r}, this run {current.get(k, '<absent>')!r}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+
+
+# Settings a resumed run may change: its length and logging, activation recomputation, where the

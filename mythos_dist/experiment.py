@@ -32,8 +32,11 @@ def _check_writable(path: Path, what: str) -> None:
 
 def run_experiment(config: str, overrides: list[str], nproc: int) -> int:
     from data_pipeline import shards
-    from mythos_dist.checkpoint import exported_steps, read_json
-    from mythos_dist.evaluate import format_table, load_model, run_eval, stability_over_training
+    from mythos_dist.evaluate import run_eval, stability_over_training
+    from mythos_dist.export import exported_steps
+    from mythos_dist.loading import load_model
+    from mythos_dist.report import format_table
+    from mythos_dist.safe_io import read_json
     from mythos_dist.tracking import resolve_uri, run_page
 
     cfg = load_config(config, overrides)

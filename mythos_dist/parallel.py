@@ -12,7 +12,6 @@ checkpoint file per global expert id. `deepspeed_config` derives DeepSpeed's JSO
 from __future__ import annotations
 
 import copy
-import math
 import os
 import socket
 from dataclasses import dataclass
@@ -34,12 +33,14 @@ from mythos_dist.config import Config
 from mythos_dist.model import RDT
 from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.moe import MoEFFN
-
-# DeepSpeed's expert checkpoint code finds experts by this key segment and renumbers the index
-# after it from local to global ids; it treats any other key containing "expert" as an expert too.
-DS_EXPERT_SEGMENT = "deepspeed_moe.experts.deepspeed_experts."
-ROUTER_BIAS_DS_KEY = "layer.router.balance_bias"  # `expert_bias` renamed so DeepSpeed keeps it dense
-EXPERT_WEIGHTS = (("w_in_EDH", "w_in_DH"), ("w_out_EHD", "w_out_HD"))  # stacked name, per-expert name
+from mythos_dist.optim import lr_schedule, param_groups
+from mythos_dist.weight_names import (
+    DS_EXPERT_SEGMENT,
+    DS_MOE_LAYER,
+    EXPERT_WEIGHTS,
+    ROUTER_BIAS,
+    ROUTER_BIAS_DS,
+)
 
 
 @dataclass(frozen=True)
@@ -126,21 +127,21 @@ class ExpertParallelMoE(MoE):
 
 
 def _to_deepspeed_view(module: ExpertParallelMoE, state: dict, prefix: str, _meta: Any) -> None:
-    experts = f"{prefix}layer.experts."
+    experts = f"{prefix}{DS_MOE_LAYER}experts."
     for stacked, single in EXPERT_WEIGHTS:
         w_L = state.pop(experts + stacked)
         for i in range(w_L.shape[0]):
             state[f"{prefix}{DS_EXPERT_SEGMENT}{i}.{single}"] = w_L[i]
-    state[prefix + ROUTER_BIAS_DS_KEY] = state.pop(f"{prefix}layer.router.expert_bias")
+    state[prefix + DS_MOE_LAYER + ROUTER_BIAS_DS] = state.pop(prefix + DS_MOE_LAYER + ROUTER_BIAS)
 
 
 def _from_deepspeed_view(module: ExpertParallelMoE, state: dict, prefix: str, *_: Any) -> None:
-    if prefix + ROUTER_BIAS_DS_KEY in state:
-        state[f"{prefix}layer.router.expert_bias"] = state.pop(prefix + ROUTER_BIAS_DS_KEY)
+    if prefix + DS_MOE_LAYER + ROUTER_BIAS_DS in state:
+        state[prefix + DS_MOE_LAYER + ROUTER_BIAS] = state.pop(prefix + DS_MOE_LAYER + ROUTER_BIAS_DS)
     for stacked, single in EXPERT_WEIGHTS:
         keys = [f"{prefix}{DS_EXPERT_SEGMENT}{i}.{single}" for i in range(module.num_local_experts)]
         if all(k in state for k in keys):
-            state[f"{prefix}layer.experts.{stacked}"] = torch.stack([state.pop(k) for k in keys])
+            state[f"{prefix}{DS_MOE_LAYER}experts.{stacked}"] = torch.stack([state.pop(k) for k in keys])
 
 
 def expert_parallel_rank(ep_size: int, use_data_before_expert_parallel_: bool = False) -> int:
@@ -194,7 +195,7 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
     model.to_empty(device=device)
     model.reset_parameters(cfg.train.seed)
     if cfg.train.init_from:  # an export's weights instead (e.g. an upcycled model): this rank's part
-        from mythos_dist.checkpoint import ExportReader, load_into
+        from mythos_dist.export import ExportReader, load_into
 
         load_into(model, ExportReader(cfg.train.init_from))
     model.recurrent.checkpoint_loops = cfg.train.activation_checkpointing == "loop"
@@ -271,26 +272,6 @@ def merge_override(base: dict[str, Any], override: dict[str, Any]) -> tuple[dict
     return merged, diff
 
 
-def lr_ratio(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
-    """Linear warmup to 1 over warmup_steps, then cosine decay to min_lr_ratio at total_steps."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
-    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def param_groups(model: nn.Module) -> list[dict[str, Any]]:
-    """Weight decay on matrices only (not norms, biases, LTI / loop-scale vectors)."""
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            (decay if p.ndim >= 2 and not name.endswith("lora.scale") else no_decay).append(p)
-    return [
-        {"params": decay, "name": "decay"},
-        {"params": no_decay, "name": "no_decay", "weight_decay": 0.0},
-    ]
-
-
 def build_engine(
     model: nn.Module, cfg: Config, world_size: int, log: Any = print
 ) -> tuple[deepspeed.runtime.engine.DeepSpeedEngine, dict[str, Any]]:
@@ -303,14 +284,10 @@ def build_engine(
         log(f"ds_config_override: {line}")
     if cfg.train.dtype == "bf16" and not use_bf16(cfg):
         log("train.dtype=bf16 is not supported on this device; training in fp32")
-    t = cfg.train
-
-    def schedule(optimizer: torch.optim.Optimizer) -> torch.optim.lr_scheduler.LambdaLR:
-        return torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda s: lr_ratio(s, t.warmup_steps, t.steps, t.min_lr_ratio)
-        )
-
     engine, *_ = deepspeed.initialize(
-        model=model, model_parameters=param_groups(model), config=ds_cfg, lr_scheduler=schedule
+        model=model,
+        model_parameters=param_groups(model),
+        config=ds_cfg,
+        lr_scheduler=lambda optimizer: lr_schedule(optimizer, cfg.train),
     )
     return engine, ds_cfg

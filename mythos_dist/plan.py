@@ -41,6 +41,7 @@ from mythos_dist.config import Config, ConfigError, ModelConfig, load_config
 from mythos_dist.model import RDT
 from mythos_dist.model.attention import _SMALL_ATTENTION
 from mythos_dist.model.moe import GroupedExperts
+from mythos_dist.optim import decays
 
 GiB = 2**30
 FP32 = 4
@@ -121,7 +122,7 @@ def _param_groups(model: RDT, ep_size: int) -> dict[tuple[bool, bool], list[int]
     experts = {id(p) for m in model.modules() if isinstance(m, GroupedExperts) for p in m.parameters()}
     groups: dict[tuple[bool, bool], list[int]] = {}
     for name, p in model.named_parameters():
-        decay = p.ndim >= 2 and not name.endswith("lora.scale")  # as parallel.param_groups
+        decay = decays(name, p)
         is_expert = id(p) in experts
         groups.setdefault((is_expert, decay), []).append(p.numel() // (ep_size if is_expert else 1))
     return groups

@@ -402,7 +402,7 @@ class Tracker:
             return
         from mlflow.entities import LoggedModelOutput, LoggedModelStatus
 
-        from mythos_dist.checkpoint import EXPORT_FORMAT, exported_steps
+        from mythos_dist.export import EXPORT_FORMAT, exported_steps
 
         d = Path(export_dir)
         steps = ",".join(map(str, exported_steps(d)))
@@ -677,7 +677,7 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
     """Download the export (one file or shards) a models:/NAME/VERSION or runs:/RUN_ID URI names
     (a training run: its newest logged export) into
     `export_dir_of(checkpoint)` and return it. Only safetensors and JSON files are accepted (nothing
-    downloaded is ever unpickled); `checkpoint.load_exported` reads them."""
+    downloaded is ever unpickled); `export.load_exported` reads them."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
@@ -703,7 +703,7 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
     except MlflowException as e:
         shutil.rmtree(fresh, ignore_errors=True)
         raise ConfigError(f"cannot fetch {checkpoint} from MLflow at {tracking_uri}: {e.message}") from e
-    from mythos_dist.checkpoint import INDEX_FILE, SINGLE_FILE
+    from mythos_dist.export import INDEX_FILE, SINGLE_FILE
 
     found = list(fresh.rglob("config.json"))
     weights = found and any((found[0].parent / f).is_file() for f in (SINGLE_FILE, INDEX_FILE))
@@ -729,6 +729,8 @@ def eval_run_name(checkpoint: str | None, version_dir: Path) -> str:
     """'eval export@6 (eval-1)', 'eval models:/m/2@3+6 (eval-2)' (the mean of steps 3 and 6),
     'eval runs:/9a26b4fb@6 (eval-3)', 'eval step_00000250@250 (eval-4)'."""
     from mythos_dist import checkpoint as ckpt
+    from mythos_dist.export import exported_steps
+    from mythos_dist.safe_io import CheckpointError
 
     if not checkpoint:
         return f"eval init ({version_dir.name})"
@@ -738,11 +740,11 @@ def eval_run_name(checkpoint: str | None, version_dir: Path) -> str:
         label = "runs:/" + checkpoint[len("runs:/") :][:8]
     try:
         if (local / "config.json").is_file():
-            steps = "+".join(map(str, ckpt.exported_steps(local)))
+            steps = "+".join(map(str, exported_steps(local)))
         else:
             tag = local if (local / ckpt.META).is_file() else ckpt.latest_dir(local)
             steps = str(ckpt.read_meta(tag)["step"]) if tag else "?"
-    except (OSError, ValueError, KeyError, ckpt.CheckpointError):
+    except (OSError, ValueError, KeyError, CheckpointError):
         steps = "?"
     return f"eval {label}@{steps} ({version_dir.name})"
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mythos_dist.config import ModelConfig
+from mythos_dist.model.config import ModelConfig
 from mythos_dist.model.norm import RMSNorm
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mythos_dist.config import ModelConfig
 from mythos_dist.model.attention import KVCache, Rope, TokenLayout, make_attention
+from mythos_dist.model.config import ModelConfig
 from mythos_dist.model.moe import MoEFFN, SwiGLU
 from mythos_dist.model.norm import RMSNorm
 

@@ -8,10 +8,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from mythos_dist.config import ModelConfig
 from mythos_dist.model import init
 from mythos_dist.model.attention import GQAttention, KVCache, MLAttention, Rope, TokenLayout, rope_rotations
 from mythos_dist.model.block import TransformerBlock
+from mythos_dist.model.config import ModelConfig
 from mythos_dist.model.moe import GroupedExperts, MoEFFN, Router
 from mythos_dist.model.norm import RMSNorm
 from mythos_dist.model.recurrent import DepthLoRA, LTIInjection, RecurrentBlock

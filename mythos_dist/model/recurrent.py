@@ -17,9 +17,9 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from mythos_dist.config import LoopPolicyConfig, ModelConfig
 from mythos_dist.model.attention import GQAttention, KVCache, MLAttention, Rope, TokenLayout
 from mythos_dist.model.block import TransformerBlock
+from mythos_dist.model.config import LoopPolicyConfig, ModelConfig
 from mythos_dist.model.moe import load_counting_paused
 from mythos_dist.model.norm import RMSNorm
 

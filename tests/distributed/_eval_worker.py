@@ -10,7 +10,8 @@ from datetime import timedelta
 import torch.distributed as dist
 
 from mythos_dist.config import load_config
-from mythos_dist.evaluate import load_model, run_eval
+from mythos_dist.evaluate import run_eval
+from mythos_dist.loading import load_model
 
 
 def main(config: str, out_dir: str) -> None:

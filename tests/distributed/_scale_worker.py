@@ -71,8 +71,8 @@ def main() -> None:
             args.out / f"build_rank{rank}.pt",
         )
         return
+    from data_pipeline.batch import ChainBatches as Batches
     from mythos_dist.objective import answer_forward, loss_and_metrics
-    from mythos_dist.train import ChainBatches as Batches
 
     model = build_model(cfg, info.device)
     engine, _ = build_engine(model, cfg, info.world_size, log=lambda *_: None)

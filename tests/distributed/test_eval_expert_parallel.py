@@ -17,10 +17,11 @@ import torch
 import yaml
 import zarr
 
-from mythos_dist.checkpoint import ExportReader, load_exported, load_shard
 from mythos_dist.cli import main
 from mythos_dist.config import load_config
-from mythos_dist.evaluate import load_model, run_eval
+from mythos_dist.evaluate import run_eval
+from mythos_dist.export import ExportReader, load_exported, load_shard
+from mythos_dist.loading import load_model
 from tests.multiproc import REPO, worker_env
 
 pytestmark = pytest.mark.distributed

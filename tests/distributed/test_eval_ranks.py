@@ -11,7 +11,8 @@ import yaml
 import zarr
 
 from mythos_dist.config import load_config
-from mythos_dist.evaluate import load_model, run_eval
+from mythos_dist.evaluate import run_eval
+from mythos_dist.loading import load_model
 
 WORKER = Path(__file__).with_name("_eval_worker.py")
 CONFIG = {

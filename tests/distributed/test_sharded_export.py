@@ -14,16 +14,12 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from mythos_dist.checkpoint import (
-    INDEX_FILE,
-    CheckpointError,
-    ExportReader,
-    export,
-    load_exported,
-    upcycle,
-)
+from mythos_dist.checkpoint import export
 from mythos_dist.config import load_config, parse_size
-from mythos_dist.evaluate import chain_batches
+from mythos_dist.export import INDEX_FILE, ExportReader, load_exported
+from mythos_dist.safe_io import CheckpointError
+from mythos_dist.sweep import chain_batches
+from mythos_dist.upcycle import upcycle
 from tests.multiproc import REPO, TINY_MODEL, run, start, torchrun, worker_env
 from tests.reliability._common import logs, run_ranks
 

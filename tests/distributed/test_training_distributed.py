@@ -82,7 +82,7 @@ def test_ep2_matches_ep1_single_process(runs: dict[str, Path], zero: int) -> Non
 
 
 def test_export_from_ep2_loads_in_one_process(runs: dict[str, Path]) -> None:
-    from mythos_dist.checkpoint import load_exported
+    from mythos_dist.export import load_exported
 
     out = runs["ep2_z2"]
     model = load_exported(summary(out)["export"])
@@ -96,7 +96,9 @@ def test_export_from_ep2_loads_in_one_process(runs: dict[str, Path]) -> None:
 def test_relaunched_finished_run_exports_mean_of_last_checkpoints(runs: dict[str, Path]) -> None:
     """A finished run launched again (2 ranks) trains nothing and exports as now configured: with
     checkpoint.average_last=2, the mean of the weights at steps 2 and 4, experts by global id."""
-    from mythos_dist.checkpoint import META, CheckpointError, export, exported_steps
+    from mythos_dist.checkpoint import META, export
+    from mythos_dist.export import exported_steps
+    from mythos_dist.safe_io import CheckpointError
 
     tmp = runs["tmp"]
     shutil.copytree(tmp / "ckpt" / "ep2_z2", tmp / "ckpt" / "avg")

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from data_pipeline.batch import ChainBatches
 from mythos_dist.config import load_config
 from mythos_dist.objective import valid_positions
-from mythos_dist.train import ChainBatches
 from tests.distributed.test_training_distributed import TINY, assert_same_export, launch, summary
 
 pytestmark = pytest.mark.distributed

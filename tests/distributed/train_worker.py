@@ -16,8 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from data_pipeline.batch import ChainBatches
 from mythos_dist.config import load_config
-from mythos_dist.train import ChainBatches, train
+from mythos_dist.train import train
 
 
 def main() -> None:
@@ -42,9 +43,9 @@ def main() -> None:
         "tokens_per_s",
         "train_s",
     )
-    (args.out / f"summary_rank{rank}.json").write_text(json.dumps({k: summary.get(k) for k in keep}))
-    if summary["end_step"] == cfg.train.steps:
-        model = summary["model"].eval()
+    (args.out / f"summary_rank{rank}.json").write_text(json.dumps({k: getattr(summary, k) for k in keep}))
+    if summary.end_step == cfg.train.steps:
+        model = summary.model.eval()
         batch = batches.batch(10_000)  # an unseen batch, different on each rank
         with torch.no_grad():
             logits = model(batch["input_ids"], cfg.train.loops.n_loops).logits

@@ -180,7 +180,8 @@ def test_export_is_the_runs_model_registered_with_eval_metrics_linked(job):
     for child in _children(job):
         assert ("eval/id/acc_at_1", child["info"]["run_id"]) in linked
     # what was downloaded and evaluated is the export, bit for bit: same accuracies as the local export
-    from mythos_dist.evaluate import load_model, run_eval
+    from mythos_dist.evaluate import run_eval
+    from mythos_dist.loading import load_model
 
     cfg = load_config(None, [*_sets(tmp, server.url), "tracking.enabled=false"])
     local = run_eval(load_model(str(tmp / "ckpt" / "export"), cfg), cfg, out_dir=tmp / "eval_local")

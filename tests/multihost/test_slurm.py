@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from mythos_dist.checkpoint import META, export, latest_dir, load_exported
+from mythos_dist.checkpoint import META, export, latest_dir
+from mythos_dist.export import load_exported
 from tests.multihost.conftest import JOB
 from tests.multiproc import REPO, worker_env
 from tests.slurm_cluster import SlurmCluster, available

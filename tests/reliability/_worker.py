@@ -38,10 +38,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from data_pipeline.batch import ChainBatches
 from mythos_dist import checkpoint
 from mythos_dist import train as train_module
 from mythos_dist.config import load_config
-from mythos_dist.train import ChainBatches, StepInfo, train
+from mythos_dist.train import StepResult, train
 
 
 class _InfGrad(torch.autograd.Function):
@@ -133,14 +134,14 @@ def main() -> None:
     train_module.build_engine = capture_engine
     args.out.mkdir(parents=True, exist_ok=True)
 
-    def on_step(info: StepInfo) -> None:
+    def on_step(info: StepResult, model: Any) -> None:
         record = {
             "step": info.step,
             "ids": info.sample_ids,
             "skipped": info.skipped,
             "loss": info.loss,
-            "digest": digest(info.model.parameters()),
-            "buffers": digest(b for _, b in sorted(info.model.named_buffers())),
+            "digest": digest(model.parameters()),
+            "buffers": digest(b for _, b in sorted(model.named_buffers())),
             "optimizer": digest(optimizer_tensors(engines[0])),
             "lr_schedule": [engines[0].lr_scheduler.last_epoch, engines[0].get_lr()[0]],
         }
@@ -161,10 +162,8 @@ def main() -> None:
     result: dict[str, Any] = {"error_type": None, "error": None}
     try:
         summary = train(cfg, batches, on_step=on_step)
-        result |= {
-            k: summary.get(k) for k in ("start_step", "end_step", "skipped_steps", "tokens", "tokens_per_s")
-        }
-        result["preempted"] = summary.get("preempted", False)
+        keep = ("start_step", "end_step", "skipped_steps", "tokens", "tokens_per_s", "preempted")
+        result |= {k: getattr(summary, k) for k in keep}
     except Exception as e:  # recorded for the test, which checks the message
         result |= {"error_type": type(e).__name__, "error": str(e)}
     (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))

@@ -13,15 +13,10 @@ import pytest
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from mythos_dist import checkpoint
-from mythos_dist.checkpoint import (
-    CheckpointError,
-    check_compatible,
-    export,
-    latest_tag,
-    load_exported,
-    read_meta,
-)
+from mythos_dist.checkpoint import check_compatible, export, latest_tag, read_meta
 from mythos_dist.config import Config, from_dict, load_config
+from mythos_dist.export import exported_steps, load_exported
+from mythos_dist.safe_io import CheckpointError
 from tests.reliability._common import TINY, logs, result, run_ranks, steps
 
 
@@ -177,7 +172,7 @@ def test_restart_with_resume_false_in_a_used_dir_keeps_its_own_checkpoints(tmp_p
     assert latest_tag(ckpt) == "step_00000004"
     for tag in ("step_00000002", "step_00000004"):
         assert read_meta(ckpt / tag)["config"]["train"]["lr"] == 0.005  # this run's, complete
-    assert checkpoint.exported_steps(ckpt / "export") == [2, 4]
+    assert exported_steps(ckpt / "export") == [2, 4]
     assert [p.name for p in checkpoint.run_checkpoints(ckpt)] == ["step_00000002", "step_00000004"]
     for tag in ("step_00000003", "step_00000006", "step_00000009"):  # the earlier run's: not pruned
         assert read_meta(ckpt / tag)["config"]["train"]["lr"] == 0.01

@@ -54,7 +54,8 @@ def test_interrupted_job_is_one_run_and_eval_nests_under_it(tmp_path):
         assert history == [(s, pytest.approx(trained[s], rel=1e-6)) for s in range(1, 7)]
 
         # the evaluation of the export nests under the one run
-        from mythos_dist.evaluate import load_model, run_eval
+        from mythos_dist.evaluate import run_eval
+        from mythos_dist.loading import load_model
 
         cfg = load_config(None, [*TINY, *sets, "data.task.n_eval=16", "eval.loops=[1,2]", "eval.splits=[id]"])
         export = str(tmp_path / "ckpt" / "export")

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from mythos_dist.checkpoint import export, latest_tag, load_exported
-from mythos_dist.train import loop_divergence
+from mythos_dist.checkpoint import export, latest_tag
+from mythos_dist.export import load_exported
+from mythos_dist.train_metrics import loop_divergence
 from tests.reliability._common import logs, result, run_ranks, steps
 
 SKIPPED = [2, 4, 6, 7, 8]

@@ -15,8 +15,8 @@ import torch
 from deepspeed.runtime.checkpoint_engine.torch_checkpoint_engine import TorchCheckpointEngine
 
 from mythos_dist import checkpoint
-from mythos_dist.checkpoint import UntrustedCheckpointError
 from mythos_dist.cli import main
+from mythos_dist.safe_io import UntrustedCheckpointError
 from tests.multiproc import REPO
 from tests.reliability._common import logs, result, run_ranks, start_ranks
 
@@ -132,7 +132,7 @@ def test_own_checkpoint_resumes_through_the_safe_reader(resumed: dict[str, tuple
 @pytest.mark.distributed
 def test_deepspeed_reader_is_routed_through_the_safe_loader(run: Path, tmp_path: Path) -> None:
     """The second line of defence: while resume runs, DeepSpeed's own reader (weights_only=False)
-    goes through `checkpoint.torch_load`, and is restored afterwards."""
+    goes through `safe_io.torch_load`, and is restored afterwards."""
     ckpt, marker = poisoned_copy(run, tmp_path, "optimizer")
     engine = type("Engine", (), {"checkpoint_engine": TorchCheckpointEngine()})()
     with checkpoint._deepspeed_reads_safely(engine), pytest.raises(UntrustedCheckpointError, match="posix"):

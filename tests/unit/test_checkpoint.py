@@ -9,18 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mythos_dist.checkpoint import (
-    META,
-    CheckpointError,
-    _prune,
-    config_diff,
-    export,
-    exported_steps,
-    latest_tag,
-    load_exported,
-    read_meta,
-)
-from mythos_dist.config import ModelConfig, to_dict
+from mythos_dist.checkpoint import META, _prune, export, latest_tag, read_meta
+from mythos_dist.config import ModelConfig, config_diff, to_dict
+from mythos_dist.export import exported_steps, load_exported
+from mythos_dist.safe_io import CheckpointError
 
 
 @pytest.mark.distributed

@@ -7,18 +7,11 @@ import yaml
 import zarr
 
 from mythos_dist.config import Config, ConfigError, load_config, to_dict
-from mythos_dist.evaluate import (
-    chain_batches,
-    check_splits,
-    create_store,
-    format_table,
-    next_version_dir,
-    parse_loops,
-    rank_region,
-    run_eval,
-    sweep,
-)
+from mythos_dist.evaluate import run_eval
 from mythos_dist.model import RDT
+from mythos_dist.report import format_table
+from mythos_dist.results_store import create_store, next_version_dir, rank_region
+from mythos_dist.sweep import chain_batches, check_splits, parse_loops, sweep
 
 SMALL = [
     "model.dim=32",
@@ -188,7 +181,7 @@ def test_load_model_from_export_and_bad_checkpoints(tmp_path, trained_checkpoint
     """An export written by checkpoint.export, and the DeepSpeed checkpoint dir itself (exported on
     the fly), load as the model the real run trained: the logits its module gave."""
     from mythos_dist.checkpoint import export
-    from mythos_dist.evaluate import load_model
+    from mythos_dist.loading import load_model
     from tests.multiproc import TINY_MODEL
 
     cfg = load_config(None, TINY_MODEL)

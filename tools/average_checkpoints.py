@@ -2,7 +2,7 @@
 averaging over the end of training steady length generalisation? (results: docs/results.md,
 "Averaging the last checkpoints"). A run exports such a mean itself with checkpoint.average_last.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/average_checkpoints.py \\
+    OMP_NUM_THREADS=1 .venv/bin/python tools/average_checkpoints.py \\
         --config configs/digit_chain_recipe3.yaml runs/recipe3/checkpoints/step_0000{8,9}000 \\
         runs/recipe3/checkpoints/step_00010000
 
@@ -19,7 +19,8 @@ import torch
 
 from mythos_dist.checkpoint import export
 from mythos_dist.config import load_config
-from mythos_dist.evaluate import chain_batches, load_model, parse_loops, sweep
+from mythos_dist.loading import load_model
+from mythos_dist.sweep import chain_batches, parse_loops, sweep
 
 
 def main() -> None:

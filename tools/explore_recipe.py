@@ -3,7 +3,7 @@ memory. For choosing settings before a real `mythos experiment` run; not a subst
 loss, loop policy, counted chains, model and optimiser settings are the library's, the data order
 and the distributed engine are not).
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/explore_recipe.py --config configs/digit_chain_recipe3.yaml \\
+    OMP_NUM_THREADS=1 .venv/bin/python tools/explore_recipe.py --config configs/digit_chain_recipe3.yaml \\
         [--set model.attn_window=3 --set train.attn_windows=[2,3,4] ...] [--save state.pt]
 """
 
@@ -20,7 +20,7 @@ from data_pipeline.digit_chain import EQ, PAD
 from mythos_dist.config import load_config
 from mythos_dist.model import RDT, LoopPolicy, attention_window
 from mythos_dist.objective import answer_forward, curriculum_cap, longest_counted, loss_and_metrics
-from mythos_dist.parallel import lr_ratio, param_groups
+from mythos_dist.optim import lr_schedule, param_groups
 
 
 def chains(
@@ -47,9 +47,7 @@ def main() -> None:
     torch.manual_seed(t.seed)
     model = RDT(cfg.model)
     opt = torch.optim.AdamW(param_groups(model), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: lr_ratio(s, t.warmup_steps, t.steps, t.min_lr_ratio)
-    )
+    schedule = lr_schedule(opt, t)
     policy, rng = LoopPolicy(t.loops, t.seed, t.attn_windows), np.random.default_rng(t.seed)
     batch_size = t.micro_batch_size * t.grad_accum_steps
     t0, window = time.perf_counter(), []

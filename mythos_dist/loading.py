@@ -1,0 +1,68 @@
+"""The model an evaluation runs: from an export, a DeepSpeed checkpoint, an MLflow model or a fresh
+init; whole, or one rank's expert-parallel shard."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from mythos_dist.config import Config, ConfigError
+from mythos_dist.model.rdt import RDT
+from mythos_dist.tracking import is_model_uri
+
+
+def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> RDT:
+    """The model to evaluate, in eval mode on CPU; its config is `model.cfg` (the
+    checkpoint's own; `cfg` is not changed).
+
+    checkpoint: an export directory (single file or shards + index), or a DeepSpeed checkpoint
+    directory (a run's checkpoint dir with `latest`, or one step_* dir), read tensor by tensor, or
+    an MLflow model (models:/NAME/VERSION, runs:/RUN_ID), downloaded first (safetensors + JSON
+    only) and then read as a local export. None: a freshly initialised model from cfg.model and
+    cfg.train.seed (the initial weights of training). ep_size > 1 (process group joined): this rank
+    holds and reads only the dense part and its own experts, and the model runs expert-parallel.
+    """
+    from mythos_dist import tracking
+    from mythos_dist.checkpoint import CheckpointTensors
+    from mythos_dist.export import ExportReader, load_shard
+    from mythos_dist.safe_io import CheckpointError
+
+    ep = ep_size
+    if checkpoint is None:  # the weights training starts from (keyed by train.seed)
+        if ep > 1:
+            from mythos_dist.parallel import build_model
+
+            return build_model(cfg, torch.device("cpu")).eval().requires_grad_(False)
+        model = RDT(cfg.model)
+        model.reset_parameters(cfg.train.seed)
+        return model.eval().requires_grad_(False)
+    path = (
+        tracking.fetch_export(checkpoint, cfg.tracking)
+        if tracking.is_model_uri(checkpoint)
+        else Path(checkpoint)
+    )
+    if not path.exists():
+        raise ConfigError(f"checkpoint {path} does not exist")
+    try:
+        source = ExportReader(path) if (path / "config.json").is_file() else CheckpointTensors(path)
+        if ep == 1:
+            model = load_shard(source)
+        else:
+            from mythos_dist.parallel import expert_parallel_rank, parallelize
+
+            model = parallelize(load_shard(source, ep, expert_parallel_rank(ep)), ep)
+    except CheckpointError as e:
+        raise ConfigError(str(e)) from e
+    longest = cfg.data.task.max_length() + 1
+    if model.cfg.max_seq_len < longest:
+        raise ConfigError(
+            f"{path}: model.max_seq_len={model.cfg.max_seq_len} < longest eval input ({longest})"
+        )
+    return model.requires_grad_(False)  # evaluated, never trained: no weight gradients (the spectral tools)
+
+
+def refuse_missing(checkpoint: str | None) -> None:
+    """A local checkpoint path that does not exist is bad input (an MLflow model is fetched later)."""
+    if checkpoint is not None and not is_model_uri(checkpoint) and not Path(checkpoint).exists():
+        raise ConfigError(f"checkpoint {checkpoint} does not exist")
