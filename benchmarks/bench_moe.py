@@ -31,6 +31,7 @@ from mythos_dist.model.moe import MoEFFN
 from mythos_dist.objective import answer_forward, loss_and_metrics
 
 DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set once from the command line
+CLOCK: Callable[[], float] = time.perf_counter  # --clock
 
 
 def sync() -> None:
@@ -141,7 +142,7 @@ def moe_case(n_tokens: int, repeats: int) -> list[tuple[str, float, float]]:
             y = ref(x)
         y.sum().backward()
 
-    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=1 if n_tokens > 1024 else 3)
+    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, 1 if n_tokens > 1024 else 3, clock=CLOCK)
     flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
     return [(k, n_tokens / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
 
@@ -185,16 +186,22 @@ def train_step_case(B: int, repeats: int) -> list[tuple[str, float, float]]:
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
-    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=2 if B <= 1024 else 1)
+    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, 2 if B <= 1024 else 1, clock=CLOCK)
     # Each side's FLOP/s counts what it executes; ours skips padding and non-answer positions.
     flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
     return [(k, B * T / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
 
 
 def main() -> None:
-    global DEVICE, DTYPE
+    global DEVICE, DTYPE, CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the process's CPU seconds for the cases and the matmul rate (on a shared CPU machine)",
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument(
@@ -210,8 +217,12 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     torch.set_num_threads(args.threads)
     # TF32 stays off (torch's default): fp32 numbers are true fp32 on both sides and in the rate.
-    line, peak = host_line(args.threads)
-    print(line)
+    if args.clock == "cpu":
+        if DEVICE.type != "cpu":
+            raise SystemExit("--clock cpu: CPU time does not measure a GPU's work")
+        CLOCK = time.process_time
+    line, peak = host_line(args.threads, CLOCK)
+    print(f"{line}, clock={args.clock}")
     rows = [(f"MoE layer fwd+bwd, {n} tokens", moe_case(n, args.repeats)) for n in args.tokens]
     rows += [
         (f"training step, batch {b} x 13, 4 loops", train_step_case(b, args.repeats)) for b in args.batch
