@@ -124,7 +124,7 @@ def main() -> None:
     from bench_moe import host_line
 
     torch.set_num_threads(1)
-    print(host_line(1)[0])
+    print(host_line(1, time.process_time)[0] + ", clock=cpu")
     print(f"load average before: {load()}")
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
