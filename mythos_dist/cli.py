@@ -28,6 +28,7 @@ def _cmd_params(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    # Long on purpose: a declarative list of every subcommand and its options, one block each.
     parser = argparse.ArgumentParser(prog="mythos", description="MoE recurrent-depth transformers")
     parser.add_argument("--debug", action="store_true", help="print the traceback of a failure")
     sub = parser.add_subparsers(dest="command", required=True)

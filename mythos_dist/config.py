@@ -259,7 +259,10 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int | None = None) -> Config:
-        """Check every section and the rules that span sections. Returns self."""
+        """Check every section and the rules that span sections. Returns self.
+
+        Long on purpose: one flat list of cross-section rules, each a few lines, read top to bottom.
+        """
         self.model.validate()
         self.data.validate()
         self.train.validate()

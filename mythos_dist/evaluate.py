@@ -15,10 +15,10 @@ import itertools
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -38,6 +38,8 @@ from mythos_dist.results_store import (
     write_region,
 )
 from mythos_dist.sweep import chain_batches, check_splits, parse_loops, spectral_inputs, sweep
+
+T = TypeVar("T")
 
 
 def join(cfg: Config) -> tuple[torch.device, int]:
@@ -126,20 +128,7 @@ def run_eval(
     rank, world = comm.rank(), comm.world_size()
 
     # Rank 0 picks the version directory and creates the store; the others learn its name.
-    holder: list[Any] = [None]
-    if rank == 0:
-        try:
-            version_dir = next_version_dir(Path(out_dir or cfg.eval.out_dir))
-            version_dir.mkdir(parents=True)
-            create_store(version_dir / STORE_NAME, cfg, splits, loops, n, world, bs, checkpoint)
-            holder[0] = str(version_dir)
-        except Exception as e:  # the other ranks must not wait at the barrier for a store that never comes
-            holder[0] = e
-    if world > 1:
-        dist.broadcast_object_list(holder, src=0)
-    if isinstance(holder[0], Exception):
-        raise holder[0]
-    version_dir = Path(holder[0])
+    version_dir = _on_rank0(lambda: _new_store(cfg, out_dir, splits, loops, n, world, bs, checkpoint))
     store = version_dir / STORE_NAME
 
     start, stop, _ = rank_region(n, world, rank, bs)
@@ -164,23 +153,45 @@ def run_eval(
     comm.barrier()
     # Rank 0 summarises, plots and tracks; every rank learns whether that worked, so none is left
     # waiting for a rank that failed (e.g. at `mythos eval`'s closing barrier) and all end with the error.
-    result: EvalResult | None = None
+    return _on_rank0(
+        lambda: _report(cfg, version_dir, store, spectral, checkpoint, parent_run_id, over_training),
+        failure=f"while writing the results in {version_dir}",
+    )
+
+
+def _on_rank0(work: Callable[[], T], failure: str | None = None) -> T | None:
+    """Collective: rank 0 runs `work`. When it raises, every rank raises, so none waits at a later
+    barrier for a rank that failed. failure None: every rank gets rank 0's result or its exception;
+    else only rank 0 gets the result, and the others a RuntimeError naming `failure` and the cause."""
+    result: Any = None
     error: Exception | None = None
-    if rank == 0:
+    if comm.rank() == 0:
         try:
-            result = _report(cfg, version_dir, store, spectral, checkpoint, parent_run_id, over_training)
+            result = work()
         except Exception as e:
             error = e
-    outcome = [None if error is None else f"{type(error).__name__}: {error}"]
-    if world > 1:
-        dist.broadcast_object_list(outcome, src=0)
+    if comm.world_size() > 1:
+        cause = error if failure is None or error is None else f"{type(error).__name__}: {error}"
+        shipped = [result if failure is None else None, cause]
+        dist.broadcast_object_list(shipped, src=0)
+        if comm.rank() != 0:
+            result, cause = shipped
+            error = (
+                cause
+                if failure is None
+                else cause and RuntimeError(f"evaluation failed on rank 0 {failure}: {cause}")
+            )
     if error is not None:
         raise error
-    if outcome[0] is not None:
-        raise RuntimeError(
-            f"evaluation failed on rank 0 while writing the results in {version_dir}: {outcome[0]}"
-        )
     return result
+
+
+def _new_store(cfg: Config, out_dir: str | Path | None, splits: Sequence[str], loops: Sequence[int], n: int,
+               world: int, bs: int, checkpoint: str | None) -> Path:  # fmt: skip
+    version_dir = next_version_dir(Path(out_dir or cfg.eval.out_dir))
+    version_dir.mkdir(parents=True)
+    create_store(version_dir / STORE_NAME, cfg, splits, loops, n, world, bs, checkpoint)
+    return version_dir
 
 
 def _report(

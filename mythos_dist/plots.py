@@ -1,5 +1,5 @@
 """Evaluation figures (PNG, headless): accuracy vs loops, length × loops heatmap, convergence of
-‖h_t − h_{t−1}‖ and the stability figure. Inputs are `evaluate.summarize` / `spectral_report` dicts."""
+‖h_t − h_{t−1}‖ and the stability figure. Inputs are `results_store.summarize` / `spectral_report` dicts."""
 
 from __future__ import annotations
 

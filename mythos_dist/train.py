@@ -287,42 +287,12 @@ def train(
     if start:
         result.checkpoint = str(checkpoint.latest_dir(cfg.checkpoint.dir))
     metrics = StepMetrics(t, ctx.tracker, ctx.say, start, end)
-    in_row = 0  # consecutive skipped steps
     status = "FAILED"
     trainer.start_watchdog()
     preemption = Preemption()  # SIGTERM: checkpoint at the next step boundary, then stop
     try:
-        trainer.engine.train()
-        for step in range(start, end):
-            log_now = (step + 1) % t.log_every == 0 or step + 1 == end
-            res = trainer.step(step, track=log_now)
-            result.losses.append(res.loss)
-            result.grad_norms.append(res.grad_norm)
-            in_row = in_row + 1 if res.skipped else 0
-            if res.skipped:
-                result.skipped_steps.append(res.step)
-            metrics.record(res, in_row, len(result.skipped_steps))
-            if log_now:
-                throughput = metrics.log(res, trainer.engine, len(result.skipped_steps))
-                result.final_acc, result.tokens, result.tokens_per_s, result.train_s = res.acc, *throughput
-            if on_step is not None:
-                on_step(res, trainer.engine.module)
-            done, stop = res.step, in_row >= t.max_nonfinite_steps
-            if preemption.requested():  # collective: the same answer on every rank
-                result.preempted, end = True, done  # checkpointed below, then the loop ends
-            if stop or done == end or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
-                result.checkpoint = str(trainer.save(done))
-            if stop:
-                raise TrainingStopped(
-                    f"steps {done - in_row + 1}-{done} all had a non-finite loss or gradient "
-                    f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); their updates were skipped, so "
-                    f"{result.checkpoint} holds the last good state (that of step {done - in_row}). "
-                    "Lower train.lr or train.grad_clip, or check the data, then resume"
-                )
-            if result.preempted:
-                ctx.say(f"step {done}: {preemption.received or 'SIGTERM on another rank'}: saved "
-                        f"{result.checkpoint}, stopping; launch again to resume")  # fmt: skip
-                break
+        _run_steps(cfg, trainer, result, metrics, preemption, on_step)
+        end = result.end_step  # earlier when preempted
         if end == t.steps:  # also when resumed at the end: the export follows the config
             result.export = str(checkpoint.export_run(cfg))
             ctx.tracker.log_model(result.export, end)
@@ -338,6 +308,50 @@ def train(
             node_metrics.finish()
         ctx.tracker.finish(status)
         result.run_id = ctx.tracker.run_id  # the run may have come up after start() stopped waiting
-    result.end_step = end
     result.wall_s = metrics.elapsed() if end > start else 0.0
     return result
+
+
+def _run_steps(
+    cfg: Config,
+    trainer: Trainer,
+    result: TrainResult,
+    metrics: StepMetrics,
+    preemption: Preemption,
+    on_step: Callable[[StepResult, nn.Module], None] | None,
+) -> None:
+    """Steps result.start_step..result.end_step, each consumed by the metrics, the checkpoint
+    policy and the stop policy; a preempted run ends early (result.end_step = its last step)."""
+    t, end = cfg.train, result.end_step
+    in_row = 0  # consecutive skipped steps
+    trainer.engine.train()
+    for step in range(result.start_step, end):
+        log_now = (step + 1) % t.log_every == 0 or step + 1 == end
+        res = trainer.step(step, track=log_now)
+        result.losses.append(res.loss)
+        result.grad_norms.append(res.grad_norm)
+        in_row = in_row + 1 if res.skipped else 0
+        if res.skipped:
+            result.skipped_steps.append(res.step)
+        metrics.record(res, in_row, len(result.skipped_steps))
+        if log_now:
+            throughput = metrics.log(res, trainer.engine, len(result.skipped_steps))
+            result.final_acc, result.tokens, result.tokens_per_s, result.train_s = res.acc, *throughput
+        if on_step is not None:
+            on_step(res, trainer.engine.module)
+        done, stop = res.step, in_row >= t.max_nonfinite_steps
+        if preemption.requested():  # collective: the same answer on every rank
+            result.preempted, result.end_step = True, done  # checkpointed below, then the loop ends
+        if stop or done == result.end_step or (cfg.checkpoint.every and done % cfg.checkpoint.every == 0):
+            result.checkpoint = str(trainer.save(done))
+        if stop:
+            raise TrainingStopped(
+                f"steps {done - in_row + 1}-{done} all had a non-finite loss or gradient "
+                f"(train.max_nonfinite_steps={t.max_nonfinite_steps}); their updates were skipped, so "
+                f"{result.checkpoint} holds the last good state (that of step {done - in_row}). "
+                "Lower train.lr or train.grad_clip, or check the data, then resume"
+            )
+        if result.preempted:
+            trainer.ctx.say(f"step {done}: {preemption.received or 'SIGTERM on another rank'}: saved "
+                            f"{result.checkpoint}, stopping; launch again to resume")  # fmt: skip
+            return

@@ -31,6 +31,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Self
 
 from tests.multiproc import REPO
 
@@ -115,18 +116,16 @@ class Host:
         return subprocess.run(self.cmd(argv), capture_output=True, text=True, timeout=timeout, **kw)
 
 
-class Hosts:
-    """`n` namespace hosts (see the module docstring); a context manager that removes them."""
+class UpDown:
+    """A `with` block around up() / close(); close() also runs when up() fails halfway."""
 
-    def __init__(self, tmp: Path, n: int = 2):
-        self.tmp = Path(tmp)
-        tag = f"{PREFIX}-{os.getpid()}-{next(_counter)}"
-        self.switch = f"{tag}-sw"
-        self.hosts = [
-            Host(i, f"node{i}", f"{tag}-n{i}", self.tmp / "local", self.tmp / f"node{i}") for i in range(n)
-        ]
+    def up(self) -> None:
+        raise NotImplementedError
 
-    def __enter__(self) -> Hosts:
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
         try:
             self.up()
         except BaseException:
@@ -136,6 +135,18 @@ class Hosts:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Hosts(UpDown):
+    """`n` namespace hosts (see the module docstring); a context manager that removes them."""
+
+    def __init__(self, tmp: Path, n: int = 2):
+        self.tmp = Path(tmp)
+        tag = f"{PREFIX}-{os.getpid()}-{next(_counter)}"
+        self.switch = f"{tag}-sw"
+        self.hosts = [
+            Host(i, f"node{i}", f"{tag}-n{i}", self.tmp / "local", self.tmp / f"node{i}") for i in range(n)
+        ]
 
     def __getitem__(self, i: int) -> Host:
         return self.hosts[i]

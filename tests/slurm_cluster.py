@@ -14,7 +14,7 @@ import subprocess
 import time
 from pathlib import Path
 
-from tests.hosts import Hosts
+from tests.hosts import Hosts, UpDown
 
 DAEMONS = ("munged", "slurmctld", "slurmd", "sbatch")
 
@@ -26,22 +26,11 @@ def available() -> str | None:
     return None
 
 
-class SlurmCluster:
+class SlurmCluster(UpDown):
     def __init__(self, hosts: Hosts, root: Path):
         self.hosts, self.root = hosts, Path(root)
         self.conf = self.root / "slurm.conf"
         self.munged: subprocess.Popen | None = None
-
-    def __enter__(self) -> SlurmCluster:
-        try:
-            self.up()
-        except BaseException:
-            self.close()
-            raise
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
 
     def env(self) -> dict[str, str]:
         return dict(os.environ, SLURM_CONF=str(self.conf))

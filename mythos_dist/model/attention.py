@@ -162,12 +162,10 @@ def _attend_matmul(
 Rope = torch.Tensor | None  # complex rotations (T, rot_dim/2) for the current positions, or no RoPE
 
 
-class GQAttention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
-        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+class _Attention(nn.Module):
+    """What GQA and MLA share: dropout, the sliding window and the optional per-head sink logit."""
+
+    def _attend_settings(self, cfg: ModelConfig) -> None:
         self.dropout, self.window = cfg.dropout, cfg.attn_window
         self.sink_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sink else None
 
@@ -175,6 +173,15 @@ class GQAttention(nn.Module):
         """The sink logits; the projections are Linears, initialised with the model's matrices."""
         if self.sink_H is not None:
             nn.init.zeros_(self.sink_H)
+
+
+class GQAttention(_Attention):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        self._attend_settings(cfg)
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
@@ -191,7 +198,7 @@ class GQAttention(nn.Module):
         return self.wo(layout.from_grid(out.transpose(1, 2)).flatten(1))
 
 
-class MLAttention(nn.Module):
+class MLAttention(_Attention):
     """Multi-head Latent Attention (DeepSeek-V2).
 
     Queries come from a low-rank latent. Keys/values come from a compressed latent c_kv
@@ -211,13 +218,7 @@ class MLAttention(nn.Module):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
-        self.dropout, self.window = cfg.dropout, cfg.attn_window
-        self.sink_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sink else None
-
-    def reset_parameters(self) -> None:
-        """The sink logits; the projections are Linears, initialised with the model's matrices."""
-        if self.sink_H is not None:
-            nn.init.zeros_(self.sink_H)
+        self._attend_settings(cfg)
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str

@@ -153,6 +153,9 @@ class RecurrentBlock(nn.Module):
         emit_at: extra loop counts (≤ n_loops) whose output is also returned — the same values a
         separate forward with that many loops gives (for ACT: the remainder goes to that step).
         backprop_loops k > 0: gradients flow only through the last k loops (truncated BPTT).
+
+        One function on purpose: the loop, its gradient truncation, ACT halting and the emitted
+        loop counts interact at every iteration, and the reader should see them together.
         """
         if n_loops < 1:
             raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
