@@ -3,7 +3,7 @@
 On CPU nothing waits, so the points are found by what they are: ops whose result the host must
 read (`.item()`, `bool()`, `int()`: aten._local_scalar_dense; `.tolist()`) and ops whose output
 size depends on tensor values (nonzero, boolean-mask indexing, masked_select, repeat_interleave
-without output_size, unique). On CUDA each of these blocks the host until the device catches up
+without output_size, unique, bincount). On CUDA each of these blocks the host until the device catches up
 (what `torch.cuda.set_sync_debug_mode` reports there).
 """
 
@@ -23,6 +23,7 @@ _ALWAYS = {
     aten._unique2.default,
     aten.unique_dim.default,
     aten.unique_consecutive.default,
+    aten.bincount.default,  # its output size is the data's max + 1 (CUDA reads it back)
 }
 
 

@@ -45,6 +45,15 @@ class TokenDispatcher(Protocol):
         ...
 
 
+def count_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert (n_experts,), long. Not bincount: its output size comes from the
+    data's max, which CUDA reads back to the host (a sync per call); this size is fixed."""
+    flat = expert_ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
 def sort_by_expert(
     expert_ids_NK: torch.Tensor, n_experts: int, capacity: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -54,7 +63,7 @@ def sort_by_expert(
     """
     flat_ids = expert_ids_NK.flatten()
     assign_idx = torch.argsort(flat_ids, stable=True)
-    counts_E = torch.bincount(flat_ids, minlength=n_experts)
+    counts_E = count_per_expert(flat_ids, n_experts)
     if capacity is not None:
         sorted_ids = flat_ids[assign_idx]
         start_E = torch.cumsum(counts_E, 0) - counts_E

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mythos_dist.model.dispatch import LocalDispatcher, TokenDispatcher
+from mythos_dist.model.dispatch import LocalDispatcher, TokenDispatcher, count_per_expert
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Router(nn.Module):
             # Top-1 is not renormalised (Switch): its weight would be ≡ 1 and the gate would get
             # no gradient from the task loss.
             weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
-        tokens_per_expert_E = torch.bincount(expert_ids_NK.flatten(), minlength=self.n_experts)
+        tokens_per_expert_E = count_per_expert(expert_ids_NK, self.n_experts)
         if self.training and self.count_load:
             self.load_E += tokens_per_expert_E
         aux_loss = scores_NE.new_zeros(())
