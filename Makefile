@@ -8,7 +8,7 @@ STAMP   := .venv/.setup-stamp
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.venv/torch_extensions
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: setup test lint experiment bench
+.PHONY: setup test lint experiment bench bench-deepspeed bench-torchtitan
 
 # One pip command with the constraints file, so torch is never swapped for a CUDA build.
 # mosaicml-streaming pulls PyPI's torchvision, which cannot import beside the CPU torch; we never
@@ -36,3 +36,18 @@ experiment: setup
 bench: setup
 	$(PY) -m pip install -q --no-deps open-mythos==0.5.0 $(QUIET)
 	$(PY) benchmarks/bench_moe.py
+
+# Our MoE layer vs DeepSpeed-MoE's own (deepspeed is already a dependency): 1 rank, then EP=2 on 2 ranks.
+bench-deepspeed: setup
+	$(PY) benchmarks/bench_deepspeed_moe.py
+
+# torchtitan in a directory of its own beside the venv (--no-deps: our CPU torch stays the only
+# torch); triton only because torchtitan's token dispatcher imports it even on CPU.
+TITAN := .venv/bench-torchtitan
+$(TITAN)/.stamp: $(STAMP)
+	$(PY) -m pip install -q --no-deps --target $(TITAN) torchtitan==0.3.0 spmd_types==0.2.3 tyro==1.0.17 \
+		docstring_parser==0.18.0 typeguard==4.6.1 torchdata==0.11.0 torch_checkpointing==0.1.1 triton==3.9.0 $(QUIET)
+	touch $@
+
+bench-torchtitan: $(TITAN)/.stamp
+	$(PY) benchmarks/bench_torchtitan_moe.py

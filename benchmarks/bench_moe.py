@@ -15,6 +15,7 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,7 @@ from mythos_dist.model.moe import MoEFFN
 from mythos_dist.objective import answer_forward, loss_and_metrics
 
 DEVICE, DTYPE = torch.device("cpu"), torch.float32  # set once from the command line
+CLOCK: Callable[[], float] = time.perf_counter  # --clock
 
 
 def sync() -> None:
@@ -49,15 +51,31 @@ def place(module: torch.nn.Module) -> torch.nn.Module:
     return module.to(DEVICE)._apply(lambda t: t.to(DTYPE) if t.is_floating_point() else t)
 
 
-def matmul_gflops(n: int, reps: int = 20) -> float:
+def matmul_gflops(n: int, reps: int = 20, clock: Callable[[], float] = time.perf_counter) -> float:
     a, b = (torch.randn(n, n, device=DEVICE, dtype=DTYPE) for _ in range(2))
     a @ b
     sync()
-    t = time.perf_counter()
+    t = clock()
     for _ in range(reps):
         a @ b
     sync()
-    return 2 * n**3 * reps / (time.perf_counter() - t) / 1e9
+    return 2 * n**3 * reps / (clock() - t) / 1e9
+
+
+def host_line(threads: int, clock: Callable[[], float] = time.perf_counter) -> tuple[str, float]:
+    """(the host line docs/benchmarks.md records: CPU model, vector ISA, threads, fp32 matmul rate
+    at that thread count, timed with `clock` as the cases are; and that rate in GFLOP/s)."""
+    cpuinfo = Path("/proc/cpuinfo").read_text().splitlines()
+    model = next((ln.split(":", 1)[1].strip() for ln in cpuinfo if ln.startswith("model name")), "?")
+    peak = statistics.median(
+        matmul_gflops(1024 if DEVICE.type == "cpu" else 8192, clock=clock) for _ in range(5)
+    )
+    # The CPU's vector ISA sets the matmul rate more than anything in our code (see docs/benchmarks.md).
+    where = f"{model}, cpu={torch.backends.cpu.get_cpu_capability()}, threads={threads}"
+    if DEVICE.type == "cuda":
+        where = torch.cuda.get_device_name(DEVICE)
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16"}[DTYPE]
+    return f"{where}, {dtype} matmul {peak:.1f} GFLOP/s, torch {torch.__version__}", peak
 
 
 def count_flops(fn: Callable[[], None]) -> int:
@@ -74,20 +92,29 @@ def count_flops(fn: Callable[[], None]) -> int:
     return fc.get_total_flops()
 
 
-def time_pair(fns: dict[str, Callable[[], None]], repeats: int, inner: int) -> dict[str, float]:
-    """Median seconds per call, alternating the contenders so drift hits both alike."""
+def time_pair(
+    fns: dict[str, Callable[[], None]],
+    repeats: int,
+    inner: int,
+    fence: Callable[[], None] = sync,
+    clock: Callable[[], float] = time.perf_counter,
+) -> dict[str, float]:
+    """Median seconds per call, alternating the contenders so drift hits both alike. `fence` runs
+    before and after each timed stretch (the device's sync; a barrier across ranks). `clock`:
+    wall time, or time.process_time (this process's CPU seconds, user + system: on a CPU shared
+    with other jobs it leaves out the time the process waits for a core)."""
     for fn in fns.values():
         fn()
         fn()
     samples: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(repeats):
         for name, fn in fns.items():
-            sync()
-            t = time.perf_counter()
+            fence()
+            t = clock()
             for _ in range(inner):
                 fn()
-            sync()
-            samples[name].append((time.perf_counter() - t) / inner)
+            fence()
+            samples[name].append((clock() - t) / inner)
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
@@ -115,7 +142,7 @@ def moe_case(n_tokens: int, repeats: int) -> list[tuple[str, float, float]]:
             y = ref(x)
         y.sum().backward()
 
-    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=1 if n_tokens > 1024 else 3)
+    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, 1 if n_tokens > 1024 else 3, clock=CLOCK)
     flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
     return [(k, n_tokens / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
 
@@ -159,16 +186,22 @@ def train_step_case(B: int, repeats: int) -> list[tuple[str, float, float]]:
         opt_ref.step()
         opt_ref.zero_grad(set_to_none=True)
 
-    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, inner=2 if B <= 1024 else 1)
+    secs = time_pair({"ours": step_ours, "ref": step_ref}, repeats, 2 if B <= 1024 else 1, clock=CLOCK)
     # Each side's FLOP/s counts what it executes; ours skips padding and non-answer positions.
     flops = {"ours": count_flops(step_ours), "ref": count_flops(step_ref)}
     return [(k, B * T / secs[k], flops[k] / secs[k] / 1e9) for k in ("ours", "ref")]
 
 
 def main() -> None:
-    global DEVICE, DTYPE
+    global DEVICE, DTYPE, CLOCK
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument(
+        "--clock",
+        choices=["wall", "cpu"],
+        default="wall",
+        help="cpu: the process's CPU seconds for the cases and the matmul rate (on a shared CPU machine)",
+    )
     ap.add_argument("--repeats", type=int, default=7)
     ap.add_argument("--device", default="cpu", help="cpu | cuda")
     ap.add_argument(
@@ -184,11 +217,12 @@ def main() -> None:
         raise SystemExit("--device cuda: no CUDA device visible to torch")
     torch.set_num_threads(args.threads)
     # TF32 stays off (torch's default): fp32 numbers are true fp32 on both sides and in the rate.
-    peak = statistics.median(matmul_gflops(1024 if DEVICE.type == "cpu" else 8192) for _ in range(5))
-    # The CPU's vector ISA sets the matmul rate more than anything in our code (see docs/benchmarks.md).
-    cpu = f"threads={args.threads} cpu={torch.backends.cpu.get_cpu_capability()}"
-    where = cpu if DEVICE.type == "cpu" else torch.cuda.get_device_name(DEVICE)
-    print(f"{where}  {args.dtype} matmul rate: {peak:.1f} GFLOP/s  torch {torch.__version__}")
+    if args.clock == "cpu":
+        if DEVICE.type != "cpu":
+            raise SystemExit("--clock cpu: CPU time does not measure a GPU's work")
+        CLOCK = time.process_time
+    line, peak = host_line(args.threads, CLOCK)
+    print(f"{line}, clock={args.clock}")
     rows = [(f"MoE layer fwd+bwd, {n} tokens", moe_case(n, args.repeats)) for n in args.tokens]
     rows += [
         (f"training step, batch {b} x 13, 4 loops", train_step_case(b, args.repeats)) for b in args.batch

@@ -14,7 +14,9 @@ Every .pt file is read through `mythos_dist.safe_io.torch_load` (no code from a 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
+import mmap
 import os
 import pickle
 import random
@@ -30,9 +32,16 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from mythos_dist.comm import all_reduce_host, barrier, rank
+from mythos_dist.comm import all_reduce_host, barrier, rank, world_size
 from mythos_dist.config import Config, ModelConfig, config_diff, from_dict, parse_size, to_dict
-from mythos_dist.export import EXPORT_FORMAT, check_keys, expected_shapes, write_export
+from mythos_dist.export import (
+    EXPORT_FORMAT,
+    check_keys,
+    expected_shapes,
+    rank_of_tensor,
+    write_export,
+    write_export_across_ranks,
+)
 from mythos_dist.model import RDT, count_params
 from mythos_dist.model.moe import MoEFFN
 from mythos_dist.safe_io import (
@@ -412,6 +421,24 @@ def export_run(cfg: Config) -> Path:
     return out
 
 
+def _unmap_pages(mapped: torch.Tensor) -> None:
+    """Drop the whole pages of a tensor of a memory-mapped (private, read-only use) checkpoint file
+    from this process's resident set (madvise MADV_DONTNEED; the file is read again if they are
+    touched again). Without it, every dense tensor an export has read stays resident until the
+    file is unmapped: the whole dense part, not one shard. A no-op where libc has no madvise."""
+    page = mmap.PAGESIZE
+    start = mapped.data_ptr()
+    lo, hi = -(-start // page) * page, (start + mapped.numel() * mapped.element_size()) // page * page
+    if hi > lo and _LIBC is not None:
+        _LIBC.madvise(ctypes.c_void_p(lo), ctypes.c_size_t(hi - lo), 4)  # 4: MADV_DONTNEED
+
+
+try:
+    _LIBC: ctypes.CDLL | None = ctypes.CDLL("libc.so.6", use_errno=True)
+except OSError:
+    _LIBC = None
+
+
 class CheckpointTensors:
     """One DeepSpeed checkpoint's weights in export form (experts keyed by global id), read tensor
     by tensor: the dense file is memory-mapped, each expert file is read when one of its tensors is
@@ -454,8 +481,11 @@ class CheckpointTensors:
         out.copy_(self.get(name))
 
     def get(self, name: str) -> torch.Tensor:
-        if name in self._dense:
-            return self._dense[name]
+        if name in self._dense:  # a private copy; the mapped pages it was read from leave the RSS
+            mapped = self._dense[name]
+            tensor = mapped.clone()
+            _unmap_pages(mapped)
+            return tensor
         f = self._expert_file[name]
         if self._open is None or self._open[0] != f:  # experts are asked for file by file
             state = torch_load(f)
@@ -471,7 +501,10 @@ class CheckpointTensors:
 
 
 def export(
-    checkpoints: str | Path | list[str | Path], out_dir: str | Path, max_shard_bytes: int | None = None
+    checkpoints: str | Path | list[str | Path],
+    out_dir: str | Path,
+    max_shard_bytes: int | None = None,
+    across_ranks: bool = False,
 ) -> Path:
     """Consolidate DeepSpeed checkpoints (checkpoint dirs with `latest`, or step_* dirs) into
     out_dir: model.safetensors, or with max_shard_bytes safetensors shards of at most that size +
@@ -482,6 +515,10 @@ def export(
     Several checkpoints: the export holds the mean of their weights (summed in fp64 per tensor,
     stored in each tensor's dtype); they must share the model config. config.json records every
     averaged step. out_dir is replaced as a whole, once complete.
+
+    across_ranks: collective; every rank of the process group reads and writes its share
+    (rank 0 the dense tensors, each rank a block of experts by `export.rank_of_tensor`, its own
+    when the world size is the ep_size that wrote the checkpoint) into one directory all ranks see.
     """
     sources = [checkpoints] if isinstance(checkpoints, (str, Path)) else list(checkpoints)
     if not sources:
@@ -509,4 +546,8 @@ def export(
     config = {"format": EXPORT_FORMAT, "step": steps[-1], "model": first.meta["config"]["model"]}
     if len(steps) > 1:
         config["averaged_steps"] = steps
-    return write_export(((name, mean(name)) for name in first.names), config, out_dir, max_shard_bytes)
+    if not across_ranks:
+        return write_export(((name, mean(name)) for name in first.names), config, out_dir, max_shard_bytes)
+    n, world, me = first.model_cfg.n_experts, world_size(), rank()
+    mine = (name for name in first.names if (rank_of_tensor(name, n, world) or 0) == me)  # dense: rank 0
+    return write_export_across_ranks(((name, mean(name)) for name in mine), config, out_dir, max_shard_bytes)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import traceback
 from pathlib import Path
@@ -84,9 +85,6 @@ def build_parser() -> argparse.ArgumentParser:
     it = with_config(sub.add_parser("init", help="a freshly initialised model written as an export"))
     it.add_argument("--out", required=True, help="export directory")
     with_shard_size(it)
-    it.add_argument(
-        "--pieces", type=int, default=1, help="build in this many parts (n_experts/pieces experts each)"
-    )
     up = sub.add_parser("upcycle", help="grow an export to m·E experts, the same function at step 0")
     up.add_argument("--checkpoint", required=True, help="export directory")
     up.add_argument("--n-experts", type=int, required=True, help="new expert count, a multiple of the old")
@@ -162,8 +160,8 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_spectral(args: argparse.Namespace) -> int:
-    """ρ(A), Jacobian radius and contraction ratios on real eval inputs (expert-parallel: every rank
-    runs the same iterations, rank 0 prints)."""
+    """ρ(A), Jacobian radius and contraction ratios on real eval inputs (under torchrun every rank
+    runs its share of the samples, norms summed over the ranks; rank 0 prints)."""
     import torch.distributed as dist
 
     from mythos_dist import comm
@@ -180,7 +178,9 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
         model = load_model(args.checkpoint, cfg, ep_size).to(device)
         split = cfg.eval.splits[0]
         ids_BT, valid_BT = spectral_inputs(cfg, split)
-        rep = spectral_report(model, ids_BT.to(device), n, valid_BT.to(device))
+        rep = spectral_report(
+            model, ids_BT.to(device), n, valid_BT.to(device), across_ranks=dist.is_initialized()
+        )
         rank = comm.rank()
         comm.barrier()
     finally:
@@ -205,11 +205,26 @@ def _cmd_export(args: argparse.Namespace) -> int:
     if not Path(args.checkpoint).exists():
         raise ConfigError(f"checkpoint {args.checkpoint} does not exist")
     shard_bytes = parse_size(args.max_shard_size)
+    across_ranks = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under torchrun: each rank its share
+    me = 0
+    if across_ranks:
+        import torch.distributed as dist
+
+        from mythos_dist.comm import init_process_group
+        from mythos_dist.config import ParallelConfig
+
+        init_process_group(ParallelConfig().timeout_s)
+        me = dist.get_rank()
     try:
         sources = checkpoint.last_checkpoints(args.checkpoint, args.average_last)
-        out = checkpoint.export(sources, args.out, shard_bytes)
+        out = checkpoint.export(sources, args.out, shard_bytes, across_ranks=across_ranks)
     except CheckpointError as e:  # a bad or untrusted checkpoint is bad input
         raise ConfigError(str(e)) from e
+    finally:
+        if across_ranks:
+            dist.destroy_process_group()
+    if me != 0:
+        return 0
     steps = ", ".join(map(str, exported_steps(out)))
     print(f"exported the weights of step {steps} to {out}")
     return 0
@@ -220,9 +235,7 @@ def _cmd_init(args: argparse.Namespace) -> int:
 
     cfg = load_config(args.config, args.set)
     shard_bytes = parse_size(args.max_shard_size)
-    if args.pieces < 1 or cfg.model.n_experts % args.pieces:
-        raise ConfigError(f"--pieces must divide model.n_experts={cfg.model.n_experts}, got {args.pieces}")
-    out = init_export(cfg, args.out, shard_bytes, args.pieces)
+    out = init_export(cfg, args.out, shard_bytes)
     print(f"initialised (train.seed={cfg.train.seed}) and wrote {out}")
     return 0
 

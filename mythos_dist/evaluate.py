@@ -10,6 +10,7 @@ predictions, are identical for any world size.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import itertools
 import json
@@ -43,15 +44,26 @@ from mythos_dist.sweep import chain_batches, check_splits, parse_loops, spectral
 T = TypeVar("T")
 
 
+def _freed_tensors_leave_memory() -> None:
+    """glibc: serve every allocation of 1 MiB or more by mmap, so a freed activation goes back to
+    the OS at once. Its default threshold rises to the largest block freed so far (up to 32 MiB):
+    a model's load and sweep then leave freed activations in the heap, and the resident set of a
+    rank holding a large model grows by them (docs/scale.md). A no-op elsewhere."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD; a fixed value also stops the dynamic rise
+
+
 def join(cfg: Config) -> tuple[torch.device, int]:
     """(device, ep_size) to evaluate with. Under torchrun / deepspeed: join the process group (each
     rank gets a share of samples) and run expert-parallel at parallel.ep_size; alone: the whole
     model in this process."""
+    _freed_tensors_leave_memory()
     if "RANK" not in os.environ:
         return torch.device("cpu"), 1
-    from mythos_dist.parallel import init_distributed
-
-    device = init_distributed(cfg.parallel.timeout_s).device
+    device = comm.init_process_group(cfg.parallel.timeout_s)
     cfg.validate(dist.get_world_size())  # world size divisible by ep_size
     return device, cfg.parallel.ep_size
 
@@ -153,7 +165,9 @@ def run_eval(
     if expert_parallel or rank == 0:  # collective under expert parallelism: every rank joins
         ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
         device = next(model.parameters()).device
-        spectral = spectral_report(model, ids_BT.to(device), max(loops), valid_BT.to(device))
+        spectral = spectral_report(
+            model, ids_BT.to(device), max(loops), valid_BT.to(device), across_ranks=expert_parallel
+        )
     comm.barrier()
     # Rank 0 summarises, plots and tracks; every rank learns whether that worked, so none is left
     # waiting for a rank that failed (e.g. at `mythos eval`'s closing barrier) and all end with the error.

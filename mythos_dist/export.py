@@ -7,8 +7,8 @@
   <export>/config.json                  {"format", "step", "model": ModelConfig, ...}
 
 Written tensor by tensor (`write_export`, at most one shard held) from any source of (key, tensor)
-pairs: a DeepSpeed checkpoint (`mythos_dist.checkpoint.export`), a fresh init in pieces
-(`init_export`), an upcycled export (`mythos_dist.upcycle`). Read tensor by tensor (`ExportReader`):
+pairs: a DeepSpeed checkpoint (`mythos_dist.checkpoint.export`), a fresh init tensor by
+tensor (`init_export`), an upcycled export (`mythos_dist.upcycle`). Read tensor by tensor (`ExportReader`):
 a rank reads only the dense part and its own experts (`load_shard`). Needs no DeepSpeed.
 """
 
@@ -26,6 +26,7 @@ from typing import Any, Protocol
 import torch
 from safetensors.torch import save_file
 
+from mythos_dist import comm
 from mythos_dist.config import Config, ModelConfig, config_diff, from_dict, to_dict
 from mythos_dist.model import RDT
 from mythos_dist.model.moe import MoEFFN
@@ -44,6 +45,14 @@ def expert_id(key: str) -> int | None:
     return None if m is None else int(m.group(1))
 
 
+def rank_of_tensor(name: str, n_experts: int, ranks: int) -> int | None:
+    """Which of `ranks` ranks holding contiguous blocks of routed experts by global id holds export
+    key `name` (expert g: rank g·ranks // n_experts; at ranks = ep_size, `load_shard`'s
+    [r·E/ep, (r+1)·E/ep)); None for a dense tensor, which every rank holds."""
+    g = expert_id(name)
+    return None if g is None else g * ranks // n_experts
+
+
 class TensorSource(Protocol):
     """Weights in export form, read one tensor at a time: an `ExportReader` or a DeepSpeed
     checkpoint (`mythos_dist.checkpoint.CheckpointTensors`)."""
@@ -58,13 +67,14 @@ class TensorSource(Protocol):
 
 class _ShardWriter:
     """Writes tensors into safetensors shards of at most max_bytes each (a tensor larger than that
-    gets a shard of its own), holding at most one shard in memory."""
+    gets a shard of its own), holding at most one shard in memory. Files are `<stem>-<i>.tmp` until
+    `_name_shards` names them."""
 
-    def __init__(self, out: Path, max_bytes: int | None):
-        self.out, self.max_bytes = out, max_bytes
+    def __init__(self, out: Path, max_bytes: int | None, stem: str = "shard"):
+        self.out, self.max_bytes, self.stem = out, max_bytes, stem
         self.pending: dict[str, torch.Tensor] = {}
         self.pending_bytes = 0
-        self.shards: list[list[str]] = []
+        self.shards: list[tuple[str, list[str]]] = []  # (temporary file name, tensor names)
         self.total_bytes = 0
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
@@ -76,30 +86,36 @@ class _ShardWriter:
         self.total_bytes += size
 
     def _flush(self) -> None:
-        save_file(
-            self.pending, str(self.out / f"shard-{len(self.shards)}.tmp"), metadata={"format": EXPORT_FORMAT}
-        )
-        self.shards.append(list(self.pending))
+        file = f"{self.stem}-{len(self.shards)}.tmp"
+        save_file(self.pending, str(self.out / file), metadata={"format": EXPORT_FORMAT})
+        self.shards.append((file, list(self.pending)))
         self.pending, self.pending_bytes = {}, 0
 
-    def close(self) -> None:
-        """Name the shards (model.safetensors alone, or model-0000i-of-0000n.safetensors + index)."""
-        if self.pending or not self.shards:
+    def finish(self) -> list[tuple[str, list[str]]]:
+        if self.pending:
             self._flush()
-        n = len(self.shards)
-        if n == 1:
-            os.replace(self.out / "shard-0.tmp", self.out / SINGLE_FILE)
-            return
-        weight_map = {}
-        for i, names in enumerate(self.shards):
-            file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out / f"shard-{i}.tmp", self.out / file)
-            weight_map |= dict.fromkeys(names, file)
-        index = {
-            "metadata": {"total_size": self.total_bytes, "format": EXPORT_FORMAT},
-            "weight_map": weight_map,
-        }
-        (self.out / INDEX_FILE).write_text(json.dumps(index, indent=1))
+        return self.shards
+
+
+def _name_shards(out: Path, shards: list[tuple[str, list[str]]], total_bytes: int, single: bool) -> None:
+    """Name the written shards: model.safetensors alone (single, one shard), or
+    model-0000i-of-0000n.safetensors + the index (tensor -> file, Hugging Face layout)."""
+    n = len(shards)
+    if single and n == 1:
+        os.replace(out / shards[0][0], out / SINGLE_FILE)
+        return
+    weight_map = {}
+    for i, (tmp, names) in enumerate(shards):
+        file = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+        os.replace(out / tmp, out / file)
+        weight_map |= dict.fromkeys(names, file)
+    index = {"metadata": {"total_size": total_bytes, "format": EXPORT_FORMAT}, "weight_map": weight_map}
+    (out / INDEX_FILE).write_text(json.dumps(index, indent=1))
+
+
+def _refuse_non_export(out: Path) -> None:
+    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
+        raise CheckpointError(f"{out} exists and is not an export directory: refusing to replace it")
 
 
 def write_export(
@@ -111,17 +127,81 @@ def write_export(
     """Write an export directory from (export key, tensor) pairs consumed one at a time, and its
     config.json; out_dir is replaced as a whole once complete (a non-export dir is refused)."""
     out = Path(out_dir)
-    if out.is_dir() and any(out.iterdir()) and not (out / "config.json").is_file():
-        raise CheckpointError(f"{out} exists and is not an export directory: refusing to replace it")
+    _refuse_non_export(out)
     partial = out.with_name(f".{out.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
     partial.mkdir(parents=True)
     writer = _ShardWriter(partial, max_shard_bytes)
     for name, tensor in named_tensors:
         writer.add(name, tensor)
-    writer.close()
+    shards = writer.finish()
+    _name_shards(partial, shards, writer.total_bytes, single=True)
     (partial / "config.json").write_text(json.dumps(config, indent=1))
     replace_dir(partial, out)
+    return out
+
+
+def write_export_across_ranks(
+    named_tensors: Iterable[tuple[str, torch.Tensor]],
+    config: dict[str, Any],
+    out_dir: str | Path,
+    max_shard_bytes: int | None = None,
+) -> Path:
+    """Collective `write_export`: every rank of the process group writes the shards of its own
+    (key, tensor) pairs into one directory all ranks see; rank 0 then names them (in rank order),
+    writes the index and config.json and replaces out_dir as a whole. A failure on any rank (bad
+    file, full disk) makes every rank raise after the step it is in, with the partial directory
+    removed and out_dir untouched: no rank waits for one that gave up."""
+    out, r = Path(out_dir), comm.rank()
+    partial = out.with_name(f".{out.name}.partial")
+
+    def agree(error: BaseException | None, what: str) -> None:
+        failed = comm.all_reduce_host(
+            torch.tensor([float(error is not None)]), torch.distributed.ReduceOp.MAX
+        )
+        if not failed.item():
+            return
+        comm.barrier()
+        if r == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        if error is not None:
+            raise error
+        raise CheckpointError(f"exporting to {out} failed on another rank while {what}; {out} is unchanged")
+
+    error: BaseException | None = None
+    if r == 0:
+        try:
+            _refuse_non_export(out)
+            shutil.rmtree(partial, ignore_errors=True)  # left by an interrupted export
+            partial.mkdir(parents=True)
+        except (CheckpointError, OSError) as e:
+            error = e
+    agree(error, "preparing")
+    shards: list[tuple[str, list[str]]] = []
+    total = 0
+    try:
+        writer = _ShardWriter(partial, max_shard_bytes, stem=f"rank{r}")
+        for name, tensor in named_tensors:
+            writer.add(name, tensor)
+        shards, total = writer.finish(), writer.total_bytes
+    except Exception as e:  # any failure: the others must not wait for this rank
+        error = e
+    agree(error, "writing its shards")
+    gathered: list[Any] = [None] * comm.world_size()
+    torch.distributed.all_gather_object(gathered, (shards, total))
+    if r == 0:
+        try:
+            _name_shards(
+                partial,
+                [s for ranks, _ in gathered for s in ranks],
+                sum(t for _, t in gathered),
+                single=False,
+            )
+            (partial / "config.json").write_text(json.dumps(config, indent=1))
+            replace_dir(partial, out)
+        except OSError as e:
+            error = e
+    agree(error, "naming the shards")
     return out
 
 
@@ -139,28 +219,50 @@ def export_keys(model: RDT) -> Iterator[tuple[str, torch.Tensor]]:
             yield f"{prefix}.experts.{first + i}.{single}", v[i]
 
 
-def init_export(
-    cfg: Config, out_dir: str | Path, max_shard_bytes: int | None = None, pieces: int = 1
-) -> Path:
+def init_export(cfg: Config, out_dir: str | Path, max_shard_bytes: int | None = None) -> Path:
     """A freshly initialised model (keyed by train.seed: training's initial weights) written as an
-    export, built `pieces` parts at a time (the dense part once, then n_experts/pieces experts per
-    part), so no more than one part is ever held."""
-    if cfg.model.n_experts % pieces:
-        raise CheckpointError(f"n_experts={cfg.model.n_experts} is not divisible by {pieces} pieces")
-    n_local = cfg.model.n_experts // pieces
+    export one tensor at a time: the model stays on the meta device and only the tensor being
+    written is materialised and initialised (`RDT.reset_parameters` skips meta tensors), each
+    routed expert on its own. Memory: one shard plus one tensor, never a part of the model."""
+    from mythos_dist.model.moe import GroupedExperts
 
-    def parts() -> Iterator[tuple[str, torch.Tensor]]:
-        for r in range(pieces):
-            with torch.device("meta"):
-                model = RDT(cfg.model)
-            for moe in model.moe_layers():
-                moe.experts.shard(r * n_local, n_local)
-            model.to_empty(device="cpu")
-            model.reset_parameters(cfg.train.seed)
-            yield from ((k, v) for k, v in export_keys(model) if r == 0 or expert_id(k) is not None)
+    seed = cfg.train.seed
+    with torch.device("meta"):
+        model = RDT(cfg.model)
 
-    config = {"format": EXPORT_FORMAT, "step": 0, "model": to_dict(cfg.model), "init_seed": cfg.train.seed}
-    return write_export(parts(), config, out_dir, max_shard_bytes)
+    def initialised(module: torch.nn.Module, leaf: str) -> torch.Tensor:
+        """module.<leaf> materialised on the CPU and initialised, then returned to the meta device."""
+        meta = getattr(module, leaf)
+        cpu = torch.empty_like(meta, device="cpu")
+        if isinstance(meta, torch.nn.Parameter):
+            setattr(module, leaf, torch.nn.Parameter(cpu, requires_grad=meta.requires_grad))
+        else:
+            module._buffers[leaf] = cpu
+        model.reset_parameters(seed)
+        if isinstance(meta, torch.nn.Parameter):
+            setattr(module, leaf, meta)
+        else:
+            module._buffers[leaf] = meta
+        return cpu
+
+    def tensors() -> Iterator[tuple[str, torch.Tensor]]:
+        for name in model.state_dict():  # the order `export_keys` writes
+            prefix, _, leaf = name.rpartition(".")
+            module = model.get_submodule(prefix)
+            if not isinstance(module, GroupedExperts):
+                yield name, initialised(module, leaf)
+                continue
+            moe = model.get_submodule(prefix.rpartition(".")[0])
+            stack = module
+            for g in range(cfg.model.n_experts):  # global expert g alone, keyed by its id
+                with torch.device("meta"):
+                    moe.experts = GroupedExperts(cfg.model.dim, stack.hidden, 1, g)
+                single = dict(EXPERT_WEIGHTS)[leaf]
+                yield f"{prefix}.{g}.{single}", initialised(moe.experts, leaf)[0]
+            moe.experts = stack
+
+    config = {"format": EXPORT_FORMAT, "step": 0, "model": to_dict(cfg.model), "init_seed": seed}
+    return write_export(tensors(), config, out_dir, max_shard_bytes)
 
 
 def replace_dir(new: Path, dest: Path) -> None:
@@ -250,7 +352,9 @@ class ExportReader:
     tensors (a rank's dense part and its own experts) reads only those, and `read_into` reads a
     tensor's bytes into its destination with no copy in between. bytes_read counts what was read."""
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, shard: tuple[int, int] | None = None):
+        """shard (ep_size, ep_rank): only the tensors that rank holds (`rank_of_tensor`) are indexed, and
+        only the files holding them need to exist (e.g. a per-rank download)."""
         d = Path(path)
         if not (d / "config.json").is_file() or not (
             (d / SINGLE_FILE).is_file() or (d / INDEX_FILE).is_file()
@@ -267,6 +371,10 @@ class ExportReader:
             raise CheckpointError(f"{d / 'config.json'}: no 'model' section; the file is corrupt")
         self.dir, self.saved = d, saved
         self.model_cfg = from_dict(ModelConfig, saved["model"], "model")
+        if shard is not None and self.model_cfg.n_experts % shard[0]:
+            raise CheckpointError(
+                f"{d}: n_experts={self.model_cfg.n_experts} is not divisible by ep_size={shard[0]}"
+            )
         if (d / INDEX_FILE).is_file():
             try:
                 index = json.loads((d / INDEX_FILE).read_text())
@@ -274,7 +382,8 @@ class ExportReader:
                 raise CheckpointError(f"{d / INDEX_FILE}: not valid JSON ({e})") from e
             if not isinstance(index, dict) or not isinstance(index.get("weight_map"), dict):
                 raise CheckpointError(f"{d / INDEX_FILE}: no weight_map")
-            files = {d / f for f in index["weight_map"].values()}
+            wanted = {k: f for k, f in index["weight_map"].items() if shard is None or self._holds(k, shard)}
+            files = {d / f for f in wanted.values()}
             for f in sorted(files):
                 if not f.is_file():
                     raise CheckpointError(f"{d / INDEX_FILE} names {f.name}, which does not exist")
@@ -282,10 +391,20 @@ class ExportReader:
             files = {d / SINGLE_FILE}
         self._where = {}  # name -> (file, dtype, shape, first byte, end byte)
         for f in sorted(files):
-            self._where |= {k: (f, *e) for k, e in _safetensors_header(f).items()}
+            self._where |= {
+                k: (f, *e)
+                for k, e in _safetensors_header(f).items()
+                if shard is None or self._holds(k, shard)
+            }
         self.names = list(self._where)
-        check_keys(expected_shapes(self.model_cfg), self.shapes(), d)  # headers only
+        expected = expected_shapes(self.model_cfg)
+        if shard is not None:
+            expected = {k: v for k, v in expected.items() if self._holds(k, shard)}
+        check_keys(expected, self.shapes(), d)  # headers only
         self.bytes_read = 0
+
+    def _holds(self, name: str, shard: tuple[int, int]) -> bool:
+        return rank_of_tensor(name, self.model_cfg.n_experts, shard[0]) in (None, shard[1])
 
     def shapes(self) -> dict[str, tuple[int, ...]]:
         """Every tensor's shape, from the files' headers (no tensor data is read)."""

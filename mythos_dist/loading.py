@@ -37,21 +37,27 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         model = RDT(cfg.model)
         model.reset_parameters(cfg.train.seed)
         return model.eval().requires_grad_(False)
-    path = (
-        tracking.fetch_export(checkpoint, cfg.tracking)
+    group, ep_rank = None, 0
+    if ep > 1:  # torch's all-to-all on a plain process group: evaluation never imports DeepSpeed
+        from mythos_dist.comm import expert_parallel_group
+
+        group, ep_rank = expert_parallel_group(ep)
+    shard = (ep, ep_rank) if ep > 1 else None
+    path = (  # a rank downloads only the index and the shards holding its tensors
+        tracking.fetch_export(checkpoint, cfg.tracking, shard)
         if tracking.is_model_uri(checkpoint)
         else Path(checkpoint)
     )
     if not path.exists():
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
-        source = ExportReader(path) if (path / "config.json").is_file() else CheckpointTensors(path)
-        if ep == 1:
-            model = load_shard(source)
-        else:
-            from mythos_dist.parallel import expert_parallel_rank, parallelize
+        source = ExportReader(path, shard) if (path / "config.json").is_file() else CheckpointTensors(path)
+        model = load_shard(source, ep, ep_rank)
+        if group is not None:
+            from mythos_dist.model.dispatch import AllToAllDispatcher
 
-            model = parallelize(load_shard(source, ep, expert_parallel_rank(ep)), ep)
+            for moe in model.moe_layers():
+                moe.dispatcher = AllToAllDispatcher(moe.n_experts, group)
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
     longest = cfg.data.task.max_length() + 1

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import os
-import socket
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -29,6 +28,7 @@ from deepspeed.moe.layer import MoE
 from deepspeed.utils import groups
 from torch import nn
 
+from mythos_dist.comm import init_process_group
 from mythos_dist.config import Config
 from mythos_dist.model import RDT
 from mythos_dist.model.dispatch import AllToAllDispatcher
@@ -51,36 +51,18 @@ class DistInfo:
     device: torch.device
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def init_distributed(timeout_s: float) -> DistInfo:
-    """Join (or, for a plain `python` run, create) the process group. Idempotent."""
-    if "RANK" not in os.environ:  # single process without a launcher
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    # The deepspeed launcher exports LOCAL_SIZE; torchrun and mosaicml-streaming use LOCAL_WORLD_SIZE.
-    if "LOCAL_WORLD_SIZE" not in os.environ and "LOCAL_SIZE" in os.environ:
-        os.environ["LOCAL_WORLD_SIZE"] = os.environ["LOCAL_SIZE"]
-    cuda = torch.cuda.is_available()
-    if not dist.is_initialized():
-        if not cuda:
-            # DeepSpeed's CPU shared-memory allreduce op is JIT-loaded on every init (20-90 s here,
-            # even when cached) and only speeds up its inference allreduce; gloo does our collectives.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-        deepspeed.init_distributed(
-            dist_backend="nccl" if cuda else "gloo",
-            auto_mpi_discovery=False,
-            timeout=timedelta(seconds=timeout_s),
-        )
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local_rank)
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
-    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+    """Join (or, for a plain `python` run, create) the process group (`comm.init_process_group`)
+    and hand it to DeepSpeed, which adopts an existing group. Idempotent."""
+    device = init_process_group(timeout_s)
+    if device.type == "cpu":
+        # DeepSpeed's CPU shared-memory allreduce op is JIT-loaded on every init (20-90 s here,
+        # even when cached) and only speeds up its inference allreduce; gloo does our collectives.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    deepspeed.init_distributed(
+        dist_backend=dist.get_backend(), auto_mpi_discovery=False, timeout=timedelta(seconds=timeout_s)
+    )
+    return DistInfo(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")), device)
 
 
 # --------------------------------------------------------------------------- expert parallelism

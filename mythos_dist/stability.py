@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mythos_dist import comm
 from mythos_dist.model.attention import TokenLayout
 from mythos_dist.model.rdt import RDT
 
@@ -40,6 +41,7 @@ def jacobian_spectral_radius(
     n_iters: int = 30,
     seed: int = 0,
     mask: torch.Tensor | None = None,
+    rows: tuple[int, int, int] | None = None,
 ) -> RadiusEstimate:
     """Estimate ρ(J), J = ∂f/∂x at `x`, by power iteration on Jacobian-vector products.
 
@@ -53,6 +55,11 @@ def jacobian_spectral_radius(
     Jacobian restricted to the selected entries. With causal attention, padding after a sequence
     never feeds back into it (J is block-triangular), so masking the padding out gives exactly the
     radius of the part that matters, not of the padding's own dynamics.
+
+    rows (first, stop, of): x holds rows [first, stop) of a state of `of` rows, the others on the
+    other ranks of the process group, and f maps rows independently of the other ranks' (samples
+    do not interact): every rank takes its rows of the same start vector, and norms and inner
+    products are summed over the ranks (collective), so the iteration is the one over all rows.
 
     Limits: convergence is geometric in |λ_2|/|λ_1| and slow when the leading moduli are close.
     For non-normal J (the usual case: attention, MoE), single-step ratios can exceed ρ(J) — they are
@@ -78,16 +85,17 @@ def jacobian_spectral_radius(
         gen = torch.Generator(device="cpu").manual_seed(seed)
         m = torch.ones_like(x) if mask is None else mask.to(x).expand_as(x)
         # drawn on the CPU, then moved: the same start vector on any device
-        v = torch.randn(x.shape, generator=gen, dtype=torch.float32, device="cpu").to(x) * m
-        v = v / v.norm()
+        first, stop, of = rows if rows is not None else (0, x.shape[0], x.shape[0])
+        v = torch.randn((of, *x.shape[1:]), generator=gen, dtype=torch.float32)[first:stop].to(x) * m
+        v = v / _norm(v, rows is not None)
         ratios: list[float] = []
         rayleigh = float("nan")
         for _ in range(n_iters):
             (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
             jv = jv * m
-            growth = jv.norm().item()
+            growth = _norm(jv, rows is not None).item()
             ratios.append(growth)
-            rayleigh = (v.flatten() @ jv.flatten()).item()
+            rayleigh = _dot(v.flatten(), jv.flatten(), rows is not None).item()
             if growth == 0 or not math.isfinite(growth):
                 break
             v = (jv / growth).detach()
@@ -96,14 +104,32 @@ def jacobian_spectral_radius(
     return RadiusEstimate(radius, rayleigh, ratios)
 
 
-def contraction_ratios(delta_norms: list[torch.Tensor]) -> list[float]:
+def contraction_ratios(delta_norms: list[torch.Tensor], across_ranks: bool = False) -> list[float]:
     """‖h_{t+1} − h_t‖ / ‖h_t − h_{t−1}‖ for t = 1 .. n−1, norms over the whole state.
 
     delta_norms: per loop, ‖h_t − h_{t−1}‖ per position (B, T) as RDTOutput.delta_norms gives them;
-    they are combined into one Frobenius norm per loop. Length n_loops − 1.
+    they are combined into one Frobenius norm per loop (across_ranks: over every rank's rows,
+    collective). Length n_loops − 1.
     """
-    total = [d.float().square().sum().sqrt().item() for d in delta_norms]
+    total = [_frobenius(d.float(), across_ranks) for d in delta_norms]
     return [b / a if a > 0 else float("inf") for a, b in itertools.pairwise(total)]
+
+
+def _norm(x: torch.Tensor, across_ranks: bool) -> torch.Tensor:
+    """‖x‖; across_ranks: of every rank's x together (collective, summed in fp64)."""
+    if not across_ranks:
+        return x.norm()
+    return comm.all_reduce_host(x.detach().double().square().sum().cpu().reshape(1))[0].sqrt()
+
+
+def _frobenius(x: torch.Tensor, across_ranks: bool) -> float:
+    return (_norm(x, True) if across_ranks else x.square().sum().sqrt()).item()
+
+
+def _dot(a: torch.Tensor, b: torch.Tensor, across_ranks: bool) -> torch.Tensor:
+    if not across_ranks:
+        return a @ b
+    return comm.all_reduce_host((a.detach().double() @ b.detach().double()).cpu().reshape(1))[0]
 
 
 @torch.no_grad()
@@ -131,15 +157,34 @@ def loop_state(
 
 
 def spectral_report(
-    model: RDT, ids_BT: torch.Tensor, n_loops: int, valid_BT: torch.Tensor | None = None, n_iters: int = 30
+    model: RDT,
+    ids_BT: torch.Tensor,
+    n_loops: int,
+    valid_BT: torch.Tensor | None = None,
+    n_iters: int = 30,
+    across_ranks: bool = False,
 ) -> dict:
     """ρ(A), Jacobian radius of h ↦ f(h, e) at h_{n_loops} (map index t = n_loops, the next loop
     to run: what governs extrapolation to more loops) and the per-loop contraction ratios.
 
     valid_BT: positions that count (False for right padding); default all.
+    across_ranks: collective (every rank passes the same inputs, e.g. an expert-parallel model):
+    each rank runs its contiguous share of the samples and norms are summed over the ranks, the
+    same numbers as one process over all samples (up to summation order) at 1/world of the
+    activations. With fewer samples than ranks every rank runs all of them.
     """
     if n_loops < 1:
         raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
+    B, T = ids_BT.shape
+    world = comm.world_size() if across_ranks else 1
+    across_ranks = across_ranks and 1 < world <= B
+    rows = None
+    if across_ranks:
+        r = comm.rank()
+        lo, hi = r * B // world, (r + 1) * B // world
+        ids_BT = ids_BT[lo:hi]
+        valid_BT = None if valid_BT is None else valid_BT[lo:hi]
+        rows = (lo * T, hi * T, B * T)  # the loop state's rows are (sample, position)
     was_training = model.training
     model.eval()  # no dropout, no router load accounting
     try:
@@ -147,7 +192,7 @@ def spectral_report(
         if valid_BT is not None:
             deltas = [d * valid_BT for d in deltas]
         mask = None if valid_BT is None else valid_BT.reshape(-1, 1)
-        est = jacobian_spectral_radius(lambda s: f(s, n_loops), h, n_iters, mask=mask)
+        est = jacobian_spectral_radius(lambda s: f(s, n_loops), h, n_iters, mask=mask, rows=rows)
     finally:
         model.train(was_training)
     return {
@@ -155,7 +200,7 @@ def spectral_report(
         "jacobian_radius": est.radius,
         "jacobian_rayleigh": est.rayleigh,
         "jacobian_norm_ratios": est.norm_ratios,
-        "contraction_ratios": contraction_ratios(deltas),
-        "delta_norms": [d.square().sum().sqrt().item() for d in deltas],
+        "contraction_ratios": contraction_ratios(deltas, across_ranks),
+        "delta_norms": [_frobenius(d, across_ranks) for d in deltas],
         "n_loops": n_loops,
     }

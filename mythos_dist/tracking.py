@@ -677,14 +677,20 @@ def export_dir_of(checkpoint: str) -> Path:
     return Path(tempfile.gettempdir()) / _DOWNLOADS / f"{key}-{os.getpid()}"
 
 
-def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
+def fetch_export(checkpoint: str, cfg: TrackingConfig, shard: tuple[int, int] | None = None) -> Path:
     """Download the export (one file or shards) a models:/NAME/VERSION or runs:/RUN_ID URI names
     (a training run: its newest logged export) into
     `export_dir_of(checkpoint)` and return it. Only safetensors and JSON files are accepted (nothing
-    downloaded is ever unpickled); `export.load_exported` reads them."""
+    downloaded is ever unpickled); `export.load_exported` reads them.
+
+    shard (ep_size, ep_rank): of a sharded export, only config.json, the index and the files
+    holding that rank's tensors (the dense part and its own experts, `export.rank_of_tensor`) are
+    downloaded; read it with `export.ExportReader(dir, shard)`. A single file is downloaded whole."""
     import mlflow.artifacts
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
+
+    from mythos_dist.export import INDEX_FILE, SINGLE_FILE
 
     for k, v in _HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
@@ -701,13 +707,29 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
         if model_id is None:
             raise ConfigError(f"{checkpoint}: the run has no logged model {MODEL_NAME!r}")
         location = client.get_logged_model(model_id).artifact_location
-        mlflow.artifacts.download_artifacts(
-            artifact_uri=location, dst_path=str(fresh), tracking_uri=tracking_uri
-        )
+
+        def download(path: str | None = None) -> None:
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=location if path is None else f"{location.rstrip('/')}/{path}",
+                dst_path=str(fresh),
+                tracking_uri=tracking_uri,
+            )
+
+        listed = None
+        if shard is not None:
+            # paths come back relative to the location's parent: the file names are their last part
+            found = mlflow.artifacts.list_artifacts(artifact_uri=location, tracking_uri=tracking_uri)
+            listed = {Path(f.path).name: f for f in found}
+        if listed is None or INDEX_FILE not in listed or "config.json" not in listed:
+            download()  # everything: a single-file export, or not one we know how to select from
+        else:
+            _fetch_shards_of(checkpoint, fresh, listed, download, shard)
     except MlflowException as e:
         shutil.rmtree(fresh, ignore_errors=True)
         raise ConfigError(f"cannot fetch {checkpoint} from MLflow at {tracking_uri}: {e.message}") from e
-    from mythos_dist.export import INDEX_FILE, SINGLE_FILE
+    except ConfigError:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
 
     found = list(fresh.rglob("config.json"))
     weights = found and any((found[0].parent / f).is_file() for f in (SINGLE_FILE, INDEX_FILE))
@@ -727,6 +749,52 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig) -> Path:
     shutil.rmtree(fresh, ignore_errors=True)
     atexit.register(shutil.rmtree, dest, ignore_errors=True)
     return dest
+
+
+def _fetch_shards_of(
+    checkpoint: str,
+    into: Path,
+    listed: dict[str, Any],
+    download: Callable[[str], None],
+    shard: tuple[int, int],
+) -> None:
+    """config.json, the index, and the files the index names for the tensors of rank shard[1] of
+    shard[0]; every file must be one the model lists (an index cannot point outside it)."""
+    from mythos_dist.export import INDEX_FILE, rank_of_tensor
+    from mythos_dist.safe_io import read_json
+
+    others = [p for p in listed if p not in ("config.json", INDEX_FILE)]
+    unsafe = [p for p in others if not p.endswith(".safetensors") or listed[p].is_dir]
+    if unsafe:
+        raise ConfigError(
+            f"{checkpoint}: refusing an export with files other than JSON and safetensors: {unsafe}"
+        )
+    download("config.json")
+    download(INDEX_FILE)
+    model = read_json(into / "config.json", ConfigError).get("model")
+    n_experts = model.get("n_experts") if isinstance(model, dict) else None
+    if not isinstance(n_experts, int) or n_experts < 1 or n_experts % shard[0]:
+        raise ConfigError(
+            f"{checkpoint}: config.json's n_experts={n_experts!r} does not split over ep_size={shard[0]}"
+        )
+    weight_map = read_json(into / INDEX_FILE, ConfigError).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConfigError(f"{checkpoint}: {INDEX_FILE} has no weight_map")
+    needed = sorted(
+        {f for name, f in weight_map.items() if rank_of_tensor(name, n_experts, shard[0]) in (None, shard[1])}
+    )
+    missing = [f for f in needed if f not in others]
+    if missing:
+        raise ConfigError(f"{checkpoint}: {INDEX_FILE} names {missing}, which the model does not hold")
+    for f in needed:
+        download(f)
+    size = sum(listed[f].file_size or 0 for f in needed)
+    total = sum(listed[f].file_size or 0 for f in others)
+    print(
+        f"fetched {len(needed)} of {len(others)} shards of {checkpoint} ({size / 2**20:,.1f} of "
+        f"{total / 2**20:,.1f} MiB): those of expert-parallel rank {shard[1]} of {shard[0]}",
+        flush=True,
+    )
 
 
 def eval_run_name(checkpoint: str | None, version_dir: Path) -> str:

@@ -3,6 +3,13 @@
 `LocalDispatcher` sorts the N·k assignments by expert id (no loop over experts, no host sync).
 `AllToAllDispatcher` does the same, then exchanges rows with the other ranks of an expert-parallel
 group so each rank runs only its n_experts/ep_size local experts. Router and experts are unchanged.
+
+Host syncs: all_to_all_single takes its split sizes as host integers, and they depend on this
+call's routing (which depends on the previous loop's output), so the all-to-all dispatcher reads
+them once per call: one sync per MoE layer use, for the send and receive splits and the rows per
+local expert together. Fewer would need a fixed buffer per destination rank, and a dropless one
+must hold the worst case (every token's k copies to one rank): ep_size·min(k, L)/k times the rows
+sent and carried through the experts' elementwise passes (docs/benchmarks.md, "Host syncs").
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ class DispatchState:
     # all-to-all only
     send_splits: list[int] | None = None
     recv_splits: list[int] | None = None
+    tokens_per_local_L: list[int] | None = None  # rows per local expert, on the host
     regroup_M: torch.Tensor | None = None  # received rows (src-major) -> local-expert-major
 
 
@@ -37,6 +45,15 @@ class TokenDispatcher(Protocol):
         ...
 
 
+def count_per_expert(expert_ids: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """Assignments per expert (n_experts,), long. Not bincount: its output size comes from the
+    data's max, which CUDA reads back to the host (a sync per call); this size is fixed."""
+    flat = expert_ids.flatten()
+    return torch.zeros(n_experts, dtype=torch.long, device=flat.device).scatter_add_(
+        0, flat, torch.ones_like(flat)
+    )
+
+
 def sort_by_expert(
     expert_ids_NK: torch.Tensor, n_experts: int, capacity: int | None
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -46,7 +63,7 @@ def sort_by_expert(
     """
     flat_ids = expert_ids_NK.flatten()
     assign_idx = torch.argsort(flat_ids, stable=True)
-    counts_E = torch.bincount(flat_ids, minlength=n_experts)
+    counts_E = count_per_expert(flat_ids, n_experts)
     if capacity is not None:
         sorted_ids = flat_ids[assign_idx]
         start_E = torch.cumsum(counts_E, 0) - counts_E
@@ -107,15 +124,22 @@ class AllToAllDispatcher:
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         recv_counts_SL = recv_counts.view(self.ep_size, self.n_local)
-        # One host sync for all split sizes (all_to_all_single needs them on the host).
-        send_splits = counts_E.view(self.ep_size, self.n_local).sum(1).tolist()
-        recv_splits = recv_counts_SL.sum(1).tolist()
+        tokens_per_local_L = recv_counts_SL.sum(0)
+        # One host sync for every size below (all_to_all_single needs its splits on the host).
+        sizes = torch.cat(
+            [counts_E.view(self.ep_size, self.n_local).sum(1), recv_counts_SL.sum(1), tokens_per_local_L]
+        ).tolist()
+        ep = self.ep_size
+        send_splits, recv_splits, per_local = sizes[:ep], sizes[ep : 2 * ep], sizes[2 * ep :]
         x_recv = _AllToAll.apply(x_ND.index_select(0, token_idx), send_splits, recv_splits, self.group)
         # Rows arrive source-major; experts want them grouped by local expert.
-        local_id = torch.arange(self.n_local, device=x_ND.device).repeat(self.ep_size)
-        regroup = torch.argsort(torch.repeat_interleave(local_id, recv_counts_SL.flatten()), stable=True)
-        state = DispatchState(token_idx, assign_idx, x_ND.shape[0], send_splits, recv_splits, regroup)
-        return x_recv[regroup], recv_counts_SL.sum(0), state
+        local_id = torch.arange(self.n_local, device=x_ND.device).repeat(ep)
+        local_id_M = torch.repeat_interleave(local_id, recv_counts_SL.flatten(), output_size=sum(recv_splits))
+        regroup = torch.argsort(local_id_M, stable=True)
+        state = DispatchState(
+            token_idx, assign_idx, x_ND.shape[0], send_splits, recv_splits, per_local, regroup
+        )
+        return x_recv[regroup], tokens_per_local_L, state
 
     def combine(self, y_MD, weights_NK, state):
         y_recv = torch.empty_like(y_MD).index_copy(0, state.regroup_M, y_MD)  # undo regroup

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mythos_dist.model.dispatch import LocalDispatcher, TokenDispatcher
+from mythos_dist.model.dispatch import LocalDispatcher, TokenDispatcher, count_per_expert
 
 
 @dataclass
@@ -58,7 +58,7 @@ class Router(nn.Module):
             # Top-1 is not renormalised (Switch): its weight would be ≡ 1 and the gate would get
             # no gradient from the task loss.
             weights_NK = weights_NK / weights_NK.sum(-1, keepdim=True)
-        tokens_per_expert_E = torch.bincount(expert_ids_NK.flatten(), minlength=self.n_experts)
+        tokens_per_expert_E = count_per_expert(expert_ids_NK, self.n_experts)
         if self.training and self.count_load:
             self.load_E += tokens_per_expert_E
         aux_loss = scores_NE.new_zeros(())
@@ -148,13 +148,26 @@ class _GroupedMatmul(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def grouped_matmul(x_MK: torch.Tensor, w_GKN: torch.Tensor, tokens_per_group_G: torch.Tensor) -> torch.Tensor:
-    """Rows of x are grouped contiguously (group g has tokens_per_group_G[g] rows)."""
-    offs_G = torch.cumsum(tokens_per_group_G, 0).to(torch.int32)
+def _grouped_mm_fits(x_MK: torch.Tensor, w_GKN: torch.Tensor) -> bool:
+    """F.grouped_mm runs this product (else the per-expert fallback, which needs host counts)."""
     aligned = all(s * x_MK.element_size() % 16 == 0 for s in (w_GKN.shape[1], w_GKN.shape[2]))
-    fast = aligned and _grouped_mm_works(x_MK.device.type, x_MK.dtype)
-    # The fallback needs the split sizes on the host: one sync for all groups, not one per group.
-    counts = None if fast or x_MK.is_meta else tokens_per_group_G.tolist()
+    return aligned and _grouped_mm_works(x_MK.device.type, x_MK.dtype)
+
+
+def grouped_matmul(
+    x_MK: torch.Tensor,
+    w_GKN: torch.Tensor,
+    tokens_per_group_G: torch.Tensor,
+    host_counts: list[int] | None = None,
+) -> torch.Tensor:
+    """Rows of x are grouped contiguously (group g has tokens_per_group_G[g] rows).
+
+    host_counts: the same sizes already on the host, if the caller has them (saves a sync)."""
+    offs_G = torch.cumsum(tokens_per_group_G, 0).to(torch.int32)
+    counts = None
+    if not (x_MK.is_meta or _grouped_mm_fits(x_MK, w_GKN)):
+        # The fallback needs the split sizes on the host: one sync for all groups, not one per group.
+        counts = host_counts if host_counts is not None else tokens_per_group_G.tolist()
     return _GroupedMatmul.apply(x_MK.contiguous(), w_GKN, offs_G, counts)
 
 
@@ -192,9 +205,17 @@ class GroupedExperts(nn.Module):
                 setattr(self, name, nn.Parameter(getattr(self, name)[lo : lo + n_local].clone()))
         self.n_local, self.first_expert_id = n_local, first_expert_id
 
-    def forward(self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor) -> torch.Tensor:
-        hidden_MH = swiglu(grouped_matmul(x_MD, self.w_in_EDH, tokens_per_expert_E))
-        return grouped_matmul(hidden_MH, self.w_out_EHD, tokens_per_expert_E)
+    def forward(
+        self, x_MD: torch.Tensor, tokens_per_expert_E: torch.Tensor, host_counts: list[int] | None = None
+    ) -> torch.Tensor:
+        """host_counts: tokens_per_expert_E on the host if known (the all-to-all dispatcher has them)."""
+        fallback = not x_MD.is_meta and not all(
+            _grouped_mm_fits(x_MD, w) for w in (self.w_in_EDH, self.w_out_EHD)
+        )  # fmt: skip
+        if fallback and host_counts is None:
+            host_counts = tokens_per_expert_E.tolist()  # one sync for both products
+        hidden_MH = swiglu(grouped_matmul(x_MD, self.w_in_EDH, tokens_per_expert_E, host_counts))
+        return grouped_matmul(hidden_MH, self.w_out_EHD, tokens_per_expert_E, host_counts)
 
 
 class SwiGLU(nn.Module):
@@ -248,7 +269,7 @@ class MoEFFN(nn.Module):
         x_MD, tokens_per_local_E, state = self.dispatcher.dispatch(
             x_ND, route.expert_ids_NK, self.capacity(x_ND.shape[0])
         )
-        y_MD = self.experts(x_MD, tokens_per_local_E)
+        y_MD = self.experts(x_MD, tokens_per_local_E, state.tokens_per_local_L)
         y_ND = self.dispatcher.combine(y_MD, route.weights_NK, state)
         if self.shared is not None:
             y_ND = y_ND + self.shared(x_ND)

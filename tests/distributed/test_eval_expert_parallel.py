@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,9 @@ import zarr
 from mythos_dist.cli import main
 from mythos_dist.config import load_config
 from mythos_dist.evaluate import run_eval
-from mythos_dist.export import ExportReader, load_exported, load_shard
+from mythos_dist.export import INDEX_FILE, ExportReader, load_exported, load_shard, rank_of_tensor
 from mythos_dist.loading import load_model
+from mythos_dist.safe_io import CheckpointError
 from tests.multiproc import REPO, worker_env
 
 pytestmark = pytest.mark.distributed
@@ -41,16 +43,16 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """(config path, export dir): a fresh init written in 2 pieces, sharded in 8 kB shards."""
+    """(config path, export dir): a fresh init written tensor by tensor, in 8 kB shards."""
     tmp = tmp_path_factory.mktemp("ep_eval")
     cfg_path = tmp / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(CONFIG))
     args = ["init", "--config", str(cfg_path), "--out", str(tmp / "init"), "--max-shard-size", "8kB"]
-    assert main([*args, "--pieces", "2"]) == 0
+    assert main(args) == 0
     return cfg_path, tmp / "init"
 
 
-def test_init_in_pieces_equals_the_whole_models_keyed_init(
+def test_init_tensor_by_tensor_equals_the_whole_models_keyed_init(
     exported: tuple[Path, Path], tmp_path: Path
 ) -> None:
     cfg_path, out = exported
@@ -78,6 +80,31 @@ def test_a_shard_reads_only_dense_and_its_own_experts(exported: tuple[Path, Path
     full = load_exported(out).state_dict()
     w = model.state_dict()["recurrent.block.ffn.experts.w_in_EDH"]
     assert w.shape[0] == 2 and torch.equal(w, full["recurrent.block.ffn.experts.w_in_EDH"][2:4])
+
+
+def test_a_shard_needs_only_the_files_holding_its_tensors(
+    exported: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """What a per-rank download leaves: without the shards holding only another rank's experts,
+    the rank's reader (shard=(ep, rank)) loads the same weights; the whole-model reader names the
+    missing file."""
+    _, out = exported
+    part = tmp_path / "part"
+    shutil.copytree(out, part)
+    weight_map = json.loads((out / INDEX_FILE).read_text())["weight_map"]
+    n_experts = ExportReader(out).model_cfg.n_experts
+    mine = {f for k, f in weight_map.items() if rank_of_tensor(k, n_experts, 2) in (None, 1)}
+    gone = sorted(set(weight_map.values()) - mine)
+    assert gone  # the fixture's 8 kB shards put rank 0's experts in files of their own
+    for f in gone:
+        (part / f).unlink()
+    with pytest.raises(CheckpointError, match=f"names {gone[0]}, which does not exist"):
+        ExportReader(part)
+    want = load_shard(ExportReader(out), ep_size=2, ep_rank=1).state_dict()
+    got = load_shard(ExportReader(part, shard=(2, 1)), ep_size=2, ep_rank=1).state_dict()
+    assert got.keys() == want.keys()
+    for k in want:
+        assert torch.equal(got[k], want[k]), k
 
 
 def _torchrun(tmp: Path, *args: str) -> subprocess.CompletedProcess:

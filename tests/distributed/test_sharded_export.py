@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -16,11 +18,11 @@ from safetensors import safe_open
 
 from mythos_dist.checkpoint import export
 from mythos_dist.config import load_config, parse_size
-from mythos_dist.export import INDEX_FILE, ExportReader, load_exported
+from mythos_dist.export import INDEX_FILE, ExportReader, load_exported, rank_of_tensor
 from mythos_dist.safe_io import CheckpointError
 from mythos_dist.sweep import chain_batches
 from mythos_dist.upcycle import upcycle
-from tests.multiproc import REPO, TINY_MODEL, run, start, torchrun, worker_env
+from tests.multiproc import REPO, TINY_MODEL, run, run_torchrun, start, torchrun, worker_env
 from tests.reliability._common import logs, run_ranks
 
 pytestmark = pytest.mark.distributed
@@ -79,6 +81,54 @@ def test_sharded_export_round_trips_and_indexes_every_tensor(ckpt: Path, tmp_pat
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def _export_on_two_ranks(ckpt: Path, out: Path, tmp: Path) -> subprocess.CompletedProcess[str]:
+    args = ["mythos_dist.cli", "export", "--checkpoint", str(ckpt), "--out", str(out)]
+    return run_torchrun("-m", 2, [*args, "--max-shard-size", str(SHARD)], worker_env(tmp), timeout=240)
+
+
+def test_export_from_two_ranks_equals_the_one_process_export(ckpt: Path, tmp_path: Path) -> None:
+    """`torchrun --nproc_per_node 2 -m mythos_dist.cli export`: rank 0 writes the dense shards and
+    the index, each rank the shards of its own experts (2 of 4); tensor by tensor the 1-process
+    export."""
+    one = export(ckpt, tmp_path / "one", max_shard_bytes=SHARD)
+    proc = _export_on_two_ranks(ckpt, tmp_path / "two", tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    index = json.loads((tmp_path / "two" / INDEX_FILE).read_text())["weight_map"]
+    writer_of = {}  # file -> the ranks whose tensors it holds
+    for name, f in index.items():
+        writer_of.setdefault(f, set()).add(rank_of_tensor(name, 4, 2) or 0)  # dense: rank 0
+    assert all(len(r) == 1 for r in writer_of.values()), writer_of  # no file mixes two ranks' tensors
+    assert {r for rs in writer_of.values() for r in rs} == {0, 1}
+    assert {rank_of_tensor(k, 4, 2) for k in index if ".experts.3." in k} == {1}
+    assert sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) == sorted(writer_of)
+    a, b = state(one), state(tmp_path / "two")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_export_from_two_ranks_fails_on_both_when_one_cannot_read(ckpt: Path, tmp_path: Path) -> None:
+    """Rank 1's expert file is corrupt: both ranks end promptly (rank 0 does not wait for rank 1's
+    shards), the error names the file, the export already there is untouched, nothing partial is
+    left behind."""
+    src = tmp_path / "ckpt"
+    shutil.copytree(ckpt / "step_00000004", src / "step_00000004")
+    (src / "latest").write_text("step_00000004")
+    bad = src / "step_00000004" / "layer_0_expert_3_mp_rank_00_model_states.pt"
+    os.truncate(bad, bad.stat().st_size // 2)
+    out = export(ckpt, tmp_path / "out", max_shard_bytes=SHARD)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    t = time.perf_counter()
+    proc = _export_on_two_ranks(src, out, tmp_path)
+    took = time.perf_counter() - t
+    assert proc.returncode != 0
+    assert str(bad) in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert "failed on another rank" in proc.stdout + proc.stderr, proc.stderr[-3000:]
+    assert took < 120, took  # the collective timeout (parallel.timeout_s) is 120 s
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
 
 
 def test_streamed_mean_equals_the_fp64_mean(ckpt: Path, tmp_path: Path) -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from data_pipeline.shards import build
 from mythos_dist.config import load_config
+from mythos_dist.export import INDEX_FILE, rank_of_tensor
 from tests.mlflow_servers import Server
 from tests.multiproc import REPO, TINY_MODEL, worker_env
 
@@ -36,7 +37,7 @@ def _sets(tmp: Path, url: str) -> list[str]:
         "parallel.ep_size=1",
         "train.steps=8",
         "checkpoint.every=4",
-        "checkpoint.max_shard_size=64KB",  # a sharded export: what models:/ and runs:/ fetch
+        "checkpoint.max_shard_size=8KB",  # a sharded export (expert-only shards too): what models:/ and runs:/ fetch
         f"checkpoint.dir={tmp / 'ckpt'}",
         f"data.remote={tmp / 'shards'}",
         "data.task.n_train=256",
@@ -295,3 +296,14 @@ def test_registered_model_evaluated_expert_parallel(job):
     ep2 = json.loads(summary.read_text())
     one = json.loads((tmp / "eval" / "eval-1" / "summary.json").read_text())
     assert {s: d["acc"] for s, d in ep2["splits"].items()} == {s: d["acc"] for s, d in one["splits"].items()}
+    # each rank downloaded the index and only the shards holding the dense part and its 2 experts
+    weight_map = json.loads((tmp / "ckpt" / "export" / INDEX_FILE).read_text())["weight_map"]
+    files = set(weight_map.values())
+    lines = re.findall(
+        r"fetched (\d+) of (\d+) shards .*: those of expert-parallel rank (\d) of 2", proc.stdout
+    )
+    assert sorted(r for _, _, r in lines) == ["0", "1"], proc.stdout[-3000:]
+    for n, total, r in lines:
+        need = {f for k, f in weight_map.items() if rank_of_tensor(k, 4, 2) in (None, int(r))}
+        assert (int(n), int(total)) == (len(need), len(files))
+        assert len(need) < len(files)  # the other rank's experts live in shards of their own here
