@@ -15,7 +15,6 @@ import traceback
 from pathlib import Path
 
 from mythos_dist.config import ConfigError, load_config, parse_size
-from mythos_dist.experiment import SUMMARY_FILE
 
 
 def _cmd_params(args: argparse.Namespace) -> int:
@@ -258,6 +257,7 @@ def _cmd_upcycle(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    from mythos_dist.experiment import TrainRecord
     from mythos_dist.resilience import EXIT_STUCK, PeerLost
     from mythos_dist.safe_io import CheckpointError
     from mythos_dist.train import TrainingStopped, train
@@ -273,20 +273,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         print(f"mythos train: error: {e}", file=sys.stderr)
         return 1
     if summary.rank == 0:
-        keys = (
-            "run_id",
-            "export",
-            "checkpoint",
-            "start_step",
-            "end_step",
-            "final_loss",
-            "final_acc",
-            "wall_s",
-        )
-        record = {k: getattr(summary, k) for k in keys}
-        tmp = Path(cfg.checkpoint.dir) / f".{SUMMARY_FILE}.tmp"
-        tmp.write_text(json.dumps(record, indent=2))
-        tmp.replace(tmp.with_name(SUMMARY_FILE))  # last: its presence means training finished
+        TrainRecord.of(summary).write(cfg.checkpoint.dir)  # last: its presence means training finished
         # No loss when launched again after the run had finished (nothing left to train).
         loss = "-" if summary.final_loss is None else f"{summary.final_loss:.4f}"
         print(f"done: step {summary.end_step}, loss {loss}, export {summary.export}")

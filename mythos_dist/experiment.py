@@ -11,16 +11,59 @@ launch/; nothing here is specific to one machine.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from mythos_dist.config import ConfigError, load_config
 
-SUMMARY_FILE = "train_summary.json"  # written by `mythos train` on rank 0 next to the checkpoints
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """What a finished `mythos train` hands the next stage: rank 0 writes it next to the
+    checkpoints, last, so its presence means training finished; evaluation reads the export path
+    and the run id (to nest its MLflow run) from it."""
+
+    FILE: ClassVar[str] = "train_summary.json"
+    run_id: str | None
+    export: str | None  # None when stopped before train.steps
+    checkpoint: str | None
+    start_step: int
+    end_step: int
+    final_loss: float | None
+    final_acc: float | None
+    wall_s: float
+
+    @classmethod
+    def of(cls, result: Any) -> TrainRecord:
+        """From a `train.TrainResult`."""
+        return cls(**{f.name: getattr(result, f.name) for f in dataclasses.fields(cls)})
+
+    def write(self, ckpt_dir: str | Path) -> Path:
+        path = Path(ckpt_dir) / self.FILE
+        tmp = path.with_name(f".{self.FILE}.tmp")
+        tmp.write_text(json.dumps(dataclasses.asdict(self), indent=2))
+        tmp.replace(path)  # readers see no record or a whole one
+        return path
+
+    @classmethod
+    def read(cls, ckpt_dir: str | Path) -> TrainRecord:
+        from mythos_dist.safe_io import CheckpointError, read_json
+
+        path = Path(ckpt_dir) / cls.FILE
+        saved = read_json(path)
+        names = {f.name for f in dataclasses.fields(cls)}
+        if set(saved) != names:
+            raise CheckpointError(
+                f"{path}: fields {sorted(saved)}, expected {sorted(names)}; the file is corrupt"
+            )
+        return cls(**saved)
 
 
 def _check_writable(path: Path, what: str) -> None:
@@ -132,7 +175,6 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
     from mythos_dist.export import exported_steps
     from mythos_dist.loading import load_model
     from mythos_dist.report import format_table
-    from mythos_dist.safe_io import read_json
     from mythos_dist.tracking import resolve_uri, run_page
 
     ckpt_dir = Path(cfg.checkpoint.dir)
@@ -145,7 +187,7 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
     print(
         f"[2/3] training on {nproc} local processes (ZeRO-{cfg.parallel.zero_stage}, EP={cfg.parallel.ep_size})"
     )
-    summary_path = ckpt_dir / SUMMARY_FILE
+    summary_path = ckpt_dir / TrainRecord.FILE
     summary_path.unlink(missing_ok=True)
     set_args = [a for kv in overrides for a in ("--set", kv)]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
@@ -157,21 +199,21 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
     if not summary_path.is_file():
         print(f"training failed (exit code {rc}); checkpoints so far are in {ckpt_dir}", file=sys.stderr)
         return None
-    train_summary = read_json(summary_path)
+    trained_run = TrainRecord.read(ckpt_dir)
     train_s = time.perf_counter() - t0
 
-    steps = exported_steps(train_summary["export"])
+    steps = exported_steps(trained_run.export)
     weights = f"the mean of the weights at steps {steps}" if len(steps) > 1 else f"step {steps[0]}"
-    print(f"[3/3] loop-sweep evaluation of {train_summary['export']} ({weights})", flush=True)
+    print(f"[3/3] loop-sweep evaluation of {trained_run.export} ({weights})", flush=True)
     # Stability over training: every retained checkpoint, after the trained and the longest loop count.
     loop_counts = sorted({cfg.train.loops.n_loops, max(cfg.eval.loops)})
     over_training = stability_over_training(cfg, ckpt_dir, loop_counts)
-    model = load_model(train_summary["export"], cfg)
+    model = load_model(trained_run.export, cfg)
     res = run_eval(
         model,
         cfg,
-        checkpoint=train_summary["export"],
-        parent_run_id=train_summary["run_id"],
+        checkpoint=trained_run.export,
+        parent_run_id=trained_run.run_id,
         over_training=over_training,
     )
     assert res is not None  # single process: rank 0
@@ -181,10 +223,10 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
         f"{cfg.train.loops.n_loops} loops:"
     )
     print(format_table(res.summary))
-    start, end = train_summary["start_step"], train_summary["end_step"]
+    start, end = trained_run.start_step, trained_run.end_step
     if end > start:
         done = f"steps {start + 1}-{end}" if start else f"{end} steps"
-        trained = f"{done}, {train_summary['wall_s']:.0f} s, final batch acc {train_summary['final_acc']:.3f}"
+        trained = f"{done}, {trained_run.wall_s:.0f} s, final batch acc {trained_run.final_acc:.3f}"
     else:  # launched again after the run had finished: re-export and evaluate only
         trained = f"nothing left to train (resumed at step {end})"
     print(f"\ntraining: {trained}; whole job {time.perf_counter() - t0:.0f} s (train+data {train_s:.0f} s)")
@@ -199,9 +241,9 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
         if f.suffix == ".png":
             print(f"  {f}")
     uri = resolve_uri(cfg.tracking)
-    print(f"MLflow: {uri}  training run {train_summary['run_id']}, eval run {res.run_id}")
+    print(f"MLflow: {uri}  training run {trained_run.run_id}, eval run {res.run_id}")
     if uri.startswith("sqlite:"):
         print(f"  open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
-    elif res.run_id and (page := run_page(uri, train_summary["run_id"])):
+    elif res.run_id and (page := run_page(uri, trained_run.run_id)):
         print(f"  training run page: {page}")
     return res

@@ -64,3 +64,22 @@ def test_comparison_writes_one_figure_and_the_long_table(tmp_path: Path, capsys)
     assert rows[0] == "recipe,split,loops,accuracy" and "y,ood1,32,0.900000" in rows and len(rows) == 9
     assert (tmp_path / "comparison.png").stat().st_size > 5000
     assert "comparison.png" in capsys.readouterr().out
+
+
+def test_train_record_round_trips_and_refuses_a_damaged_file(tmp_path):
+    """The record training hands to evaluation: written whole, read back typed; a file with other
+    fields is a clear error naming it."""
+    import json
+
+    import pytest
+
+    from mythos_dist.experiment import TrainRecord
+    from mythos_dist.safe_io import CheckpointError
+
+    rec = TrainRecord("abc", str(tmp_path / "export"), None, 0, 6, 1.25, 0.5, 3.0)
+    path = rec.write(tmp_path)
+    assert path.name == "train_summary.json" and TrainRecord.read(tmp_path) == rec
+    assert not list(tmp_path.glob(".*.tmp"))
+    path.write_text(json.dumps({"run_id": "abc", "export": None}))
+    with pytest.raises(CheckpointError, match=r"train_summary\.json: fields"):
+        TrainRecord.read(tmp_path)
