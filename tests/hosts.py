@@ -235,6 +235,8 @@ class Hosts(UpDown):
         subprocess.run(
             ["dropbearkey", "-t", "ed25519", "-f", str(host_key)], check=True, capture_output=True, timeout=30
         )
+        # The mount point must exist (a fresh machine may have no /root/.ssh yet); ssh would make it so.
+        Path("/root/.ssh").mkdir(mode=0o700, exist_ok=True)
         for h in self.hosts:
             r = h.run(["mount", "--bind", str(ssh), "/root/.ssh"])
             assert r.returncode == 0, r.stderr
