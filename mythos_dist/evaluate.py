@@ -124,6 +124,9 @@ def run_eval(
 
     Returns the result on rank 0 and None elsewhere. Arguments left None come from cfg.eval.
     over_training: `stability_over_training` rows, written, plotted and tracked with the results.
+
+    Long on purpose: the collective steps (store, sweep with lockstep fillers, spectral, report)
+    must be read in the order every rank runs them.
     """
     from mythos_dist.stability import spectral_report
 

@@ -174,8 +174,6 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
     from mythos_dist.evaluate import run_eval, stability_over_training
     from mythos_dist.export import exported_steps
     from mythos_dist.loading import load_model
-    from mythos_dist.report import format_table
-    from mythos_dist.tracking import resolve_uri, run_page
 
     ckpt_dir = Path(cfg.checkpoint.dir)
     t0 = time.perf_counter()
@@ -218,6 +216,17 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
     )
     assert res is not None  # single process: rank 0
 
+    _print_run(cfg, trained_run, res, over_training, time.perf_counter() - t0, train_s)
+    return res
+
+
+def _print_run(
+    cfg: Any, trained_run: TrainRecord, res: Any, over_training: list[dict], job_s: float, train_s: float
+) -> None:
+    """One recipe's report: its accuracy table, training, loop stability, files and MLflow runs."""
+    from mythos_dist.report import format_table
+    from mythos_dist.tracking import resolve_uri, run_page
+
     print(
         f"\naccuracy on the {cfg.eval.heldout} set (split × loops), trained at {cfg.train.loops.kind} "
         f"{cfg.train.loops.n_loops} loops:"
@@ -229,7 +238,7 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
         trained = f"{done}, {trained_run.wall_s:.0f} s, final batch acc {trained_run.final_acc:.3f}"
     else:  # launched again after the run had finished: re-export and evaluate only
         trained = f"nothing left to train (resumed at step {end})"
-    print(f"\ntraining: {trained}; whole job {time.perf_counter() - t0:.0f} s (train+data {train_s:.0f} s)")
+    print(f"\ntraining: {trained}; whole job {job_s:.0f} s (train+data {train_s:.0f} s)")
     radii = "; ".join(
         f"step {r['step']}: ρ(A) {r['rho_A']:.3f}, "
         + ", ".join(f"J@{n} {v:.3f}" for n, v in r["jacobian_radius"].items())
@@ -246,4 +255,3 @@ def _run_one(config: str, cfg: Any, overrides: list[str], nproc: int) -> Any:
         print(f"  open the UI:  .venv/bin/mlflow ui --backend-store-uri {uri}  (then http://127.0.0.1:5000)")
     elif res.run_id and (page := run_page(uri, trained_run.run_id)):
         print(f"  training run page: {page}")
-    return res

@@ -151,7 +151,10 @@ def write_export_across_ranks(
     (key, tensor) pairs into one directory all ranks see; rank 0 then names them (in rank order),
     writes the index and config.json and replaces out_dir as a whole. A failure on any rank (bad
     file, full disk) makes every rank raise after the step it is in, with the partial directory
-    removed and out_dir untouched: no rank waits for one that gave up."""
+    removed and out_dir untouched: no rank waits for one that gave up.
+
+    Long on purpose: each collective step and its agreement on failure must be seen in order.
+    """
     out, r = Path(out_dir), comm.rank()
     partial = out.with_name(f".{out.name}.partial")
 

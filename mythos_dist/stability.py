@@ -72,6 +72,8 @@ def jacobian_spectral_radius(
     which works through custom autograd Functions (the grouped expert GEMM) that lack a forward-mode
     rule. Attention runs on the math SDPA backend here: the fused kernels' backward is not itself
     differentiable.
+
+    Long on purpose: one power iteration, its masking and its convergence test belong together.
     """
     if n_iters < 2:
         raise ValueError(f"n_iters must be ≥ 2, got {n_iters}")

@@ -690,7 +690,7 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig, shard: tuple[int, int] | 
     from mlflow.exceptions import MlflowException
     from mlflow.tracking import MlflowClient
 
-    from mythos_dist.export import INDEX_FILE, SINGLE_FILE
+    from mythos_dist.export import INDEX_FILE
 
     for k, v in _HTTP_DEFAULTS.items():
         os.environ.setdefault(k, v)
@@ -731,24 +731,35 @@ def fetch_export(checkpoint: str, cfg: TrackingConfig, shard: tuple[int, int] | 
         shutil.rmtree(fresh, ignore_errors=True)
         raise
 
+    try:
+        got = _downloaded_export(checkpoint, fresh)
+    except ConfigError:
+        shutil.rmtree(fresh, ignore_errors=True)
+        raise
+    shutil.rmtree(dest, ignore_errors=True)
+    os.replace(got, dest)
+    shutil.rmtree(fresh, ignore_errors=True)
+    atexit.register(shutil.rmtree, dest, ignore_errors=True)
+    return dest
+
+
+def _downloaded_export(checkpoint: str, fresh: Path) -> Path:
+    """The export directory inside a download, once it holds one export of JSON and safetensors
+    files only (nothing else is ever opened); ConfigError otherwise."""
+    from mythos_dist.export import INDEX_FILE, SINGLE_FILE
+
     found = list(fresh.rglob("config.json"))
     weights = found and any((found[0].parent / f).is_file() for f in (SINGLE_FILE, INDEX_FILE))
     if len(found) != 1 or not weights:
-        shutil.rmtree(fresh, ignore_errors=True)
         raise ConfigError(
             f"{checkpoint} is not a mythos export (needs config.json and {SINGLE_FILE} or {INDEX_FILE})"
         )
     unsafe = [p.name for p in found[0].parent.iterdir() if p.suffix not in (".json", ".safetensors")]
     if unsafe or any(p.is_dir() for p in found[0].parent.iterdir()):
-        shutil.rmtree(fresh, ignore_errors=True)
         raise ConfigError(
             f"{checkpoint}: refusing an export with files other than JSON and safetensors: {unsafe}"
         )
-    shutil.rmtree(dest, ignore_errors=True)
-    os.replace(found[0].parent, dest)
-    shutil.rmtree(fresh, ignore_errors=True)
-    atexit.register(shutil.rmtree, dest, ignore_errors=True)
-    return dest
+    return found[0].parent
 
 
 def _fetch_shards_of(

@@ -105,6 +105,8 @@ class RDT(nn.Module):
         head run, and logits come back as (B, V).
         halting: each sample stops looping once its state has converged (LoopHalting), at most
         n_loops; `loops_used` says how many loops each ran. Inference only.
+
+        Long on purpose: the whole forward (embed, prelude, loop, coda, head) reads top to bottom.
         """
         loops_out = sorted(set(loops_out))
         if n_loops < 1 or any(n < 1 or n > n_loops for n in loops_out):
