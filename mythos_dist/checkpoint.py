@@ -199,7 +199,7 @@ def save(
     _agree(error, root, tag)
     if rank() == 0:
         try:
-            world = dist.get_world_size() if dist.is_initialized() else 1
+            world = world_size()
             meta = {"step": step, "world_size": world, "config": to_dict(cfg), "lineage": lineage}
             meta["mlflow_run_id"] = run_id
             _write_atomic(root / tag / META, json.dumps(meta, indent=1))
@@ -299,7 +299,7 @@ def resume(engine: Any, cfg: Config) -> tuple[int, dict[str, Any] | None]:
         return 0, None
     tag_dir = root / tag
     meta = read_meta(tag_dir)
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = world_size()
     check_compatible(meta, cfg, world, tag_dir)
     extra_path = tag_dir / f"extra_rank{rank()}.pt"
     if not extra_path.is_file():

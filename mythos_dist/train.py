@@ -212,7 +212,8 @@ class Trainer:
             valid_BT = valid_positions(batch["loss_mask"])
             tokens += int(valid_BT.sum())  # the padding is skipped
             if track and last_micro:  # over the real tokens (up to EQ)
-                deltas = [(d.cpu() * valid_BT.cpu()).square().sum().sqrt().item() for d in out.delta_norms]
+                valid_cpu_BT = valid_BT.cpu()  # one copy, not one per loop
+                deltas = [(d.cpu() * valid_cpu_BT).square().sum().sqrt().item() for d in out.delta_norms]
         self.watchdog.mark(step + 1, "router balancing and step statistics")
         skipped = not engine.was_step_applied()  # the same on every rank
         # A skipped step leaves the router biases too: the loads came from a non-finite forward.

@@ -22,6 +22,7 @@ collide; namespaces of dead test processes are removed on the next start.
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import os
 import signal
@@ -116,14 +117,14 @@ class Host:
         return subprocess.run(self.cmd(argv), capture_output=True, text=True, timeout=timeout, **kw)
 
 
-class UpDown:
+class UpDown(abc.ABC):
     """A `with` block around up() / close(); close() also runs when up() fails halfway."""
 
-    def up(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def up(self) -> None: ...
 
-    def close(self) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def close(self) -> None: ...
 
     def __enter__(self) -> Self:
         try:
