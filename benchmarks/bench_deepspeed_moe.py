@@ -153,6 +153,7 @@ def main() -> None:
                 print_rows(
                     f"EP=2 on 2 ranks x {args.threads} thread, {n} tokens per rank (tok/s of both)", rows
                 )
+        dist.barrier()  # leave together: a rank exiting with a live process group may abort a peer
         dist.destroy_process_group()
         return
     import deepspeed

@@ -20,6 +20,7 @@ def main(config: str, out_dir: str) -> None:
         cfg = load_config(config)
         res = run_eval(load_model(None, cfg), cfg, out_dir=out_dir)
         assert (res is None) == (dist.get_rank() != 0)
+        dist.barrier()  # leave together: a rank exiting with a live process group may abort a peer
     finally:
         dist.destroy_process_group()
 

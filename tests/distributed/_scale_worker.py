@@ -96,10 +96,12 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    import torch.distributed as dist
+
     try:
         main()
-    finally:  # leave the process group: a live gloo group can abort the process at exit
-        import torch.distributed as dist
-
+        if dist.is_initialized():  # leave together: a peer tearing down its gloo pairs while this
+            dist.barrier()  # rank still uses them aborts it ("terminate called without an active exception")
+    finally:
         if dist.is_initialized():
             dist.destroy_process_group()

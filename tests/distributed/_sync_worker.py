@@ -50,7 +50,8 @@ def main() -> None:
         counts[loops] = {"total": c.total, "by_site": dict(c.by_site)}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"syncs_rank{rank}.json").write_text(json.dumps(counts))
-    if world > 1:
+    if world > 1:  # leave together: a rank exiting with a live process group may abort a peer
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -169,6 +169,8 @@ def main() -> None:
     (args.out / f"result_rank{rank}.json").write_text(json.dumps(result))
     print(f"rank {rank} result: {result}", flush=True)
     if dist.is_initialized():  # a rank exiting with a live process group may abort at exit
+        if result["error"] is None:  # and together, unless a peer may be gone (a barrier would wait)
+            dist.barrier()
         dist.destroy_process_group()
     sys.exit(1 if result["error"] else 0)
 
