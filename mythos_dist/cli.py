@@ -178,8 +178,9 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
         split = cfg.eval.splits[0]
         ids_BT, valid_BT = spectral_inputs(cfg, split)
         rep = spectral_report(
-            model, ids_BT.to(device), n, valid_BT.to(device), across_ranks=dist.is_initialized()
-        )
+            model, ids_BT.to(device), n, valid_BT.to(device), across_ranks=dist.is_initialized(),
+            batch_size=cfg.eval.spectral_batch_size,
+        )  # fmt: skip
         rank = comm.rank()
         comm.barrier()
     finally:

@@ -255,6 +255,11 @@ class EvalConfig:
     auto_threshold: float = 0.01
     auto_min_loops: int = 1
     auto_max_loops: int = 32
+    # The spectral report's Jacobian-vector products in blocks of at most this many samples: memory
+    # of one block's autograd graph instead of all samples', at about twice the time. The report
+    # takes at most 64 samples: 64 is one block, one graph kept. Lower it for models whose
+    # activations are large beside the weights (configs/scales/).
+    spectral_batch_size: int = 64
 
     def validate(self, prefix: str = "eval") -> None:
         require(
@@ -280,6 +285,7 @@ class EvalConfig:
                 f"loop counts must be integers ≥ 1, got {n!r}",
             )
         require(self.n_samples >= 1, f"{prefix}.n_samples", "must be ≥ 1")
+        require(self.spectral_batch_size >= 1, f"{prefix}.spectral_batch_size", "must be ≥ 1")
         require(self.batch_size >= 1, f"{prefix}.batch_size", "must be ≥ 1")
 
 

@@ -87,7 +87,10 @@ def stability_over_training(
     rows = []
     for tag in tags:
         model = load_model(tag, cfg)
-        radii = {n: spectral_report(model, ids_BT, n, valid_BT) for n in loop_counts}
+        radii = {
+            n: spectral_report(model, ids_BT, n, valid_BT, batch_size=cfg.eval.spectral_batch_size)
+            for n in loop_counts
+        }
         rows.append(
             {
                 "step": int(read_meta(tag)["step"]),
@@ -169,8 +172,9 @@ def run_eval(
         ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
         device = next(model.parameters()).device
         spectral = spectral_report(
-            model, ids_BT.to(device), max(loops), valid_BT.to(device), across_ranks=expert_parallel
-        )
+            model, ids_BT.to(device), max(loops), valid_BT.to(device), across_ranks=expert_parallel,
+            batch_size=cfg.eval.spectral_batch_size,
+        )  # fmt: skip
     comm.barrier()
     # Rank 0 summarises, plots and tracks; every rank learns whether that worked, so none is left
     # waiting for a rank that failed (e.g. at `mythos eval`'s closing barrier) and all end with the error.
@@ -278,6 +282,8 @@ def _track(
     parent_run_id: str | None,
     over_training: list[dict] | None = None,
 ) -> str | None:
+    if not cfg.tracking.enabled:  # MLflow's client is ~0.1 GiB of memory: not imported for nothing
+        return None
     from mythos_dist import tracking
     from mythos_dist.export import exported_steps
 

@@ -10,9 +10,10 @@ Three numbers, from cheapest to most informative:
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -73,34 +74,68 @@ def jacobian_spectral_radius(
     rule. Attention runs on the math SDPA backend here: the fused kernels' backward is not itself
     differentiable.
 
-    Long on purpose: one power iteration, its masking and its convergence test belong together.
     """
+    _check_iters(n_iters)
+    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+        return _power_iteration(_retained_jvp(f, x), x, n_iters, seed, mask, rows)
+
+
+def _check_iters(n_iters: int) -> None:
     if n_iters < 2:
         raise ValueError(f"n_iters must be ≥ 2, got {n_iters}")
-    with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
-        x = x.detach().requires_grad_(True)
-        y = f(x)
-        if y.shape != x.shape:
-            raise ValueError(f"f must map a shape to itself for a square Jacobian: {x.shape} -> {y.shape}")
-        u = torch.zeros_like(y, requires_grad=True)
-        (jt_u,) = torch.autograd.grad(y, x, u, create_graph=True)  # Jᵀu, linear in u
-        gen = torch.Generator(device="cpu").manual_seed(seed)
-        m = torch.ones_like(x) if mask is None else mask.to(x).expand_as(x)
-        # drawn on the CPU, then moved: the same start vector on any device
-        first, stop, of = rows if rows is not None else (0, x.shape[0], x.shape[0])
-        v = torch.randn((of, *x.shape[1:]), generator=gen, dtype=torch.float32)[first:stop].to(x) * m
-        v = v / _norm(v, rows is not None)
-        ratios: list[float] = []
-        rayleigh = float("nan")
-        for _ in range(n_iters):
-            (jv,) = torch.autograd.grad(jt_u, u, v, retain_graph=True)
-            jv = jv * m
-            growth = _norm(jv, rows is not None).item()
-            ratios.append(growth)
-            rayleigh = _dot(v.flatten(), jv.flatten(), rows is not None).item()
-            if growth == 0 or not math.isfinite(growth):
-                break
-            v = (jv / growth).detach()
+
+
+def _retained_jvp(f: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> Callable:
+    """v ↦ J v at x by the double-vjp trick, on one recorded forward kept for every call."""
+    x = x.detach().requires_grad_(True)
+    y = f(x)
+    if y.shape != x.shape:
+        raise ValueError(f"f must map a shape to itself for a square Jacobian: {x.shape} -> {y.shape}")
+    u = torch.zeros_like(y, requires_grad=True)
+    (jt_u,) = torch.autograd.grad(y, x, u, create_graph=True)  # Jᵀu, linear in u
+    return lambda v: torch.autograd.grad(jt_u, u, v, retain_graph=True)[0]
+
+
+def _blockwise_jvp(blocks: Sequence[tuple[torch.Tensor, Callable[[torch.Tensor], torch.Tensor]]]) -> Callable:
+    """v ↦ J v for a map that sends each block of rows (x_block, its map) to itself independently
+    of the others, block by block: each block's forward is recorded anew per call and freed after
+    it, so memory holds one block's graph, at one more forward and backward per block and call."""
+
+    def jvp(v: torch.Tensor) -> torch.Tensor:
+        out, first = [], 0
+        for x_b, f_b in blocks:
+            out.append(_retained_jvp(f_b, x_b)(v[first : first + x_b.shape[0]]))
+            first += x_b.shape[0]
+        return torch.cat(out)
+
+    return jvp
+
+
+def _power_iteration(
+    jvp: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    n_iters: int,
+    seed: int,
+    mask: torch.Tensor | None,
+    rows: tuple[int, int, int] | None,
+) -> RadiusEstimate:
+    """`jacobian_spectral_radius` for the operator v ↦ jvp(v) on x's shape (see there)."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    m = torch.ones_like(x) if mask is None else mask.to(x).expand_as(x)
+    # drawn on the CPU, then moved: the same start vector on any device
+    first, stop, of = rows if rows is not None else (0, x.shape[0], x.shape[0])
+    v = torch.randn((of, *x.shape[1:]), generator=gen, dtype=torch.float32)[first:stop].to(x) * m
+    v = v / _norm(v, rows is not None)
+    ratios: list[float] = []
+    rayleigh = float("nan")
+    for _ in range(n_iters):
+        jv = jvp(v) * m
+        growth = _norm(jv, rows is not None).item()
+        ratios.append(growth)
+        rayleigh = _dot(v.flatten(), jv.flatten(), rows is not None).item()
+        if growth == 0 or not math.isfinite(growth):
+            break
+        v = (jv / growth).detach()
     tail = ratios[len(ratios) // 2 :]
     radius = 0.0 if min(tail) == 0 else math.exp(sum(math.log(r) for r in tail) / len(tail))
     return RadiusEstimate(radius, rayleigh, ratios)
@@ -137,9 +172,10 @@ def _dot(a: torch.Tensor, b: torch.Tensor, across_ranks: bool) -> torch.Tensor:
 @torch.no_grad()
 def loop_state(
     model: RDT, ids_BT: torch.Tensor, n_loops: int
-) -> tuple[torch.Tensor, torch.Tensor, list, Callable[[torch.Tensor, int], torch.Tensor]]:
+) -> tuple[torch.Tensor, torch.Tensor, list, Callable[..., torch.Tensor]]:
     """(h after n_loops, e, per-loop delta norms (B,T), the loop map (h, t) ↦ f_t(h, e)) without
-    ACT mixing: the raw recurrence. h and e are rows (B·T, D) of every token."""
+    ACT mixing: the raw recurrence. h and e are rows (B·T, D) of every token; the map also takes
+    `samples` (a range of sample indices): then h holds only those samples' rows."""
     B, T = ids_BT.shape
     layout = TokenLayout(B, T)
     x = model.embed(ids_BT.flatten())
@@ -147,8 +183,9 @@ def loop_state(
     for layer in model.prelude:
         x, _ = layer(x, layout, rope, None, "prelude")
 
-    def f(h: torch.Tensor, t: int) -> torch.Tensor:
-        return model.recurrent.step(h, x, t, rope, layout)[0]
+    def f(h: torch.Tensor, t: int, samples: range = range(B)) -> torch.Tensor:
+        e = x[samples.start * T : samples.stop * T]
+        return model.recurrent.step(h, e, t, rope, TokenLayout(len(samples), T))[0]
 
     h, deltas = x, []
     for t in range(n_loops):
@@ -165,6 +202,7 @@ def spectral_report(
     valid_BT: torch.Tensor | None = None,
     n_iters: int = 30,
     across_ranks: bool = False,
+    batch_size: int | None = None,
 ) -> dict:
     """ρ(A), Jacobian radius of h ↦ f(h, e) at h_{n_loops} (map index t = n_loops, the next loop
     to run: what governs extrapolation to more loops) and the per-loop contraction ratios.
@@ -174,19 +212,31 @@ def spectral_report(
     each rank runs its contiguous share of the samples and norms are summed over the ranks, the
     same numbers as one process over all samples (up to summation order) at 1/world of the
     activations. With fewer samples than ranks every rank runs all of them.
+    batch_size: the Jacobian-vector products run on blocks of at most this many samples, each
+    block's graph recorded anew per power iteration (memory of one block's graph, not all
+    samples', at about twice the time); None: all at once, one graph kept.
     """
     if n_loops < 1:
         raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be ≥ 1, got {batch_size}")
+    _check_iters(n_iters)
     B, T = ids_BT.shape
     world = comm.world_size() if across_ranks else 1
     across_ranks = across_ranks and 1 < world <= B
     rows = None
+    shares = [(r * B // world, (r + 1) * B // world) for r in range(world)] if across_ranks else [(0, B)]
     if across_ranks:
-        r = comm.rank()
-        lo, hi = r * B // world, (r + 1) * B // world
+        lo, hi = shares[comm.rank()]
         ids_BT = ids_BT[lo:hi]
         valid_BT = None if valid_BT is None else valid_BT[lo:hi]
         rows = (lo * T, hi * T, B * T)  # the loop state's rows are (sample, position)
+    # Every rank cuts its share into the same number of blocks (the forwards are collective under
+    # expert parallelism), none empty: shares differ by at most one sample.
+    smallest, largest = min(b - a for a, b in shares), max(b - a for a, b in shares)
+    n_blocks = min(math.ceil(largest / (batch_size or largest)), smallest)
+    own = ids_BT.shape[0]
+    cuts = [own * i // n_blocks for i in range(n_blocks + 1)]
     was_training = model.training
     model.eval()  # no dropout, no router load accounting
     try:
@@ -194,7 +244,14 @@ def spectral_report(
         if valid_BT is not None:
             deltas = [d * valid_BT for d in deltas]
         mask = None if valid_BT is None else valid_BT.reshape(-1, 1)
-        est = jacobian_spectral_radius(lambda s: f(s, n_loops), h, n_iters, mask=mask, rows=rows)
+        with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
+            if n_blocks == 1:  # one graph, kept for every iteration
+                jvp = _retained_jvp(lambda s: f(s, n_loops), h)
+            else:
+                blocks = [(h[a * T : b * T], functools.partial(f, t=n_loops, samples=range(a, b)))
+                          for a, b in itertools.pairwise(cuts)]  # fmt: skip
+                jvp = _blockwise_jvp(blocks)
+            est = _power_iteration(jvp, h, n_iters, 0, mask, rows)
     finally:
         model.train(was_training)
     return {

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 
 import torch
+from torch import nn
 
 
 def keyed_generator(seed: int, name: str, expert_id: int | None = None) -> torch.Generator:
@@ -26,12 +27,22 @@ def normal_(t: torch.Tensor, std: float, seed: int | None, name: str, expert_id:
     Values are drawn in fp32 on the CPU, so a CUDA or bf16 tensor gets the same values as an fp32
     CPU one (rounded to its dtype).
     """
+    if t.device.type == "meta":  # no values to draw (and the meta kernel would import torch's compiler)
+        return
     if seed is None:
         t.normal_(0.0, std)
-    elif t.device.type == "meta":
-        return
     elif t.device.type == "cpu" and t.dtype == torch.float32:
         t.normal_(0.0, std, generator=keyed_generator(seed, name, expert_id))
     else:
         g = keyed_generator(seed, name, expert_id)
         t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=g))
+
+
+class Embedding(nn.Embedding):
+    """nn.Embedding whose own N(0, 1) init is skipped on the meta device: there it draws nothing,
+    and the first meta `normal_` imports ~75 MB of torch's compiler stack into the process (every
+    rank builds on meta). Elsewhere it draws as nn.Embedding does (the global RNG stream unchanged)."""
+
+    def reset_parameters(self) -> None:
+        if not self.weight.is_meta:
+            super().reset_parameters()

@@ -119,7 +119,9 @@ def test_two_rank_expert_parallel_eval_equals_one_rank(
 ) -> None:
     cfg_path, out = exported
     args = ["eval", "--config", str(cfg_path), "--checkpoint", str(out), "--n-samples", str(n_samples)]
-    proc = _torchrun(tmp_path, *args, "--out", str(tmp_path / "two"))
+    # The spectral report in blocks of <= 3 samples: 17 -> shares 8 | 9, 3 blocks per rank; 13 -> 6 | 7; 3 -> 1 | 2.
+    blocks = ["--set", "eval.spectral_batch_size=3"]
+    proc = _torchrun(tmp_path, *args, *blocks, "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "expert-parallel evaluation: ep_size=2, 2 of 4 experts per rank" in proc.stdout
     cfg = load_config(cfg_path)
@@ -134,6 +136,9 @@ def test_two_rank_expert_parallel_eval_equals_one_rank(
     assert (tmp_path / "two" / "eval-1" / "accuracy.csv").read_text() == (
         one.out_dir / "accuracy.csv"
     ).read_text()
+    spectral = json.loads((tmp_path / "two" / "eval-1" / "spectral.json").read_text())
+    for key in ("jacobian_radius", "jacobian_norm_ratios", "contraction_ratios"):
+        assert spectral[key] == pytest.approx(one.spectral[key], rel=1e-4), key
 
 
 def test_spectral_runs_expert_parallel(exported: tuple[Path, Path], tmp_path: Path) -> None:

@@ -90,3 +90,51 @@ def test_jacobian_radius_matches_dense_jacobian_on_model():
     rho = torch.linalg.eigvals(J).abs().max().item()
     est = jacobian_spectral_radius(f, h64, 300)
     assert est.radius == pytest.approx(rho, rel=5e-2)
+
+
+class _SavedBytes:
+    """Bytes of tensors held by autograd graphs, now and at most (saved_tensors_hooks)."""
+
+    def __init__(self) -> None:
+        self.now = self.peak = 0
+
+    def pack(self, t: torch.Tensor) -> "_Held":
+        return _Held(self, t.detach())  # detached: holding the tensor itself would make a cycle
+
+    @staticmethod
+    def unpack(held: "_Held") -> torch.Tensor:
+        return held.t
+
+
+class _Held:
+    def __init__(self, counter: _SavedBytes, t: torch.Tensor) -> None:
+        self.counter, self.t, self.n = counter, t, t.numel() * t.element_size()
+        counter.now += self.n
+        counter.peak = max(counter.peak, counter.now)
+
+    def __del__(self) -> None:
+        self.counter.now -= self.n
+
+
+def test_spectral_report_in_blocks_equals_one_graph_and_holds_one_blocks_graph():
+    """batch_size=2 over 7 samples (blocks of 2, 2, 1, 2): the same radius, Rayleigh quotient and
+    contraction ratios as one graph of all 7, with at most ~2/7 of its saved activations alive."""
+    model = tiny_model()
+    ids_BT = torch.randint(0, 10, (7, 9), generator=seeded(4))
+    valid_BT = torch.ones(7, 9, dtype=torch.bool)
+    valid_BT[3, 6:] = False  # right padding in one sample
+    held = {}
+    reports = {}
+    for bs in (None, 2):
+        counter = _SavedBytes()
+        with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            reports[bs] = spectral_report(model, ids_BT, 3, valid_BT, n_iters=16, batch_size=bs)
+        held[bs] = counter.peak
+    whole, blocks = reports[None], reports[2]
+    assert blocks["jacobian_radius"] == pytest.approx(whole["jacobian_radius"], rel=1e-5)
+    assert blocks["jacobian_rayleigh"] == pytest.approx(whole["jacobian_rayleigh"], rel=1e-4, abs=1e-6)
+    assert blocks["jacobian_norm_ratios"] == pytest.approx(whole["jacobian_norm_ratios"], rel=1e-5)
+    assert blocks["contraction_ratios"] == whole["contraction_ratios"]
+    assert 0 < held[2] <= 0.4 * held[None], held  # the largest block holds 2 of 7 samples
+    with pytest.raises(ValueError, match="batch_size"):
+        spectral_report(model, ids_BT, 3, batch_size=0)
