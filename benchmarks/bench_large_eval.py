@@ -44,7 +44,8 @@ WRAPPER = (
 )
 
 
-def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[int, int], dict[int, int]]:
+def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[int, int], dict[int, int], str]:
+    """(wall seconds, peak RSS per rank, runtime RSS per rank, stderr: evaluation's progress lines)."""
     t = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=REPO)
     wall = time.perf_counter() - t
@@ -54,7 +55,16 @@ def run(cmd: list[str], env: dict[str, str]) -> tuple[float, dict[int, int], dic
     def per_rank(what: str) -> dict[int, int]:
         return {int(r): int(b) for r, b in re.findall(rf"{what} rank=(\d+) bytes=(\d+)", proc.stdout)}
 
-    return wall, per_rank("PEAK"), per_rank("RUNTIME")
+    return wall, per_rank("PEAK"), per_rank("RUNTIME"), proc.stderr
+
+
+def eval_times(stderr: str) -> str:
+    """'s per batch of the sweep / s of the spectral report', from evaluation's progress lines."""
+    per_batch = re.findall(r"([\d.]+) s/batch", stderr)
+    spectral = re.search(r"spectral report: .*?(\d+) block\(s\) per rank, ([\d.]+) s", stderr)
+    if not per_batch or not spectral:
+        raise SystemExit(f"no progress lines in the evaluation's output:\n{stderr[-2000:]}")
+    return f"{float(per_batch[-1]):.1f} / {float(spectral[2]):.1f} ({spectral[1]} blocks)"
 
 
 def deepspeed_layout(export: Path, step_dir: Path) -> None:
@@ -116,7 +126,7 @@ def main() -> None:
     py = [sys.executable, str(wrapper)]
     init_cmd = [*py, "init", "--config", args.config, *sets, "--out", str(export)]
     init_cmd += ["--max-shard-size", args.max_shard_size]
-    init_s, init_peak, init_base = run(init_cmd, env)
+    init_s, init_peak, init_base, _ = run(init_cmd, env)
 
     reader = ExportReader(export)
     shapes = reader.shapes()
@@ -125,10 +135,10 @@ def main() -> None:
     experts = sum(b for k, b in nbytes.items() if re.search(r"\.experts\.\d+\.", k))
     dense = sum(nbytes.values()) - experts
     shard = max(f.stat().st_size for f in export.glob("*.safetensors"))
-    rows = [("init", init_s, init_peak[0], init_base[0], shard)]
+    rows = [("init", init_s, init_peak[0], init_base[0], shard, "")]
     deepspeed_layout(export, out / "ckpt" / "step_00000001")
     ex_cmd = [*py, "export", "--checkpoint", str(out / "ckpt"), "--out", str(out / "export")]
-    ex_s, ex_peak, ex_base = run([*ex_cmd, "--max-shard-size", args.max_shard_size], env)
+    ex_s, ex_peak, ex_base, _ = run([*ex_cmd, "--max-shard-size", args.max_shard_size], env)
     rows.append(
         (
             "export",
@@ -136,6 +146,7 @@ def main() -> None:
             ex_peak[0],
             ex_base[0],
             max(f.stat().st_size for f in (out / "export").glob("*.safetensors")),
+            "",
         )
     )
     shutil.rmtree(out / "ckpt")
@@ -156,21 +167,29 @@ def main() -> None:
         else:
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
             cmd += [str(wrapper), *ev, "--set", f"parallel.ep_size={ep}"]
-        wall, peaks, base = run(cmd, env)
+        wall, peaks, base, stderr = run(cmd, env)
         for rank, peak in sorted(peaks.items()):
-            rows.append((f"eval EP={ep}, rank {rank}", wall, peak, base[rank], dense + experts / ep))
+            rows.append(
+                (
+                    f"eval EP={ep}, rank {rank}",
+                    wall,
+                    peak,
+                    base[rank],
+                    dense + experts / ep,
+                    eval_times(stderr),
+                )
+            )
     print(f"host: {host}, torch {torch.__version__}; {args.config}: {sum(nbytes.values()) / 2**30:.2f} GiB "
           f"fp32 ({experts / sum(nbytes.values()):.0%} routed experts, {cfg.n_experts} experts); "
           f"largest shard {shard / 2**30:.2f} GiB ({args.max_shard_size}); eval of {args.n_samples} samples, loops 1,2,4\n")  # fmt: skip
-    print(
-        "| step | wall s | peak RSS GiB | lower bound GiB | peak / bound | runtime GiB | (peak − runtime) / bound |"
-    )
-    print("|---|---|---|---|---|---|---|")
-    for name, wall, peak, base, bound in rows:
-        print(f"| {name} | {wall:.1f} | {peak / 2**30:.2f} | {bound / 2**30:.2f} | {peak / bound:.3f}× "
+    print("| step | wall s | s per batch / spectral report s | peak RSS GiB | lower bound GiB | peak / bound "
+          "| runtime GiB | (peak − runtime) / bound |")  # fmt: skip
+    print("|---|---|---|---|---|---|---|---|")
+    for name, wall, peak, base, bound, times in rows:
+        print(f"| {name} | {wall:.1f} | {times or '—'} | {peak / 2**30:.2f} | {bound / 2**30:.2f} | {peak / bound:.3f}× "
               f"| {base / 2**30:.2f} | {(peak - base) / bound:.3f}× |")  # fmt: skip
-    ep1 = max(p for n, _, p, _, _ in rows if n.startswith("eval EP=1"))
-    ep2 = max(p for n, _, p, _, _ in rows if n.startswith("eval EP=2"))
+    ep1 = max(r[2] for r in rows if r[0].startswith("eval EP=1"))
+    ep2 = max(r[2] for r in rows if r[0].startswith("eval EP=2"))
     print(
         f"\nEP=2 per-rank peak / EP=1 peak: {ep2 / ep1:.3f} (lower bounds: {(dense + experts / 2) / (dense + experts):.3f})"
     )

@@ -16,6 +16,8 @@ import itertools
 import json
 import math
 import os
+import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,6 +42,7 @@ from mythos_dist.results_store import (
     write_region,
 )
 from mythos_dist.sweep import chain_batches, check_splits, parse_loops, spectral_inputs, sweep
+from mythos_dist.train_metrics import fmt_time
 
 T = TypeVar("T")
 
@@ -161,7 +164,12 @@ def run_eval(
     cap = cfg.eval.auto_max_loops
     for split in splits:
         if start < stop:
-            res = sweep(model, chain_batches(cfg, split, start, stop, bs), loops, halting, cap)
+            progress = (
+                _Progress(f"eval {split}" + (f" (rank 0 of {world})" if world > 1 else ""), stop - start)
+                if rank == 0
+                else None
+            )
+            res = sweep(model, chain_batches(cfg, split, start, stop, bs), loops, halting, cap, progress)
             write_region(store, split, start, res)
         fillers = lockstep - math.ceil((stop - start) / bs)
         if fillers > 0:
@@ -171,10 +179,14 @@ def run_eval(
     if expert_parallel or rank == 0:  # collective under expert parallelism: every rank joins
         ids_BT, valid_BT = spectral_inputs(cfg, splits[0], n)
         device = next(model.parameters()).device
+        t0 = time.perf_counter()
         spectral = spectral_report(
             model, ids_BT.to(device), max(loops), valid_BT.to(device), across_ranks=expert_parallel,
             batch_size=cfg.eval.spectral_batch_size,
         )  # fmt: skip
+        if rank == 0:
+            print(f"spectral report: {len(ids_BT)} samples at {max(loops)} loops, {spectral['blocks']} "
+                  f"block(s) per rank, {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)  # fmt: skip
     comm.barrier()
     # Rank 0 summarises, plots and tracks; every rank learns whether that worked, so none is left
     # waiting for a rank that failed (e.g. at `mythos eval`'s closing barrier) and all end with the error.
@@ -182,6 +194,23 @@ def run_eval(
         lambda: _report(cfg, version_dir, store, spectral, checkpoint, parent_run_id, over_training),
         failure=f"while writing the results in {version_dir}",
     )
+
+
+class _Progress:
+    """Rank 0's progress line after each batch: samples done of its share, seconds per batch, ETA
+    (under expert parallelism the ranks run in lockstep, so rank 0's pace is every rank's)."""
+
+    def __init__(self, what: str, total: int):
+        self.what, self.total, self.done, self.batches = what, total, 0, 0
+        self.t0 = time.perf_counter()
+
+    def __call__(self, n: int) -> None:
+        self.done += n
+        self.batches += 1
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        print(f"{self.what}: {self.done}/{self.total} samples  {elapsed / self.batches:.2f} s/batch  "
+              f"eta {fmt_time(eta)}", file=sys.stderr, flush=True)  # fmt: skip
 
 
 def _on_rank0(work: Callable[[], T], failure: str | None = None) -> T | None:

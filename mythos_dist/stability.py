@@ -262,4 +262,5 @@ def spectral_report(
         "contraction_ratios": contraction_ratios(deltas, across_ranks),
         "delta_norms": [_frobenius(d, across_ranks) for d in deltas],
         "n_loops": n_loops,
+        "blocks": n_blocks,  # of samples per rank in the Jacobian-vector products
     }

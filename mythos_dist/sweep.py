@@ -8,7 +8,7 @@ samples are those of the held-out set cfg.eval.heldout ('test' unless choosing o
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,11 +93,12 @@ def sweep(
     loops: Sequence[int],
     halting: LoopHalting | None = None,
     halting_cap: int = 0,
+    on_batch: Callable[[int], None] | None = None,
 ) -> SweepResult:
     """All loop counts from ONE forward per batch (the recurrence runs max(loops) times and the coda
     is applied to the state after each requested count), predictions read at the EQ position.
     halting: a second forward per batch in which each sample stops once converged, at most
-    halting_cap loops (its prediction and loops used)."""
+    halting_cap loops (its prediction and loops used). on_batch(samples in it): after each batch."""
     loops = sorted(loops)
     was_training = model.training
     model.eval()
@@ -119,6 +120,8 @@ def sweep(
                 auto = answer_forward(model, b, halting_cap, halting=halting)
                 fields += (auto.logits.argmax(-1), auto.loops_used)
             parts.append(tuple(t.cpu().numpy() for t in fields))
+            if on_batch is not None:
+                on_batch(len(pos_B))
     finally:
         model.train(was_training)
     if not parts:

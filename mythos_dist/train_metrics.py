@@ -37,7 +37,8 @@ def loop_divergence(delta_norms: list[float]) -> str | None:
     return None
 
 
-def _fmt_time(s: float) -> str:
+def fmt_time(s: float) -> str:
+    """Seconds as H:MM:SS (progress lines)."""
     s = int(s)
     return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
@@ -103,7 +104,7 @@ class StepMetrics:
         eta = elapsed / (res.step - self.start) * (self.end - res.step)
         self.say(
             f"step {res.step}/{self.t.steps}  loss {res.loss:.4f}  acc {res.acc:.3f}  lr {metrics['lr']:.2e}  "
-            f"gnorm {res.grad_norm:.3f}  loops {res.choice.n_loops}  tok/s {tok_s:,.0f}  eta {_fmt_time(eta)}"
+            f"gnorm {res.grad_norm:.3f}  loops {res.choice.n_loops}  tok/s {tok_s:,.0f}  eta {fmt_time(eta)}"
         )
         self.tracker.log_metrics(metrics, step=res.step)
         return all_tokens, tok_s, elapsed
