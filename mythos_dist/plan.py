@@ -172,18 +172,6 @@ class _FusedAttentionOnMeta(TorchFunctionMode):
         return func(*args, **(kwargs or {}))
 
 
-_META_KERNELS: list[Any] = []
-
-
-def _register_meta_kernels() -> None:
-    """bincount has no meta kernel; the router's counts have a known size (minlength = n_experts)."""
-    if _META_KERNELS:
-        return
-    lib = torch.library.Library("aten", "IMPL")
-    lib.impl("bincount", lambda x, weights=None, minlength=0: x.new_empty(minlength), "Meta")
-    _META_KERNELS.append(lib)
-
-
 def _saved_bytes(
     model: RDT, batch: int, seq_len: int, n_loops: int, backprop_loops: int, device_type: str
 ) -> int:
@@ -243,7 +231,6 @@ def saved_bytes(
 ) -> int:
     """Bytes a training forward saves for backward (parameters excluded), micro batch of
     batch × seq_len tokens, every token counted; run on the meta device."""
-    _register_meta_kernels()
     # Dropless: every routed copy is kept (an upper bound with a capacity factor).
     cfg = dataclasses.replace(model_cfg, capacity_factor=0.0)
     with torch.device("meta"):
