@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 from mythos_dist import comm
 from mythos_dist.config import Config, ModelConfig, config_diff, from_dict, to_dict
-from mythos_dist.model import RDT
+from mythos_dist.model import RDT, init
 from mythos_dist.model.moe import MoEFFN
 from mythos_dist.safe_io import CheckpointError, read_json
 from mythos_dist.weight_names import EXPERT_WEIGHTS
@@ -455,7 +455,7 @@ def load_shard(source: TensorSource, ep_size: int = 1, ep_rank: int = 0) -> RDT:
         model = RDT(cfg)
     for moe in model.moe_layers():
         moe.experts.shard(first, n_local)
-    model.to_empty(device="cpu")
+    init.materialize(model, "cpu")
     load_into(model, source)
     persistent = set(model.state_dict())
     for name, buf in model.named_buffers():  # counters (the router's load since the last step)

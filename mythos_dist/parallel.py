@@ -30,7 +30,7 @@ from torch import nn
 
 from mythos_dist.comm import init_process_group
 from mythos_dist.config import Config
-from mythos_dist.model import RDT
+from mythos_dist.model import RDT, init
 from mythos_dist.model.dispatch import AllToAllDispatcher
 from mythos_dist.model.moe import MoEFFN
 from mythos_dist.optim import lr_schedule, param_groups
@@ -174,7 +174,7 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
         moe.experts.shard(first, n_local)
     if use_bf16(cfg):  # materialised in the dtype DeepSpeed trains in: no fp32 copy on the way
         model.to(torch.bfloat16)
-    model.to_empty(device=device)
+    init.materialize(model, device)
     model.reset_parameters(cfg.train.seed)
     if cfg.train.init_from:  # an export's weights instead (e.g. an upcycled model): this rank's part
         from mythos_dist.export import ExportReader, load_into

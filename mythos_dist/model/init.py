@@ -46,3 +46,10 @@ class Embedding(nn.Embedding):
     def reset_parameters(self) -> None:
         if not self.weight.is_meta:
             super().reset_parameters()
+
+
+def materialize(module: nn.Module, device: torch.device | str) -> nn.Module:
+    """`module.to_empty(device=device)`, uninitialised storage for every meta tensor, without
+    `torch.empty_like` of a meta tensor: its Python reference implementation imports sympy and
+    torch's symbolic shapes (~70 MB) into the process on first use. Parameters are contiguous."""
+    return module._apply(lambda t: torch.empty(t.shape, dtype=t.dtype, device=device))

@@ -42,7 +42,7 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[])
     args = ap.parse_args()
 
-    from mythos_dist.config import ModelConfig, load_config
+    from mythos_dist.config import load_config
     from mythos_dist.model import RDT
     from mythos_dist.parallel import build_engine, build_model, init_distributed, parallelize
 
@@ -51,9 +51,7 @@ def main() -> None:
     rank = info.rank
     args.out.mkdir(parents=True, exist_ok=True)
     if args.mode == "build":
-        with torch.device("meta"):  # the first meta-device build loads ~70 MB of torch code, once
-            RDT(ModelConfig())
-        reset_peak_rss()
+        reset_peak_rss()  # no warm-up: building on meta must not load torch's compiler stack either
         before = rss_bytes("VmRSS")
         model = build_model(cfg, info.device)
         build_peak = rss_bytes("VmHWM") - before
