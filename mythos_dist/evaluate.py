@@ -36,7 +36,7 @@ from mythos_dist.report import write_summary
 from mythos_dist.results_store import (
     STORE_NAME,
     create_store,
-    next_version_dir,
+    new_version_dir,
     rank_region,
     summarize,
     write_region,
@@ -242,8 +242,7 @@ def _on_rank0(work: Callable[[], T], failure: str | None = None) -> T | None:
 
 def _new_store(cfg: Config, out_dir: str | Path | None, splits: Sequence[str], loops: Sequence[int], n: int,
                world: int, bs: int, checkpoint: str | None) -> Path:  # fmt: skip
-    version_dir = next_version_dir(Path(out_dir or cfg.eval.out_dir))
-    version_dir.mkdir(parents=True)
+    version_dir = new_version_dir(Path(out_dir or cfg.eval.out_dir))
     create_store(version_dir / STORE_NAME, cfg, splits, loops, n, world, bs, checkpoint)
     return version_dir
 

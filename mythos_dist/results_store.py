@@ -26,10 +26,19 @@ def rank_region(n: int, world: int, rank: int, batch_size: int) -> tuple[int, in
     return min(rank * chunk, n), min((rank + 1) * chunk, n), chunk
 
 
-def next_version_dir(out_dir: Path) -> Path:
-    """out_dir/eval-K with K one above the highest existing: an old result is never overwritten."""
-    taken = [int(p.name[5:]) for p in out_dir.glob("eval-*") if p.name[5:].isdigit()]
-    return out_dir / f"eval-{max(taken, default=0) + 1}"
+def new_version_dir(out_dir: Path) -> Path:
+    """Create and return out_dir/eval-K, K one above the highest existing: an old result is never
+    overwritten, and evaluations started together into one out_dir each get their own (mkdir
+    claims K atomically; the loser of a race takes the next)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    while True:
+        taken = [int(p.name[5:]) for p in out_dir.glob("eval-*") if p.name[5:].isdigit()]
+        version_dir = out_dir / f"eval-{max(taken, default=0) + 1}"
+        try:
+            version_dir.mkdir()
+            return version_dir
+        except FileExistsError:
+            continue
 
 
 def create_store(

@@ -10,7 +10,7 @@ from mythos_dist.config import Config, ConfigError, load_config, to_dict
 from mythos_dist.evaluate import run_eval
 from mythos_dist.model import RDT
 from mythos_dist.report import format_table
-from mythos_dist.results_store import create_store, next_version_dir, rank_region
+from mythos_dist.results_store import create_store, new_version_dir, rank_region
 from mythos_dist.sweep import chain_batches, check_splits, parse_loops, sweep
 
 SMALL = [
@@ -102,10 +102,30 @@ def test_run_eval_store_summary_and_plots(tmp_path):
 
 
 def test_versions_are_never_overwritten(tmp_path):
-    assert next_version_dir(tmp_path).name == "eval-1"
-    for name in ["eval-1", "eval-3", "eval-x", "other"]:
-        (tmp_path / name).mkdir()
-    assert next_version_dir(tmp_path).name == "eval-4"
+    first = new_version_dir(tmp_path / "out")
+    assert first.name == "eval-1" and first.is_dir()
+    for name in ["eval-3", "eval-x", "other"]:
+        (tmp_path / "out" / name).mkdir()
+    assert new_version_dir(tmp_path / "out").name == "eval-4"
+
+
+def test_evaluations_started_together_each_get_their_own_version(tmp_path):
+    """8 threads claiming a version of one out dir at once: 8 distinct directories, none shared
+    (before, two `mythos eval` into one --out could pick the same eval-K and one failed)."""
+    import threading
+
+    got, start = [], threading.Barrier(8)
+
+    def claim() -> None:
+        start.wait()
+        got.append(new_version_dir(tmp_path))
+
+    threads = [threading.Thread(target=claim) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(p.name for p in got) == [f"eval-{k}" for k in range(1, 9)]
 
 
 def test_existing_store_is_refused(tmp_path):
