@@ -256,9 +256,9 @@ class EvalConfig:
     auto_min_loops: int = 1
     auto_max_loops: int = 32
     # The spectral report's Jacobian-vector products in blocks of at most this many samples: memory
-    # of one block's autograd graph instead of all samples', at about twice the time. The report
-    # takes at most 64 samples: 64 is one block, one graph kept. Lower it for models whose
-    # activations are large beside the weights (configs/scales/).
+    # of one block's autograd graph instead of all samples', at 5-6× the report's time (the 1B
+    # config, docs/scale.md). The report takes at most 64 samples: 64 is one block, one graph
+    # kept. Lower it for models whose activations are large beside the weights (configs/scales/).
     spectral_batch_size: int = 64
 
     def validate(self, prefix: str = "eval") -> None:

@@ -73,7 +73,6 @@ def jacobian_spectral_radius(
     which works through custom autograd Functions (the grouped expert GEMM) that lack a forward-mode
     rule. Attention runs on the math SDPA backend here: the fused kernels' backward is not itself
     differentiable.
-
     """
     _check_iters(n_iters)
     with torch.enable_grad(), sdpa_kernel(SDPBackend.MATH):
@@ -214,7 +213,7 @@ def spectral_report(
     activations. With fewer samples than ranks every rank runs all of them.
     batch_size: the Jacobian-vector products run on blocks of at most this many samples, each
     block's graph recorded anew per power iteration (memory of one block's graph, not all
-    samples', at about twice the time); None: all at once, one graph kept.
+    samples', at 5-6× the time measured in docs/scale.md); None: all at once, one graph kept.
     """
     if n_loops < 1:
         raise ValueError(f"n_loops must be ≥ 1, got {n_loops}")
