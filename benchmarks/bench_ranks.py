@@ -4,8 +4,8 @@
 
 The main job's model and micro batch (configs/digit_chain.yaml: 128 chains per rank, 4 loops),
 the real DeepSpeed engine; each rank trains on its own micro batches, so 2 ranks process twice
-the tokens per step. Runs 1 rank, 2 ranks EP=1 and 2 ranks EP=2 in turn (--rounds times, each
-in fresh processes) and prints, per layout, tokens/s from the wall clock and from each rank's CPU
+the tokens per step. Runs 1 rank, 2 ranks EP=1, 2 ranks EP=2 and 2 ranks EP=2 with the padded
+(sync-free) all-to-all (parallel.ep_dispatch) in turn (--rounds times, each in fresh processes) and prints, per layout, tokens/s from the wall clock and from each rank's CPU
 seconds (user + system: on a machine shared with other jobs a rank waits for a core, and the wall
 clock counts that wait), and where a rank's step time goes: the seconds inside torch.distributed
 collectives (all-to-all, all-reduce, reduce-scatter, ...; timed around each call) and the rest.
@@ -63,7 +63,7 @@ def time_collectives(spent: dict[str, list[float]]) -> None:
         setattr(dist, name, timed)
 
 
-def worker(out: Path, ep: int, steps: int) -> None:
+def worker(out: Path, ep: int, dispatch: str, steps: int) -> None:
     import logging
 
     import torch.distributed as dist
@@ -74,13 +74,19 @@ def worker(out: Path, ep: int, steps: int) -> None:
     from mythos_dist.parallel import build_engine, init_distributed, parallelize, sync_router_biases
     from mythos_dist.train import ChainBatches
 
-    sets = [f"parallel.ep_size={ep}", "parallel.zero_stage=2", "tracking.enabled=false"]
+    sets = [
+        f"parallel.ep_size={ep}",
+        "parallel.zero_stage=2",
+        "tracking.enabled=false",
+        f"parallel.ep_dispatch={dispatch}",
+    ]
     cfg = load_config(REPO / "configs" / "digit_chain.yaml", sets)
     init_distributed(600)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    engine, _ = build_engine(parallelize(RDT(cfg.model), ep), cfg, world, log=lambda *_: None)
+    model = parallelize(RDT(cfg.model), ep, cfg.parallel.ep_dispatch)
+    engine, _ = build_engine(model, cfg, world, log=lambda *_: None)
     batches = iter(ChainBatches(cfg.data.task, cfg.train.micro_batch_size, rank, world))
     spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
     time_collectives(spent)
@@ -116,9 +122,10 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=REPO / "runs" / "bench_ranks")
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
+    ap.add_argument("--dispatch", default="exact", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.ep, args.steps)
+        worker(args.worker, args.ep, args.dispatch, args.steps)
         return
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_moe import host_line
@@ -128,29 +135,32 @@ def main() -> None:
     print(f"load average before: {load()}")
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    layouts = [(1, 1), (2, 1), (2, 2)]  # (ranks, EP)
-    runs: dict[tuple[int, int], list[list[dict]]] = defaultdict(list)
+    layouts = [(1, 1, "exact"), (2, 1, "exact"), (2, 2, "exact"), (2, 2, "padded")]  # (ranks, EP, dispatch)
+    runs: dict[tuple[int, int, str], list[list[dict]]] = defaultdict(list)
     for r in range(args.rounds):
-        for n, ep in layouts:
-            out = args.out / f"round{r}_w{n}_ep{ep}"
+        for n, ep, dispatch in layouts:
+            out = args.out / f"round{r}_w{n}_ep{ep}_{dispatch}"
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
-            cmd += [__file__, "--worker", str(out), "--ep", str(ep), "--steps", str(args.steps)]
+            cmd += [__file__, "--worker", str(out), "--ep", str(ep), "--dispatch", dispatch]
+            cmd += ["--steps", str(args.steps)]
             subprocess.run(cmd, env=env, check=True, capture_output=True)
-            runs[(n, ep)].append([json.loads((out / f"rank{i}.json").read_text()) for i in range(n)])
+            runs[(n, ep, dispatch)].append(
+                [json.loads((out / f"rank{i}.json").read_text()) for i in range(n)]
+            )
     print(f"load average after: {load()}")
 
     def rates(ranks: list[dict]) -> tuple[float, float]:
         tokens = sum(r["tokens"] for r in ranks)
         return tokens / max(r["wall_s"] for r in ranks), tokens / max(r["cpu_s"] for r in ranks)
 
-    base = [rates(rs) for rs in runs[(1, 1)]]
+    base = [rates(rs) for rs in runs[(1, 1, "exact")]]
     print(
         f"\n{'layout':18s} {'tok/s wall':>11s} {'vs 1 rank':>9s} {'tok/s cpu':>10s} {'vs 1 rank':>9s}  "
         "per step and rank (cpu s): collectives / rest"
     )
-    for n, ep in layouts:
-        for r, ranks in enumerate(runs[(n, ep)]):
+    for n, ep, dispatch in layouts:
+        for r, ranks in enumerate(runs[(n, ep, dispatch)]):
             wall, cpu = rates(ranks)
             steps = ranks[0]["steps"]
             parts = []
@@ -161,7 +171,7 @@ def main() -> None:
                     " ".join(f"{k} {v * 1e3:.1f}ms" for k, v in coll.items()) + f" rest {rest * 1e3:.0f}ms"
                 )
             print(
-                f"{f'{n} rank(s), EP={ep}':18s} {wall:11.0f} {wall / base[r][0]:8.2f}x {cpu:10.0f} "
+                f"{f'{n} rank(s), EP={ep}' + (' padded' if dispatch == 'padded' else ''):18s} {wall:11.0f} {wall / base[r][0]:8.2f}x {cpu:10.0f} "
                 f"{cpu / base[r][1]:8.2f}x  " + " | ".join(parts)
             )
 

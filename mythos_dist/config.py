@@ -131,6 +131,10 @@ class TrainConfig:
     # uses model.attn_window. A narrower window makes chains of the same length need more loops,
     # so steps with it train the loop map to keep carrying information at later loops.
     attn_windows: tuple[int, ...] = ()
+    # Weight of a second cross-entropy, at every digit: the running sum (d_1 + … + d_j) mod
+    # modulus, each prefix the answer of a shorter chain (counted under the same length rules).
+    # It asks each position for the state a length-free loop map carries; 0 = the answer only.
+    running_sum_loss: float = 0.0
     # "loop": each loop iteration's activations are recomputed in backward instead of kept, so a
     # step's activation memory grows with the loop count only by the (tokens, dim) loop state.
     # Same losses and gradients as "none"; costs about one more forward of the looped block.
@@ -159,6 +163,7 @@ class TrainConfig:
             f"{prefix}.attn_windows",
             f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
         )
+        require(self.running_sum_loss >= 0, f"{prefix}.running_sum_loss", "must be ≥ 0 (0 = off)")
         self.loops.validate(f"{prefix}.loops")
         if self.init_from:
             require(
@@ -171,12 +176,22 @@ class TrainConfig:
 @dataclass
 class ParallelConfig:
     ep_size: int = 1
+    # How the expert-parallel all-to-all learns its sizes: "exact" reads them to the host once per
+    # MoE layer use and sends only the real rows; "padded" never reads them (fixed buffers of the
+    # dropless worst case, ep_size·min(k, L)/k times the rows; for devices where a host sync per
+    # loop costs more than the bytes). Same results (mythos_dist/model/dispatch.py).
+    ep_dispatch: Literal["exact", "padded"] = "exact"
     zero_stage: int = 1
     timeout_s: float = 120.0  # collective timeout: a dead rank fails the others within this bound
     ds_config_override: dict[str, Any] = field(default_factory=dict)  # merged last, logged
 
     def validate(self, prefix: str = "parallel") -> None:
         require(self.ep_size >= 1, f"{prefix}.ep_size", "must be ≥ 1")
+        require(
+            self.ep_dispatch in ("exact", "padded"),
+            f"{prefix}.ep_dispatch",
+            f"must be 'exact' or 'padded', got {self.ep_dispatch!r}",
+        )
         require(
             self.zero_stage in (0, 1, 2, 3), f"{prefix}.zero_stage", f"must be 0-3, got {self.zero_stage}"
         )

@@ -31,7 +31,7 @@ from torch import nn
 from mythos_dist.comm import init_process_group
 from mythos_dist.config import Config
 from mythos_dist.model import RDT, init
-from mythos_dist.model.dispatch import AllToAllDispatcher
+from mythos_dist.model.dispatch import AllToAllDispatcher, PaddedAllToAllDispatcher, new_forward_hook
 from mythos_dist.model.moe import MoEFFN
 from mythos_dist.optim import lr_schedule, param_groups
 from mythos_dist.weight_names import (
@@ -78,10 +78,11 @@ class ExpertParallelMoE(MoE):
     code renames to the global id; hooks convert to and from our stacked weights.
     """
 
-    def __init__(self, layer: MoEFFN, ep_size: int):
+    def __init__(self, layer: MoEFFN, ep_size: int, dispatch: str = "exact"):
         nn.Module.__init__(self)
         self.layer = layer
         self.ep_size = ep_size
+        self.dispatcher_cls = {"exact": AllToAllDispatcher, "padded": PaddedAllToAllDispatcher}[dispatch]
         self.num_experts = layer.n_experts
         self.num_local_experts = layer.n_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
@@ -96,9 +97,9 @@ class ExpertParallelMoE(MoE):
     def set_deepspeed_parallelism(self, use_data_before_expert_parallel_: bool = False) -> None:
         """Create the EP / expert-DP groups (once per ep_size) and route tokens through the EP group."""
         expert_parallel_rank(self.ep_size, use_data_before_expert_parallel_)
-        if self.ep_size > 1 and not isinstance(self.layer.dispatcher, AllToAllDispatcher):
+        if self.ep_size > 1 and type(self.layer.dispatcher) is not self.dispatcher_cls:
             group = groups._get_expert_parallel_group(self.expert_group_name)
-            self.layer.dispatcher = AllToAllDispatcher(self.num_experts, group)
+            self.layer.dispatcher = self.dispatcher_cls(self.num_experts, group)
 
     @property
     def ep_rank(self) -> int:
@@ -136,8 +137,9 @@ def expert_parallel_rank(ep_size: int, use_data_before_expert_parallel_: bool = 
     return groups._get_expert_parallel_rank(name)
 
 
-def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
+def parallelize(model: nn.Module, ep_size: int, dispatch: str = "exact") -> nn.Module:
     """In place: wrap every MoEFFN for DeepSpeed and keep only this rank's experts [r·L, (r+1)·L).
+    dispatch: the all-to-all's kind (parallel.ep_dispatch: exact splits, or padded, sync-free).
 
     The model is either the full model, identical on every rank (its experts are then sliced), or
     already holds exactly this rank's experts (`build_model`).
@@ -145,7 +147,7 @@ def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
     for name, module in list(model.named_modules()):
         if not isinstance(module, MoEFFN):
             continue
-        wrapper = ExpertParallelMoE(module, ep_size)
+        wrapper = ExpertParallelMoE(module, ep_size, dispatch)
         wrapper.set_deepspeed_parallelism()
         n_local = wrapper.num_local_experts
         module.experts.shard(wrapper.ep_rank * n_local, n_local)
@@ -153,6 +155,8 @@ def parallelize(model: nn.Module, ep_size: int) -> nn.Module:
             p.allreduce, p.group_name = False, wrapper.expert_group_name
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
+    if dispatch == "padded" and ep_size > 1:
+        new_forward_hook(model)
     return model
 
 
@@ -181,7 +185,7 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
 
         load_into(model, ExportReader(cfg.train.init_from))
     model.recurrent.checkpoint_loops = cfg.train.activation_checkpointing == "loop"
-    return parallelize(model, ep_size)
+    return parallelize(model, ep_size, cfg.parallel.ep_dispatch)
 
 
 def sync_router_biases(model: nn.Module, update: bool = True) -> list[torch.Tensor]:

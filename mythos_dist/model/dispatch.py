@@ -7,9 +7,11 @@ group so each rank runs only its n_experts/ep_size local experts. Router and exp
 Host syncs: all_to_all_single takes its split sizes as host integers, and they depend on this
 call's routing (which depends on the previous loop's output), so the all-to-all dispatcher reads
 them once per call: one sync per MoE layer use, for the send and receive splits and the rows per
-local expert together. Fewer would need a fixed buffer per destination rank, and a dropless one
-must hold the worst case (every token's k copies to one rank): ep_size·min(k, L)/k times the rows
-sent and carried through the experts' elementwise passes (docs/benchmarks.md, "Host syncs").
+local expert together. `PaddedAllToAllDispatcher` (parallel.ep_dispatch: padded) reads one per
+forward instead (the ranks' token counts): a fixed buffer per destination rank, which for a
+dropless routing must hold the worst case (every token's k copies to one rank), ep_size·min(k, L)/k
+times the rows sent and carried through the experts' elementwise passes (docs/benchmarks.md,
+"Host syncs"). Both give bit-identical results.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ class DispatchState:
     recv_splits: list[int] | None = None
     tokens_per_local_L: list[int] | None = None  # rows per local expert, on the host
     regroup_M: torch.Tensor | None = None  # received rows (src-major) -> local-expert-major
+    # padded all-to-all only
+    slot_M: torch.Tensor | None = None  # each sent row's place in the send buffer
 
 
 class TokenDispatcher(Protocol):
@@ -145,3 +149,84 @@ class AllToAllDispatcher:
         y_recv = torch.empty_like(y_MD).index_copy(0, state.regroup_M, y_MD)  # undo regroup
         y_sent = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, self.group)
         return _combine(y_sent, weights_NK, state)
+
+
+class PaddedAllToAllDispatcher(AllToAllDispatcher):
+    """Expert parallelism without a host sync per MoE layer use: each rank sends every peer a
+    buffer of a fixed N·min(k, L) rows (N: the sender's tokens; a token's k experts are distinct,
+    so at most min(k, L) of its copies go to one rank: dropless for any routing), the real rows
+    first. The ranks' token counts are exchanged once per forward (`new_forward`, called by a
+    forward pre-hook of the model: every loop routes the same tokens); all other sizes stay on the
+    device. The receiver finds each row's local expert from the exchanged counts; padding rows
+    sort last, past the grouped GEMMs' last group (never computed into a real row, never sent back
+    into one). The same rows in the same order as AllToAllDispatcher: bit-identical outputs."""
+
+    def __init__(self, n_experts: int, group: dist.ProcessGroup | None):
+        super().__init__(n_experts, group)
+        self._tokens_S: list[int] | None = None  # every rank's tokens in this forward
+
+    def new_forward(self) -> None:
+        self._tokens_S = None
+
+    def _buffer_rows(self, x_ND: torch.Tensor, top_k: int) -> list[int]:
+        """Rows of the buffer each rank sends each peer (one host read per forward)."""
+        n = x_ND.shape[0]
+        if self._tokens_S is None:
+            tokens_S = torch.empty(self.ep_size, dtype=torch.long, device=x_ND.device)
+            dist.all_gather_into_tensor(tokens_S, torch.tensor([n], device=x_ND.device), group=self.group)
+            self._tokens_S = tokens_S.tolist()
+        elif n != self._tokens_S[dist.get_rank(self.group)]:
+            raise RuntimeError(
+                f"padded all-to-all: {n} tokens in a later MoE call of the forward that began with "
+                f"{self._tokens_S[dist.get_rank(self.group)]} (call new_forward() per forward)"
+            )
+        return [t * min(top_k, self.n_local) for t in self._tokens_S]
+
+    def dispatch(self, x_ND, expert_ids_NK, capacity):
+        assign_idx, token_idx, counts_E = sort_by_expert(expert_ids_NK, self.n_experts, capacity)
+        ep, n_local, device = self.ep_size, self.n_local, x_ND.device
+        rows_S = self._buffer_rows(x_ND, expert_ids_NK.shape[1])
+        rows = rows_S[dist.get_rank(self.group)]  # what I send each peer; I receive rows_S[s] from s
+        recv_counts = torch.empty_like(counts_E)
+        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        recv_counts_SL = recv_counts.view(ep, n_local)
+        # Sorted assignments are destination-major (rank r holds experts [r·L, (r+1)·L)).
+        send_S = counts_E.view(ep, n_local).sum(1)
+        dest_M = expert_ids_NK.flatten()[assign_idx] // n_local
+        first_S = torch.cumsum(send_S, 0) - send_S
+        slot_M = dest_M * rows + torch.arange(len(assign_idx), device=device) - first_S[dest_M]
+        send = x_ND.new_zeros(ep * rows, x_ND.shape[1]).index_copy(0, slot_M, x_ND.index_select(0, token_idx))
+        x_recv = _AllToAll.apply(send, [rows] * ep, rows_S, self.group)
+        # Local expert of each received row (source-major blocks of rows_S[s]); n_local for
+        # padding, which then sorts last.
+        src_R = torch.repeat_interleave(
+            torch.arange(ep, device=device), torch.tensor(rows_S, device=device), output_size=sum(rows_S)
+        )
+        first_R = torch.tensor([0, *rows_S[:-1]], device=device).cumsum(0)[src_R]
+        row_in_block_R = torch.arange(sum(rows_S), device=device) - first_R
+        ends_RL = recv_counts_SL.cumsum(1)[src_R]
+        local_R = torch.searchsorted(ends_RL, row_in_block_R[:, None], right=True).squeeze(1)
+        regroup = torch.argsort(local_R, stable=True)
+        state = DispatchState(
+            token_idx, assign_idx, x_ND.shape[0], send_splits=[rows] * ep, recv_splits=rows_S,
+            regroup_M=regroup, slot_M=slot_M,
+        )  # fmt: skip
+        return x_recv[regroup], recv_counts_SL.sum(0), state
+
+    def combine(self, y_MD, weights_NK, state):
+        y_recv = torch.empty_like(y_MD).index_copy(0, state.regroup_M, y_MD)  # undo regroup
+        y_sent = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, self.group)
+        return _combine(y_sent.index_select(0, state.slot_M), weights_NK, state)
+
+
+def new_forward_hook(model: torch.nn.Module) -> None:
+    """A forward pre-hook on `model` that starts a new forward in each of its padded
+    dispatchers (their token-count exchange is once per forward)."""
+
+    def hook(module: torch.nn.Module, _args: object) -> None:
+        for m in module.modules():
+            d = getattr(m, "dispatcher", None)
+            if isinstance(d, PaddedAllToAllDispatcher):
+                d.new_forward()
+
+    model.register_forward_pre_hook(hook)

@@ -116,7 +116,8 @@ def _grouped_mm_works(device_type: str, dtype: torch.dtype) -> bool:
 def _mm_groups(
     a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor, counts: list[int] | None
 ) -> torch.Tensor:
-    """Grouped product. a (M,K) @ b (G,K,N) -> (M,N) rows grouped; a (K,M) @ b (M,N) -> (G,K,N)."""
+    """Grouped product. a (M,K) @ b (G,K,N) -> (M,N) rows grouped; a (K,M) @ b (M,N) -> (G,K,N).
+    Groups may end before row M: F.grouped_mm leaves those rows unwritten, the fallback zero."""
     if a.is_meta:  # shapes only (the memory planner runs the model on the meta device)
         return (
             a.new_empty(a.shape[0], b.shape[-1])
@@ -125,9 +126,13 @@ def _mm_groups(
         )
     if counts is None:
         return F.grouped_mm(a, b, offs=offs)
+    # Rows past the last group (a padded dispatch's padding) are in no product; zeros out.
+    pad = a.shape[0 if b.dim() == 3 else 1] - sum(counts)
     if b.dim() == 3:
-        return torch.cat([x @ w for x, w in zip(torch.split(a, counts), b.unbind(0))])
-    return torch.stack([x @ y for x, y in zip(torch.split(a, counts, dim=1), torch.split(b, counts))])
+        parts = [x @ w for x, w in zip(torch.split(a, [*counts, pad]), b.unbind(0))]
+        return torch.cat([*parts, a.new_zeros(pad, b.shape[-1])])
+    pairs = zip(torch.split(a, [*counts, pad], dim=1)[: len(counts)], torch.split(b, [*counts, pad]))
+    return torch.stack([x @ y for x, y in pairs])
 
 
 class _GroupedMatmul(torch.autograd.Function):

@@ -1,6 +1,7 @@
 """Device-to-host synchronisations per training micro batch (forward + backward), counted on CPU
 by what each op is (tests/host_syncs.py): they must not grow with the loop count where routing
-allows it, and the all-to-all dispatcher reads its split sizes once per MoE layer use."""
+allows it; the exact all-to-all dispatcher reads its split sizes once per MoE layer use, the padded
+one once per micro batch (the ranks' token counts), with bit-identical losses and gradients."""
 
 import json
 from pathlib import Path
@@ -55,14 +56,36 @@ def test_per_expert_fallback_reads_its_counts_once_per_moe_use(monkeypatch: pyte
     assert counts == {1: PER_MICRO_BATCH + 1, 4: PER_MICRO_BATCH + 4}
 
 
-def test_expert_parallel_step_reads_split_sizes_once_per_moe_use(tmp_path: Path) -> None:
+def _ep_step(tmp_path: Path, dispatch: str) -> tuple[list[dict], list[dict]]:
     # 2 real gloo ranks, 2 of 4 experts each, every rank its own micro batch (uneven splits).
-    out = tmp_path / "out"
+    out = tmp_path / dispatch
     worker = REPO / "tests" / "distributed" / "_sync_worker.py"
-    run(torchrun(2, worker, str(out), "2", "4"), worker_env(tmp_path), tmp_path / "log.txt", timeout=120)
-    for rank in (0, 1):
-        counts = json.loads((out / f"syncs_rank{rank}.json").read_text())
+    run(
+        torchrun(2, worker, str(out), dispatch, "2", "4"),
+        worker_env(tmp_path),
+        tmp_path / f"{dispatch}.log",
+        timeout=120,
+    )
+    counts = [json.loads((out / f"syncs_rank{r}.json").read_text()) for r in (0, 1)]
+    return counts, [torch.load(out / f"grads_rank{r}.pt") for r in (0, 1)]
+
+
+def test_expert_parallel_step_syncs_exact_per_moe_use_padded_per_micro_batch(tmp_path: Path) -> None:
+    exact, exact_grads = _ep_step(tmp_path, "exact")
+    for rank, counts in enumerate(exact):
         for loops, c in counts.items():
             assert c["total"] == PER_MICRO_BATCH + int(loops), (rank, counts)
             dispatch = sum(v for k, v in c["by_site"].items() if k.startswith("dispatch.py"))
             assert dispatch == int(loops), c["by_site"]
+    padded, padded_grads = _ep_step(tmp_path, "padded")
+    for rank, counts in enumerate(padded):  # one more per micro batch (the token counts), none per loop
+        assert {loops: c["total"] for loops, c in counts.items()} == {"2": PER_MICRO_BATCH + 1, "4": PER_MICRO_BATCH + 1}, (
+            rank, counts
+        )  # fmt: skip
+    # The same rows in the same order through the same products: bit-identical, not just close.
+    for rank in (0, 1):
+        for loops in (2, 4):
+            e, p = exact_grads[rank][loops], padded_grads[rank][loops]
+            assert e.keys() == p.keys()
+            for name in e:
+                assert torch.equal(e[name], p[name]), (rank, loops, name)

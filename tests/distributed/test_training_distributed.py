@@ -53,7 +53,10 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("train")
     return {
         "ep1": launch(tmp, "ep1", 1, "parallel.ep_size=1", "train.grad_accum_steps=2"),
-        "ep2_z1": launch(tmp, "ep2_z1", 2, "parallel.ep_size=2", "parallel.zero_stage=1"),
+        # ZeRO-1 with the padded (sync-free) all-to-all, ZeRO-2 with the exact one: both ≡ EP=1
+        "ep2_z1": launch(
+            tmp, "ep2_z1", 2, "parallel.ep_size=2", "parallel.zero_stage=1", "parallel.ep_dispatch=padded"
+        ),
         "ep2_z2": launch(
             tmp, "ep2_z2", 2, "parallel.ep_size=2", "parallel.zero_stage=2", "checkpoint.every=2"
         ),

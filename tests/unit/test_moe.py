@@ -163,3 +163,22 @@ def test_aux_loss_is_positive_and_differentiable() -> None:
     assert aux > 0
     (g,) = torch.autograd.grad(aux, [layer.router.gate.weight])
     assert g.abs().sum() > 0
+
+
+def test_grouped_products_ignore_rows_past_the_last_group() -> None:
+    """A padded dispatch leaves rows past the last group: neither kernel lets them into a real
+    row or a weight gradient (F.grouped_mm leaves them unwritten, the per-expert fallback zero)."""
+    from mythos_dist.model.moe import _mm_groups
+
+    torch.manual_seed(0)
+    a, w = torch.randn(10, 16), torch.randn(2, 16, 8)
+    a[7:] = float("nan")  # the padding: anything at all
+    offs, counts = torch.tensor([3, 7], dtype=torch.int32), [3, 4]
+    want = torch.cat([a[:3] @ w[0], a[3:7] @ w[1]])
+    dy = torch.randn(10, 8)
+    dy[7:] = float("nan")
+    want_dw = torch.stack([a[:3].t() @ dy[:3], a[3:7].t() @ dy[3:7]])
+    for c in (None, counts):  # grouped kernel, fallback
+        torch.testing.assert_close(_mm_groups(a, w, offs, c)[:7], want)
+        torch.testing.assert_close(_mm_groups(a.t(), dy, offs, c), want_dw)
+    assert torch.equal(_mm_groups(a, w, offs, counts)[7:], torch.zeros(3, 8))

@@ -55,3 +55,49 @@ def test_masked_loss_ignores_uncounted_chains() -> None:
     none, m0 = loss_and_metrics(answer_forward(model, batch, 2), batch, cfg.model, longest=1)
     assert m0["n"].item() == 0 and m0["ce"].item() == 0.0
     none.backward()  # connected to the graph
+
+
+def test_running_sum_loss_asks_every_digit_for_its_prefix_sum() -> None:
+    """The running-sum loss: every digit's logits against its prefix's answer, only prefixes of
+    ≤ `longest` digits; the answer's cross-entropy and accuracy are those of the answer-only
+    forward; a weight of 0 leaves the answer-only loss."""
+    import torch.nn.functional as F
+
+    from mythos_dist.objective import running_sum_ce
+
+    cfg = config()
+    torch.manual_seed(0)
+    model = RDT(cfg.model)
+    lengths = torch.tensor([3, 6])
+    ids = torch.tensor([[3, 5, 6, 10, 11, 11, 11], [1, 2, 3, 4, 5, 6, 10]])
+    batch = {"input_ids": ids, "loss_mask": torch.arange(7)[None] == lengths[:, None],
+             "answer": torch.tensor([14 % 7, 21 % 7]), "length": lengths}  # fmt: skip
+    full = answer_forward(model, batch, 2, all_positions=True)
+    assert full.logits.shape == (2, 7, cfg.model.vocab_size)
+    # by hand: prefix sums mod 7 of row 0: 3, 1, 0; of row 1: 1, 3, 6, 3, 1, 0
+    targets = {
+        (0, 0): 3,
+        (0, 1): 1,
+        (0, 2): 0,
+        (1, 0): 1,
+        (1, 1): 3,
+        (1, 2): 6,
+        (1, 3): 3,
+        (1, 4): 1,
+        (1, 5): 0,
+    }
+    ce = {k: F.cross_entropy(full.logits[k][None], torch.tensor([v])) for k, v in targets.items()}
+    torch.testing.assert_close(
+        running_sum_ce(full.logits, ids, 7, None), torch.stack(list(ce.values())).mean()
+    )
+    short = [v for (b, j), v in ce.items() if j < 4]  # prefixes of ≤ 4 digits
+    torch.testing.assert_close(running_sum_ce(full.logits, ids, 7, 4), torch.stack(short).mean())
+    answer_only = answer_forward(model, batch, 2)
+    loss0, m0 = loss_and_metrics(answer_only, batch, cfg.model)
+    loss1, m1 = loss_and_metrics(full, batch, cfg.model, running_sum_weight=0.5)
+    torch.testing.assert_close(m1["ce"], m0["ce"], rtol=1e-5, atol=1e-6)
+    assert m1["correct"].item() == m0["correct"].item()
+    torch.testing.assert_close(
+        loss1, loss0 + 0.5 * running_sum_ce(full.logits, ids, 7, None), rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(loss_and_metrics(full, batch, cfg.model)[0], loss0, rtol=1e-5, atol=1e-6)
