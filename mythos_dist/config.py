@@ -131,10 +131,6 @@ class TrainConfig:
     # uses model.attn_window. A narrower window makes chains of the same length need more loops,
     # so steps with it train the loop map to keep carrying information at later loops.
     attn_windows: tuple[int, ...] = ()
-    # Weight of a second cross-entropy, at every digit: the running sum (d_1 + … + d_j) mod
-    # modulus, each prefix the answer of a shorter chain (counted under the same length rules).
-    # It asks each position for the state a length-free loop map carries; 0 = the answer only.
-    running_sum_loss: float = 0.0
     # "loop": each loop iteration's activations are recomputed in backward instead of kept, so a
     # step's activation memory grows with the loop count only by the (tokens, dim) loop state.
     # Same losses and gradients as "none"; costs about one more forward of the looped block.
@@ -163,7 +159,6 @@ class TrainConfig:
             f"{prefix}.attn_windows",
             f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
         )
-        require(self.running_sum_loss >= 0, f"{prefix}.running_sum_loss", "must be ≥ 0 (0 = off)")
         self.loops.validate(f"{prefix}.loops")
         if self.init_from:
             require(

@@ -192,11 +192,9 @@ class Trainer:
             with attention_window(engine.module, choice.attn_window):
                 out = answer_forward(
                     engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops,
-                    track_deltas=track and last_micro, all_positions=t.running_sum_loss > 0,
+                    track_deltas=track and last_micro,
                 )  # fmt: skip
-            loss, m = loss_and_metrics(
-                out, batch, cfg.model, longest, t.running_sum_loss, cfg.data.task.modulus
-            )
+            loss, m = loss_and_metrics(out, batch, cfg.model, longest)
             finite = bool(torch.isfinite(loss))
             if not finite:
                 # Make every gradient of this step NaN: DeepSpeed's non-finite check on the
