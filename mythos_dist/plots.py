@@ -1,4 +1,5 @@
-"""Evaluation figures (PNG, headless): accuracy vs loops, length × loops heatmap, convergence of
+"""Evaluation figures (PNG, headless): accuracy vs loops, accuracy vs chain length (a line per loop
+count), length × loops heatmap, convergence of
 ‖h_t − h_{t−1}‖, the stability figure and several recipes side by side. Inputs are
 `results_store.summarize` / `spectral_report` dicts."""
 
@@ -50,6 +51,25 @@ def accuracy_vs_loops_recipes(summaries: dict[str, dict[str, Any]], path: Path) 
     axes[0][-1].legend(fontsize=8)
     heldout = {s.get("heldout", "test") for s in summaries.values()}
     fig.suptitle(f"Accuracy vs loop count ({'/'.join(sorted(heldout))} set)")
+    return _save(fig, path)
+
+
+def accuracy_vs_length(summary: dict[str, Any], path: Path) -> Path:
+    """Accuracy per chain length (all splits together), a line per loop count."""
+    rows = sorted((int(n), acc) for d in summary["splits"].values() for n, acc in d["acc_by_length"].items())
+    lengths, acc_RL = [n for n, _ in rows], np.array([acc for _, acc in rows])
+    fig, ax = plt.subplots(figsize=(6.5, 3.6))
+    colors = plt.cm.viridis(np.linspace(0, 0.9, len(summary["loops"])))
+    for i, (n_loops, color) in enumerate(zip(summary["loops"], colors)):
+        ax.plot(lengths, acc_RL[:, i], color=color, lw=1.2, label=f"{n_loops} loops")
+    ax.set(
+        xlabel="chain length (digits)",
+        ylabel="accuracy",
+        ylim=(-0.02, 1.02),
+        title="Accuracy vs chain length",
+    )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
 
 
@@ -136,6 +156,7 @@ def stability_over_training(rows: list[dict[str, Any]], path: Path) -> Path:
 def write_plots(summary: dict[str, Any], spectral: dict[str, Any], out_dir: Path) -> list[Path]:
     return [
         accuracy_vs_loops(summary, out_dir / "accuracy_vs_loops.png"),
+        accuracy_vs_length(summary, out_dir / "accuracy_vs_length.png"),
         accuracy_heatmap(summary, out_dir / "accuracy_heatmap.png"),
         convergence(summary, out_dir / "convergence.png"),
         stability(spectral, out_dir / "stability.png"),

@@ -96,7 +96,13 @@ def test_run_eval_store_summary_and_plots(tmp_path):
     header = (res.out_dir / "accuracy.csv").read_text().splitlines()[0]
     assert header == "split,n,acc@1,acc@2,acc@3,acc@5"
     assert json.loads((res.out_dir / "summary.json").read_text())["loops"] == [1, 2, 3, 5]
-    for name in ["accuracy_vs_loops.png", "accuracy_heatmap.png", "convergence.png", "stability.png"]:
+    for name in [
+        "accuracy_vs_loops.png",
+        "accuracy_vs_length.png",
+        "accuracy_heatmap.png",
+        "convergence.png",
+        "stability.png",
+    ]:
         png = (res.out_dir / name).read_bytes()
         assert png.startswith(b"\x89PNG") and len(png) > 1000
 
