@@ -54,10 +54,9 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         source = ExportReader(path, shard) if (path / "config.json").is_file() else CheckpointTensors(path)
         model = load_shard(source, ep, ep_rank)
         if group is not None:
-            from mythos_dist.model.dispatch import AllToAllDispatcher
+            from mythos_dist.model.dispatch import use_all_to_all
 
-            for moe in model.moe_layers():
-                moe.dispatcher = AllToAllDispatcher(moe.n_experts, group)
+            use_all_to_all(model, model.moe_layers(), group, cfg.parallel.ep_dispatch)
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
     longest = cfg.data.task.max_length() + 1

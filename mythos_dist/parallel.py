@@ -31,7 +31,7 @@ from torch import nn
 from mythos_dist.comm import init_process_group
 from mythos_dist.config import Config
 from mythos_dist.model import RDT, init
-from mythos_dist.model.dispatch import AllToAllDispatcher, PaddedAllToAllDispatcher, new_forward_hook
+from mythos_dist.model.dispatch import DISPATCHERS, start_each_forward
 from mythos_dist.model.moe import MoEFFN
 from mythos_dist.optim import lr_schedule, param_groups
 from mythos_dist.weight_names import (
@@ -82,7 +82,7 @@ class ExpertParallelMoE(MoE):
         nn.Module.__init__(self)
         self.layer = layer
         self.ep_size = ep_size
-        self.dispatcher_cls = {"exact": AllToAllDispatcher, "padded": PaddedAllToAllDispatcher}[dispatch]
+        self.dispatcher_cls = DISPATCHERS[dispatch]
         self.num_experts = layer.n_experts
         self.num_local_experts = layer.n_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
@@ -156,7 +156,7 @@ def parallelize(model: nn.Module, ep_size: int, dispatch: str = "exact") -> nn.M
         parent_name, _, attr = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, attr, wrapper)
     if dispatch == "padded" and ep_size > 1:
-        new_forward_hook(model)
+        start_each_forward(model)
     return model
 
 

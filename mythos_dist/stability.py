@@ -21,6 +21,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from mythos_dist import comm
 from mythos_dist.model.attention import TokenLayout
+from mythos_dist.model.dispatch import start_forward
 from mythos_dist.model.rdt import RDT
 
 
@@ -184,6 +185,7 @@ def loop_state(
 
     def f(h: torch.Tensor, t: int, samples: range = range(B)) -> torch.Tensor:
         e = x[samples.start * T : samples.stop * T]
+        start_forward(model)  # outside model.forward: a padded all-to-all's token counts change
         return model.recurrent.step(h, e, t, rope, TokenLayout(len(samples), T))[0]
 
     h, deltas = x, []

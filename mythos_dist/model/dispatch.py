@@ -156,10 +156,11 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
     buffer of a fixed N·min(k, L) rows (N: the sender's tokens; a token's k experts are distinct,
     so at most min(k, L) of its copies go to one rank: dropless for any routing), the real rows
     first. The ranks' token counts are exchanged once per forward (`new_forward`, called by a
-    forward pre-hook of the model: every loop routes the same tokens); all other sizes stay on the
-    device. The receiver finds each row's local expert from the exchanged counts; padding rows
-    sort last, past the grouped GEMMs' last group (never computed into a real row, never sent back
-    into one). The same rows in the same order as AllToAllDispatcher: bit-identical outputs."""
+    forward pre-hook of the model, see use_all_to_all: every loop routes the same tokens); all
+    other sizes stay on the device. The receiver finds each row's local expert from the exchanged
+    counts; padding rows sort last, past the grouped GEMMs' last group (never computed into a real
+    row, never sent back into one). The same rows in the same order as AllToAllDispatcher:
+    bit-identical outputs."""
 
     def __init__(self, n_experts: int, group: dist.ProcessGroup | None):
         super().__init__(n_experts, group)
@@ -173,7 +174,8 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
         n = x_ND.shape[0]
         if self._tokens_S is None:
             tokens_S = torch.empty(self.ep_size, dtype=torch.long, device=x_ND.device)
-            dist.all_gather_into_tensor(tokens_S, torch.tensor([n], device=x_ND.device), group=self.group)
+            mine_S = torch.full((self.ep_size,), n, dtype=torch.long, device=x_ND.device)
+            dist.all_to_all_single(tokens_S, mine_S, group=self.group)  # each peer's count
             self._tokens_S = tokens_S.tolist()
         elif n != self._tokens_S[dist.get_rank(self.group)]:
             raise RuntimeError(
@@ -219,14 +221,30 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
         return _combine(y_sent.index_select(0, state.slot_M), weights_NK, state)
 
 
-def new_forward_hook(model: torch.nn.Module) -> None:
-    """A forward pre-hook on `model` that starts a new forward in each of its padded
-    dispatchers (their token-count exchange is once per forward)."""
+DISPATCHERS = {"exact": AllToAllDispatcher, "padded": PaddedAllToAllDispatcher}  # parallel.ep_dispatch
 
-    def hook(module: torch.nn.Module, _args: object) -> None:
-        for m in module.modules():
-            d = getattr(m, "dispatcher", None)
-            if isinstance(d, PaddedAllToAllDispatcher):
-                d.new_forward()
 
-    model.register_forward_pre_hook(hook)
+def start_forward(model: torch.nn.Module) -> None:
+    """A new forward begins in every padded dispatcher inside `model` (their token counts are
+    exchanged again at its first MoE call). Code that runs the looped block outside the model's
+    forward (the spectral tools) calls it before each such call, on every rank alike."""
+    for m in model.modules():
+        d = getattr(m, "dispatcher", None)
+        if isinstance(d, PaddedAllToAllDispatcher):
+            d.new_forward()
+
+
+def use_all_to_all(
+    model: torch.nn.Module, moe_layers: list, group: dist.ProcessGroup | None, kind: str
+) -> None:
+    """Route `moe_layers` of `model` through an expert-parallel all-to-all of `kind`
+    (DISPATCHERS); a padded one gets its per-forward reset from a forward pre-hook on `model`."""
+    for moe in moe_layers:
+        moe.dispatcher = DISPATCHERS[kind](moe.n_experts, group)
+    if kind == "padded":
+        start_each_forward(model)
+
+
+def start_each_forward(model: torch.nn.Module) -> None:
+    """A forward pre-hook on `model`: start_forward at each of its forwards."""
+    model.register_forward_pre_hook(lambda module, _args: start_forward(module))

@@ -20,14 +20,13 @@ from data_pipeline.batch import chains_batch
 from data_pipeline.digit_chain import TRAIN, generate
 from mythos_dist.config import ModelConfig, TaskConfig
 from mythos_dist.model import RDT
-from mythos_dist.model.dispatch import AllToAllDispatcher, PaddedAllToAllDispatcher, new_forward_hook
+from mythos_dist.model.dispatch import use_all_to_all
 from mythos_dist.objective import answer_forward, loss_and_metrics
 from tests.host_syncs import HostSyncCounter
 
 
 def main() -> None:
     out, dispatch, loop_counts = Path(sys.argv[1]), sys.argv[2], [int(a) for a in sys.argv[3:]]
-    dispatcher = {"exact": AllToAllDispatcher, "padded": PaddedAllToAllDispatcher}[dispatch]
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         dist.init_process_group("gloo")
@@ -41,8 +40,7 @@ def main() -> None:
         for moe in model.moe_layers():
             n_local = cfg.n_experts // world
             moe.experts.shard(rank * n_local, n_local)
-            moe.dispatcher = dispatcher(cfg.n_experts, None)
-        new_forward_hook(model)  # only padded dispatchers use it
+        use_all_to_all(model, model.moe_layers(), None, dispatch)
     # each rank its own micro batch (different routing, uneven splits)
     batch = chains_batch(generate(TaskConfig(n_train=64, n_eval=10), TRAIN, 16 * rank, 16 * rank + 16))
     counts, grads = {}, {}

@@ -113,14 +113,15 @@ def _torchrun(tmp: Path, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, env=worker_env(tmp), capture_output=True, text=True, timeout=300, cwd=REPO)
 
 
-@pytest.mark.parametrize("n_samples", [17, 13, 3])
+@pytest.mark.parametrize("n_samples,dispatch", [(17, "exact"), (13, "padded"), (3, "exact")])
 def test_two_rank_expert_parallel_eval_equals_one_rank(
-    exported: tuple[Path, Path], tmp_path: Path, n_samples: int
+    exported: tuple[Path, Path], tmp_path: Path, n_samples: int, dispatch: str
 ) -> None:
     cfg_path, out = exported
     args = ["eval", "--config", str(cfg_path), "--checkpoint", str(out), "--n-samples", str(n_samples)]
     # The spectral report in blocks of <= 3 samples: 17 -> shares 8 | 9, 3 blocks per rank; 13 -> 6 | 7; 3 -> 1 | 2.
-    blocks = ["--set", "eval.spectral_batch_size=3"]
+    # Padded all-to-all: its token counts change between blocks and between the ranks' shares.
+    blocks = ["--set", "eval.spectral_batch_size=3", "--set", f"parallel.ep_dispatch={dispatch}"]
     proc = _torchrun(tmp_path, *args, *blocks, "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "expert-parallel evaluation: ep_size=2, 2 of 4 experts per rank" in proc.stdout
@@ -176,8 +177,9 @@ def test_spectral_runs_expert_parallel(exported: tuple[Path, Path], tmp_path: Pa
     assert os.environ.get("RANK") is None
 
 
+@pytest.mark.parametrize("dispatch", ["exact", "padded"])
 def test_two_rank_expert_parallel_auto_loops_equal_one_rank(
-    exported: tuple[Path, Path], tmp_path: Path
+    exported: tuple[Path, Path], tmp_path: Path, dispatch: str
 ) -> None:
     """`--loops ...,auto` on 2 ranks at EP=2: each sample stops once converged; ranks whose samples
     have all stopped keep stepping (and rank 1 runs a filler batch) until every rank is done, so the
@@ -185,6 +187,7 @@ def test_two_rank_expert_parallel_auto_loops_equal_one_rank(
     prediction is the fixed-count prediction at its own loops used."""
     cfg_path, out = exported
     sets = ["--set", "eval.auto_threshold=0.14", "--set", "eval.auto_max_loops=12"]
+    sets += ["--set", f"parallel.ep_dispatch={dispatch}"]
     args = ["eval", "--config", str(cfg_path), "--checkpoint", str(out), "--n-samples", "17", *sets]
     proc = _torchrun(tmp_path, *args, "--loops", "1,2,4,auto", "--out", str(tmp_path / "two"))
     assert proc.returncode == 0, proc.stderr[-4000:]
