@@ -172,9 +172,9 @@ class TrainConfig:
 class ParallelConfig:
     ep_size: int = 1
     # How the expert-parallel all-to-all learns its sizes: "exact" reads them to the host once per
-    # MoE layer use and sends only the real rows; "padded" never reads them (fixed buffers of the
-    # dropless worst case, ep_size·min(k, L)/k times the rows; for devices where a host sync per
-    # loop costs more than the bytes). Same results (mythos_dist/model/dispatch.py).
+    # MoE layer use and sends only the real rows; "padded" reads only the ranks' token counts, once
+    # per forward (fixed buffers of the dropless worst case, ep_size·min(k, L)/k times the rows; for
+    # devices where a host sync per loop costs more than the bytes). Same results (model/dispatch.py).
     ep_dispatch: Literal["exact", "padded"] = "exact"
     zero_stage: int = 1
     timeout_s: float = 120.0  # collective timeout: a dead rank fails the others within this bound

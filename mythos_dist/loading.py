@@ -56,7 +56,7 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         if group is not None:
             from mythos_dist.model.dispatch import use_all_to_all
 
-            use_all_to_all(model, model.moe_layers(), group, cfg.parallel.ep_dispatch)
+            use_all_to_all(model, group, cfg.parallel.ep_dispatch)
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
     longest = cfg.data.task.max_length() + 1

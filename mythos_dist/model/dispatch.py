@@ -164,6 +164,7 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
 
     def __init__(self, n_experts: int, group: dist.ProcessGroup | None):
         super().__init__(n_experts, group)
+        self.rank = dist.get_rank(group)
         self._tokens_S: list[int] | None = None  # every rank's tokens in this forward
 
     def new_forward(self) -> None:
@@ -177,10 +178,10 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
             mine_S = torch.full((self.ep_size,), n, dtype=torch.long, device=x_ND.device)
             dist.all_to_all_single(tokens_S, mine_S, group=self.group)  # each peer's count
             self._tokens_S = tokens_S.tolist()
-        elif n != self._tokens_S[dist.get_rank(self.group)]:
+        elif n != self._tokens_S[self.rank]:
             raise RuntimeError(
                 f"padded all-to-all: {n} tokens in a later MoE call of the forward that began with "
-                f"{self._tokens_S[dist.get_rank(self.group)]} (call new_forward() per forward)"
+                f"{self._tokens_S[self.rank]} (call new_forward() per forward)"
             )
         return [t * min(top_k, self.n_local) for t in self._tokens_S]
 
@@ -188,7 +189,7 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
         assign_idx, token_idx, counts_E = sort_by_expert(expert_ids_NK, self.n_experts, capacity)
         ep, n_local, device = self.ep_size, self.n_local, x_ND.device
         rows_S = self._buffer_rows(x_ND, expert_ids_NK.shape[1])
-        rows = rows_S[dist.get_rank(self.group)]  # what I send each peer; I receive rows_S[s] from s
+        rows = rows_S[self.rank]  # what I send each peer; I receive rows_S[s] from s
         recv_counts = torch.empty_like(counts_E)
         dist.all_to_all_single(recv_counts, counts_E, group=self.group)
         recv_counts_SL = recv_counts.view(ep, n_local)
@@ -204,8 +205,7 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
         src_R = torch.repeat_interleave(
             torch.arange(ep, device=device), torch.tensor(rows_S, device=device), output_size=sum(rows_S)
         )
-        first_R = torch.tensor([0, *rows_S[:-1]], device=device).cumsum(0)[src_R]
-        row_in_block_R = torch.arange(sum(rows_S), device=device) - first_R
+        row_in_block_R = torch.cat([torch.arange(r, device=device) for r in rows_S])
         ends_RL = recv_counts_SL.cumsum(1)[src_R]
         local_R = torch.searchsorted(ends_RL, row_in_block_R[:, None], right=True).squeeze(1)
         regroup = torch.argsort(local_R, stable=True)
@@ -234,12 +234,10 @@ def start_forward(model: torch.nn.Module) -> None:
             d.new_forward()
 
 
-def use_all_to_all(
-    model: torch.nn.Module, moe_layers: list, group: dist.ProcessGroup | None, kind: str
-) -> None:
-    """Route `moe_layers` of `model` through an expert-parallel all-to-all of `kind`
+def use_all_to_all(model: torch.nn.Module, group: dist.ProcessGroup | None, kind: str) -> None:
+    """Route every MoE layer of `model` (an RDT) through an expert-parallel all-to-all of `kind`
     (DISPATCHERS); a padded one gets its per-forward reset from a forward pre-hook on `model`."""
-    for moe in moe_layers:
+    for moe in model.moe_layers():
         moe.dispatcher = DISPATCHERS[kind](moe.n_experts, group)
     if kind == "padded":
         start_each_forward(model)

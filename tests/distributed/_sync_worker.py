@@ -40,7 +40,7 @@ def main() -> None:
         for moe in model.moe_layers():
             n_local = cfg.n_experts // world
             moe.experts.shard(rank * n_local, n_local)
-        use_all_to_all(model, model.moe_layers(), None, dispatch)
+        use_all_to_all(model, None, dispatch)
     # each rank its own micro batch (different routing, uneven splits)
     batch = chains_batch(generate(TaskConfig(n_train=64, n_eval=10), TRAIN, 16 * rank, 16 * rank + 16))
     counts, grads = {}, {}
