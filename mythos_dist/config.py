@@ -131,10 +131,6 @@ class TrainConfig:
     # uses model.attn_window. A narrower window makes chains of the same length need more loops,
     # so steps with it train the loop map to keep carrying information at later loops.
     attn_windows: tuple[int, ...] = ()
-    # The answer is supervised after each of a step's last `answer_loops` loop counts (1 = after
-    # the last only), each counting the chains within its own reach; the cross-entropy is their
-    # mean. The loop map must then reach each answer as early as it can and keep it at every count.
-    answer_loops: int = 1
     # "loop": each loop iteration's activations are recomputed in backward instead of kept, so a
     # step's activation memory grows with the loop count only by the (tokens, dim) loop state.
     # Same losses and gradients as "none"; costs about one more forward of the looped block.
@@ -164,13 +160,6 @@ class TrainConfig:
             f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
         )
         self.loops.validate(f"{prefix}.loops")
-        require(self.answer_loops >= 1, f"{prefix}.answer_loops", f"must be ≥ 1, got {self.answer_loops}")
-        require(
-            not self.loops.backprop_loops or self.answer_loops <= self.loops.backprop_loops,
-            f"{prefix}.answer_loops",
-            f"must be ≤ train.loops.backprop_loops={self.loops.backprop_loops}: an answer at a loop "
-            f"without gradient teaches nothing, got {self.answer_loops}",
-        )
         if self.init_from:
             require(
                 (Path(self.init_from) / "config.json").is_file(),

@@ -71,48 +71,25 @@ def longest_counted(cfg: Config, step: int, n_loops: int, attn_window: int | Non
     return min(caps) if caps else None
 
 
-def answer_loops(n_loops: int, answer_loops: int) -> list[int]:
-    """The loop counts whose answer a step supervises (train.answer_loops): its last
-    `answer_loops` counts, never below 1."""
-    return list(range(max(1, n_loops - answer_loops + 1), n_loops + 1))
-
-
-def _answer_ce(
-    logits: torch.Tensor, batch: Mapping[str, torch.Tensor], longest: int | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cross-entropy over the chains of at most `longest` digits (None = all), and their weights."""
-    answer, logits = batch["answer"], logits.float()
-    if longest is None:  # torch's mean reduction: bit-for-bit the loss before chains could be masked
-        return F.cross_entropy(logits, answer), torch.ones_like(answer, dtype=logits.dtype)
-    w_B = (batch["length"] <= longest).to(logits.dtype)
-    return (F.cross_entropy(logits, answer, reduction="none") * w_B).sum() / w_B.sum().clamp_min(1), w_B
-
-
 def loss_and_metrics(
-    out: RDTOutput,
-    batch: Mapping[str, torch.Tensor],
-    cfg: ModelConfig,
-    longest: int | None = None,
-    earlier: Mapping[int, int | None] | None = None,
+    out: RDTOutput, batch: Mapping[str, torch.Tensor], cfg: ModelConfig, longest: int | None = None
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Cross-entropy at the answer position + MoE aux loss + ACT ponder cost (when enabled).
 
     longest: only chains of at most this many digits count in the cross-entropy and accuracy
     (None = all). A batch with none counted gives a zero cross-entropy that is still part of the
     graph, so every rank runs the same backward.
-    earlier: further loop counts -> their `longest`, whose answers (out.loop_logits) are supervised
-    too; the cross-entropy is then the mean over all counts. `ce` and the accuracy stay the final
-    count's.
     """
     answer = batch["answer"]
-    ce, w_B = _answer_ce(out.logits, batch, longest)
+    logits = out.logits.float()
+    if longest is None:  # torch's mean reduction: bit-for-bit the loss before chains could be masked
+        ce = F.cross_entropy(logits, answer)
+        w_B = torch.ones_like(answer, dtype=logits.dtype)
+    else:
+        w_B = (batch["length"] <= longest).to(logits.dtype)
+        ce = (F.cross_entropy(logits, answer, reduction="none") * w_B).sum() / w_B.sum().clamp_min(1)
     n = w_B.sum()
-    loss = ce
-    if earlier:
-        loss = (ce + sum(_answer_ce(out.loop_logits[c], batch, lc)[0] for c, lc in earlier.items())) / (
-            1 + len(earlier)
-        )
-    loss = loss + out.aux_loss
+    loss = ce + out.aux_loss
     if cfg.act_enabled:
         loss = loss + cfg.act_ponder_coef * out.ponder_cost
     correct = ((out.logits.argmax(-1) == answer).to(w_B.dtype) * w_B).sum()

@@ -29,7 +29,6 @@ from mythos_dist.config import Config, to_dict
 from mythos_dist.model import LoopChoice, LoopPolicy, attention_window
 from mythos_dist.objective import (
     answer_forward,
-    answer_loops,
     curriculum_cap,
     longest_counted,
     loss_and_metrics,
@@ -177,10 +176,6 @@ class Trainer:
         cfg, t, engine = self.cfg, self.cfg.train, self.engine
         choice = self.policy(step)
         longest = longest_counted(cfg, step, choice.n_loops, choice.attn_window)
-        earlier = {
-            c: longest_counted(cfg, step, c, choice.attn_window)
-            for c in answer_loops(choice.n_loops, t.answer_loops)[:-1]
-        }
         crop_to = curriculum_cap(cfg, step) if t.length_curriculum_mode == "crop" else None
         stats_S = torch.zeros(5, dtype=torch.float64)  # loss sum, ce sum, correct, samples, non-finite losses
         sample_ids: list[int] = []
@@ -196,10 +191,10 @@ class Trainer:
             batch = {k: v.to(self.ctx.info.device) for k, v in batch.items()}
             with attention_window(engine.module, choice.attn_window):
                 out = answer_forward(
-                    engine, batch, choice.n_loops, loops_out=earlier, backprop_loops=choice.backprop_loops,
+                    engine, batch, choice.n_loops, backprop_loops=choice.backprop_loops,
                     track_deltas=track and last_micro,
                 )  # fmt: skip
-            loss, m = loss_and_metrics(out, batch, cfg.model, longest, earlier)
+            loss, m = loss_and_metrics(out, batch, cfg.model, longest)
             finite = bool(torch.isfinite(loss))
             if not finite:
                 # Make every gradient of this step NaN: DeepSpeed's non-finite check on the

@@ -1,12 +1,10 @@
 """The training objective: which chains count (length curriculum, receptive field) and the masked loss."""
 
-import pytest
 import torch
 
-from mythos_dist.config import Config, ConfigError, ModelConfig
+from mythos_dist.config import Config, ModelConfig
 from mythos_dist.model import RDT
-from mythos_dist.model.config import LoopPolicyConfig
-from mythos_dist.objective import answer_forward, answer_loops, longest_counted, loss_and_metrics
+from mythos_dist.objective import answer_forward, longest_counted, loss_and_metrics
 
 
 def config(**train) -> Config:
@@ -29,51 +27,6 @@ def test_longest_counted_follows_curriculum_and_receptive_field() -> None:
     assert [longest_counted(reach, 0, n, attn_window=2) for n in (1, 2, 8)] == [3, 4, 10]
     both = config(reachable_only=True, length_curriculum_steps=900)
     assert longest_counted(both, 800, 1) == 9 and longest_counted(both, 100, 8) == 4
-
-
-def chains_batch(lengths: list[int], seed: int = 0) -> dict[str, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    lengths_B = torch.tensor(lengths)
-    T = max(lengths) + 1
-    ids = torch.full((len(lengths), T), 11)
-    for i, n in enumerate(lengths):
-        ids[i, :n] = torch.randint(0, 10, (n,), generator=g)
-        ids[i, n] = 10
-    return {"input_ids": ids, "loss_mask": torch.arange(T)[None] == lengths_B[:, None],
-            "answer": ids.where(ids < 10, 0).sum(1) % 7, "length": lengths_B}  # fmt: skip
-
-
-def test_answers_at_earlier_loops_average_their_masked_losses() -> None:
-    """train.answer_loops: the loss is the mean of the answer's cross-entropies after each of the
-    step's last counts, each over its own counted chains, computed from one forward; `ce` and the
-    accuracy stay the final count's; the gradient reaches through the earlier answers too."""
-    cfg = config()
-    torch.manual_seed(0)
-    model = RDT(cfg.model)
-    batch = chains_batch([2, 5, 9, 12])
-    assert answer_loops(5, 3) == [3, 4, 5] and answer_loops(2, 3) == [1, 2] and answer_loops(4, 1) == [4]
-    earlier = {3: 6, 4: None}
-    out = answer_forward(model, batch, 5, loops_out=earlier)
-    loss, m = loss_and_metrics(out, batch, cfg.model, longest=9, earlier=earlier)
-    parts = [
-        loss_and_metrics(answer_forward(model, batch, n), batch, cfg.model, longest)[1]["ce"]
-        for n, longest in ((5, 9), (3, 6), (4, None))
-    ]
-    torch.testing.assert_close(loss - m["aux_loss"], sum(parts) / 3)
-    final, m_final = loss_and_metrics(out, batch, cfg.model, longest=9)
-    assert m["ce"].item() == m_final["ce"].item() and m["correct"].item() == m_final["correct"].item()
-    assert m["n"].item() == 3
-    assert not torch.equal(*(torch.autograd.grad(x - mx["aux_loss"], model.embed.weight, retain_graph=True)[0]
-                             for x, mx in ((loss, m), (final, m_final))))  # fmt: skip
-
-
-def test_answer_loops_refuses_answers_without_gradient() -> None:
-    truncated = LoopPolicyConfig(kind="uniform", n_loops=4, max_loops=8, backprop_loops=2)
-    with pytest.raises(ConfigError, match=r"train.answer_loops.*backprop_loops=2"):
-        config(answer_loops=3, loops=truncated)
-    with pytest.raises(ConfigError, match=r"train.answer_loops.*≥ 1"):
-        config(answer_loops=0)
-    assert config(answer_loops=2, loops=truncated).train.answer_loops == 2
 
 
 def test_masked_loss_ignores_uncounted_chains() -> None:
