@@ -249,6 +249,9 @@ def _print_run(
     for f in res.files:
         if f.suffix == ".png":
             print(f"  {f}")
+    if not cfg.tracking.enabled:
+        print("MLflow: off (tracking.enabled=false): nothing was logged")
+        return
     uri = resolve_uri(cfg.tracking)
     print(f"MLflow: {uri}  training run {trained_run.run_id}, eval run {res.run_id}")
     if uri.startswith("sqlite:"):

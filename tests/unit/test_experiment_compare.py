@@ -83,3 +83,23 @@ def test_train_record_round_trips_and_refuses_a_damaged_file(tmp_path):
     path.write_text(json.dumps({"run_id": "abc", "export": None}))
     with pytest.raises(CheckpointError, match=r"train_summary\.json: fields"):
         TrainRecord.read(tmp_path)
+
+
+def test_report_names_the_mlflow_runs_or_says_tracking_was_off(capsys) -> None:
+    from types import SimpleNamespace
+
+    from mythos_dist.config import Config
+    from mythos_dist.experiment import TrainRecord, _print_run
+
+    cfg = Config()
+    record = TrainRecord(run_id="abc123", export="x/export", checkpoint=None, start_step=0, end_step=10,
+                         final_loss=0.5, final_acc=0.9, wall_s=3.0)  # fmt: skip
+    res = SimpleNamespace(summary=_summary([4], {"id": [0.99]}), out_dir="x/eval", files=[], run_id="def456")
+    cfg.tracking.uri = "sqlite:///x/mlflow.db"
+    _print_run(cfg, record, res, [], 5.0, 4.0)
+    shown = capsys.readouterr().out
+    assert "training run abc123, eval run def456" in shown and "mlflow ui --backend-store-uri" in shown
+    cfg.tracking.enabled = False  # no runs exist: say so instead of printing run ids of None
+    _print_run(cfg, record, res, [], 5.0, 4.0)
+    shown = capsys.readouterr().out
+    assert "MLflow: off (tracking.enabled=false)" in shown and "training run" not in shown
