@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import math
 import re
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 
 from mythos_dist.config import Config, ConfigError, ModelConfig, load_config
-from mythos_dist.model import RDT
+from mythos_dist.model import RDT, softmax
 from mythos_dist.model.attention import _SMALL_ATTENTION
 from mythos_dist.model.moe import GroupedExperts
 from mythos_dist.optim import decays
@@ -191,7 +192,9 @@ def _saved_bytes(
     # On CPU, short sequences take the two-matmul attention, which saves its probabilities; the
     # meta device runs it as is. Elsewhere (and for long sequences) torch's fused kernels.
     fused = device_type != "cpu" or seq_len * seq_len > _SMALL_ATTENTION
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    # The softmax pads short rows on CPU (model/softmax.py) and saves the padded probabilities.
+    as_on_cpu = softmax.padded_on("meta") if device_type == "cpu" else nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), as_on_cpu:
         if fused:
             with _FusedAttentionOnMeta(device_type):
                 out = model(ids, n_loops, backprop_loops=backprop_loops, logits_at_B=answer)

@@ -12,6 +12,7 @@ from torch import nn
 
 from mythos_dist.model.config import ModelConfig
 from mythos_dist.model.norm import RMSNorm
+from mythos_dist.model.softmax import softmax_lastdim
 
 
 class KVCache:
@@ -151,9 +152,9 @@ def _attend_matmul(
     scores = scores.masked_fill(~_causal_mask(T, S, q_BHTE.device, window).repeat(G, 1), float("-inf"))
     if sink_H is not None:  # one more column, the sink's logit, dropped again after the softmax
         sink = sink_H.to(scores.dtype).view(1, Hk, G, 1, 1).expand(B, Hk, G, T, 1).reshape(B, Hk, G * T, 1)
-        probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :S]
+        probs = softmax_lastdim(torch.cat([scores, sink], dim=-1))[..., :S]
     else:
-        probs = torch.softmax(scores, dim=-1)
+        probs = softmax_lastdim(scores)
     if dropout > 0:
         probs = F.dropout(probs, dropout)
     return (probs @ v_BHSV).view(B, H, T, v_BHSV.shape[-1])

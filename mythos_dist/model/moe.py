@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mythos_dist.model.dispatch import LocalDispatcher, TokenDispatcher, count_per_expert
+from mythos_dist.model.softmax import softmax_lastdim
 
 
 @dataclass
@@ -51,7 +52,7 @@ class Router(nn.Module):
         self.load_E.zero_()
 
     def forward(self, x_ND: torch.Tensor) -> RouterOutput:
-        scores_NE = F.softmax(self.gate(x_ND).float(), dim=-1)
+        scores_NE = softmax_lastdim(self.gate(x_ND).float())
         expert_ids_NK = torch.topk(scores_NE + self.expert_bias, self.top_k, dim=-1).indices
         weights_NK = scores_NE.gather(-1, expert_ids_NK)
         if self.top_k > 1:

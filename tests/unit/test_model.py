@@ -8,6 +8,7 @@ from mythos_dist.model import RDT, KVCache, LoopPolicy, attention_window
 from mythos_dist.model.attention import TokenLayout, apply_rope, rope_rotations
 from mythos_dist.model.norm import RMSNorm
 from mythos_dist.model.recurrent import LTIInjection
+from mythos_dist.model.softmax import softmax_lastdim
 
 
 def tiny(**kw) -> ModelConfig:
@@ -313,6 +314,29 @@ def test_rmsnorm_matches_torch_forward_gradients_and_double_backward() -> None:
     x64 = torch.randn(4, 16, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(ours, (x64,))
     assert torch.autograd.gradgradcheck(ours, (x64,))
+
+
+@pytest.mark.parametrize("n", [1, 5, 8, 14, 15, 16, 17, 33])
+def test_softmax_lastdim_equals_torch_with_gradients_and_double_backward(n: int) -> None:
+    """Short rows are padded on CPU (torch's kernel is slow below 16): the same probabilities to float
+    rounding, masked (−inf) entries exactly 0, first and second derivatives as torch's."""
+    torch.manual_seed(n)
+    x = torch.randn(6, 7, n, dtype=torch.float64) * 3
+    x[:, :3, n // 2 + 1 :] = float("-inf")  # masked keys, as attention's
+    x.requires_grad_()
+    ours, ref = softmax_lastdim(x), torch.softmax(x, -1)
+    assert ours.shape == ref.shape
+    torch.testing.assert_close(ours, ref, rtol=1e-12, atol=1e-14)
+    assert (ours[:, :3, n // 2 + 1 :] == 0).all()
+    torch.testing.assert_close(ours.float().sum(-1), torch.ones(6, 7), rtol=0, atol=1e-6)
+    g = torch.randn_like(ref)
+    (gx,) = torch.autograd.grad(ours, x, g, create_graph=True)
+    (gx_ref,) = torch.autograd.grad(ref, x, g, create_graph=True)
+    torch.testing.assert_close(gx, gx_ref, rtol=1e-12, atol=1e-14)
+    h = torch.randn_like(ref)
+    torch.testing.assert_close(torch.autograd.grad(gx, x, h)[0], torch.autograd.grad(gx_ref, x, h)[0])
+    x32 = x.detach().float()
+    torch.testing.assert_close(softmax_lastdim(x32), torch.softmax(x32, -1), rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("heads", [(4, 4), (4, 2), (6, 1)])
