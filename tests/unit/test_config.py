@@ -156,6 +156,23 @@ def test_bad_base_files_are_named(tmp_path: Path) -> None:
         ),
         ("recipe4", "recipe3", {"train.attn_windows"}),
         ("recipe5", "recipe4", {"checkpoint.every", "checkpoint.average_last"}),
+        (
+            "recipe6",
+            "recipe5",
+            {
+                "train.steps",
+                "train.length_curriculum_steps",
+                "checkpoint.every",
+                "checkpoint.keep_last",
+                "eval.loops",
+                "eval.auto",
+                "eval.auto_threshold",
+            },
+        ),
+        ("recipe7", "recipe6", {"model.max_seq_len", "train.loops"}),
+        ("recipe8", "recipe7", {"train.loops"}),
+        ("recipe10", "recipe8", {"train.loops"}),
+        ("recipe11", "recipe8", {"train.steps", "train.length_curriculum_steps", "checkpoint.every"}),
     ],
 )
 def test_recipes_differ_from_their_base_only_where_they_say(name: str, base: str, changed: set[str]) -> None:
