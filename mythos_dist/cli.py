@@ -139,7 +139,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     refuse_missing(args.checkpoint)  # before joining any process group
     device, ep_size = join(cfg)
     try:
-        model = load_model(args.checkpoint, cfg, ep_size).to(device)
+        model = load_model(args.checkpoint, cfg, ep_size, args.set).to(device)
         if comm.rank() == 0 and args.checkpoint is None:
             print("note: no --checkpoint, evaluating a freshly initialised model", file=sys.stderr)
         if comm.rank() == 0 and ep_size > 1:
@@ -174,7 +174,7 @@ def _cmd_spectral(args: argparse.Namespace) -> int:
     refuse_missing(args.checkpoint)  # before joining any process group
     device, ep_size = join(cfg)
     try:
-        model = load_model(args.checkpoint, cfg, ep_size).to(device)
+        model = load_model(args.checkpoint, cfg, ep_size, args.set).to(device)
         split = cfg.eval.splits[0]
         ids_BT, valid_BT = spectral_inputs(cfg, split)
         rep = spectral_report(

@@ -3,16 +3,50 @@ init; whole, or one rank's expert-parallel shard."""
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from mythos_dist.config import Config, ConfigError
+from mythos_dist.model.config import ModelConfig
 from mythos_dist.model.rdt import RDT
 from mythos_dist.tracking import is_model_uri
 
+# Model settings no weight depends on: an evaluation may run a checkpoint's model with another
+# value (`--set model.attn_window=3`). Any other model.* override that differs from the checkpoint
+# is refused: the checkpoint fixes its model, and ignoring the override would report numbers for
+# a model the user did not ask for.
+EVAL_TIME_MODEL_KEYS = frozenset({"attn_window", "max_seq_len", "capacity_factor", "act_threshold"})
 
-def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> RDT:
+
+def checkpoint_model_cfg(saved: ModelConfig, cfg: Config, overrides: Sequence[str]) -> ModelConfig:
+    """The checkpoint's model config with the `model.K=V` overrides among EVAL_TIME_MODEL_KEYS applied
+    (values as parsed into cfg.model); ConfigError naming every other one that differs from it."""
+    keys = sorted(
+        {o.split("=", 1)[0].strip().removeprefix("model.") for o in overrides if o.startswith("model.")}
+    )
+    refused = [
+        f"model.{k}: checkpoint {getattr(saved, k)!r}, --set {getattr(cfg.model, k)!r}"
+        for k in keys
+        if k not in EVAL_TIME_MODEL_KEYS and getattr(saved, k) != getattr(cfg.model, k)
+    ]
+    if refused:
+        raise ConfigError(
+            "the checkpoint fixes its model; only "
+            + ", ".join(f"model.{k}" for k in sorted(EVAL_TIME_MODEL_KEYS))
+            + " may change at evaluation:\n  "
+            + "\n  ".join(refused)
+        )
+    out = dataclasses.replace(saved, **{k: getattr(cfg.model, k) for k in keys if k in EVAL_TIME_MODEL_KEYS})
+    out.validate()
+    return out
+
+
+def load_model(
+    checkpoint: str | Path | None, cfg: Config, ep_size: int = 1, overrides: Sequence[str] = ()
+) -> RDT:
     """The model to evaluate, in eval mode on CPU; its config is `model.cfg` (the
     checkpoint's own; `cfg` is not changed).
 
@@ -22,6 +56,8 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
     only) and then read as a local export. None: a freshly initialised model from cfg.model and
     cfg.train.seed (the initial weights of training). ep_size > 1 (process group joined): this rank
     holds and reads only the dense part and its own experts, and the model runs expert-parallel.
+    overrides: the command line's `--set` items; its model.* ones go through checkpoint_model_cfg
+    before any weight is read.
     """
     from mythos_dist import tracking
     from mythos_dist.checkpoint import CheckpointTensors
@@ -52,6 +88,7 @@ def load_model(checkpoint: str | Path | None, cfg: Config, ep_size: int = 1) -> 
         raise ConfigError(f"checkpoint {path} does not exist")
     try:
         source = ExportReader(path, shard) if (path / "config.json").is_file() else CheckpointTensors(path)
+        source.model_cfg = checkpoint_model_cfg(source.model_cfg, cfg, overrides)
         model = load_shard(source, ep, ep_rank)
         if group is not None:
             from mythos_dist.model.dispatch import use_all_to_all

@@ -253,3 +253,48 @@ def test_report_mean_std_over_runs_and_mismatch_errors(tmp_path, capsys):
     assert "loops [4, 16]" in capsys.readouterr().err
     assert main(["report", str(tmp_path / "missing"), "--out", str(tmp_path / "rep3")]) == 2
     assert "summary.json not found" in capsys.readouterr().err
+
+
+def test_model_overrides_at_evaluation_apply_or_are_refused_never_ignored(tmp_path, capsys):
+    """`--set model.attn_window=3` runs the checkpoint's model with window 3; an override that would
+    change the trained model (its width) is refused by name before any weight is read."""
+    from mythos_dist.cli import main
+    from mythos_dist.export import init_export
+    from mythos_dist.loading import load_model
+    from mythos_dist.model.attention import GQAttention
+
+    export = init_export(small_cfg(tmp_path, "model.attn_window=4"), tmp_path / "export")
+    ids_BT = torch.randint(0, 10, (2, 16))
+
+    def logits(model: RDT) -> torch.Tensor:
+        with torch.no_grad():
+            return model(ids_BT, 3).logits
+
+    as_saved = load_model(
+        export, small_cfg(tmp_path, "model.attn_window=2")
+    )  # a config file's value: not an override
+    assert as_saved.cfg.attn_window == 4
+    over = ["model.attn_window=3", "model.max_seq_len=32"]
+    narrow = load_model(export, small_cfg(tmp_path, *over), overrides=over)
+    windows = [m.window for m in narrow.modules() if isinstance(m, GQAttention)]
+    assert narrow.cfg.attn_window == 3 and narrow.cfg.max_seq_len == 32 and windows and set(windows) == {3}
+    assert not torch.allclose(logits(narrow), logits(as_saved))  # the window is applied, not recorded only
+    same = ["model.dim=32"]  # equal to the checkpoint's: harmless
+    assert load_model(export, small_cfg(tmp_path, *same), overrides=same).cfg == as_saved.cfg
+    over = ["model.dim=64", "model.lora_rank=4", "model.attn_window=3"]
+    with pytest.raises(
+        ConfigError, match=r"(?s)model\.dim: checkpoint 32, --set 64.*model\.lora_rank: checkpoint 8, --set 4"
+    ):
+        load_model(export, small_cfg(tmp_path, *over), overrides=over)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text(yaml.safe_dump({"tracking": {"enabled": False}}))
+    args = [
+        "eval",
+        "--config",
+        str(cfg_file),
+        "--checkpoint",
+        str(export),
+        *[a for s in SMALL for a in ("--set", s)],
+    ]
+    assert main([*args, "--set", "model.n_heads=2"]) == 2
+    assert "model.n_heads: checkpoint 4, --set 2" in capsys.readouterr().err
