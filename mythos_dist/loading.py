@@ -24,9 +24,8 @@ EVAL_TIME_MODEL_KEYS = frozenset({"attn_window", "max_seq_len", "capacity_factor
 def checkpoint_model_cfg(saved: ModelConfig, cfg: Config, overrides: Sequence[str]) -> ModelConfig:
     """The checkpoint's model config with the `model.K=V` overrides among EVAL_TIME_MODEL_KEYS applied
     (values as parsed into cfg.model); ConfigError naming every other one that differs from it."""
-    keys = sorted(
-        {o.split("=", 1)[0].strip().removeprefix("model.") for o in overrides if o.startswith("model.")}
-    )
+    dotted = {o.split("=", 1)[0].strip() for o in overrides}  # as config.apply_overrides reads them
+    keys = sorted(k.removeprefix("model.") for k in dotted if k.startswith("model."))
     refused = [
         f"model.{k}: checkpoint {getattr(saved, k)!r}, --set {getattr(cfg.model, k)!r}"
         for k in keys

@@ -281,7 +281,7 @@ def test_model_overrides_at_evaluation_apply_or_are_refused_never_ignored(tmp_pa
     assert not torch.allclose(logits(narrow), logits(as_saved))  # the window is applied, not recorded only
     same = ["model.dim=32"]  # equal to the checkpoint's: harmless
     assert load_model(export, small_cfg(tmp_path, *same), overrides=same).cfg == as_saved.cfg
-    over = ["model.dim=64", "model.lora_rank=4", "model.attn_window=3"]
+    over = [" model.dim=64", "model.lora_rank=4", "model.attn_window=3"]  # spaces as apply_overrides allows
     with pytest.raises(
         ConfigError, match=r"(?s)model\.dim: checkpoint 32, --set 64.*model\.lora_rank: checkpoint 8, --set 4"
     ):
