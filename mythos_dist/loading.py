@@ -18,7 +18,9 @@ from mythos_dist.tracking import is_model_uri
 # value (`--set model.attn_window=3`). Any other model.* override that differs from the checkpoint
 # is refused: the checkpoint fixes its model, and ignoring the override would report numbers for
 # a model the user did not ask for.
-EVAL_TIME_MODEL_KEYS = frozenset({"attn_window", "max_seq_len", "capacity_factor", "act_threshold"})
+EVAL_TIME_MODEL_KEYS = frozenset(
+    {"attn_window", "prelude_attn_window", "max_seq_len", "capacity_factor", "act_threshold"}
+)
 
 
 def checkpoint_model_cfg(saved: ModelConfig, cfg: Config, overrides: Sequence[str]) -> ModelConfig:

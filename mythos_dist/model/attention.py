@@ -166,8 +166,13 @@ Rope = torch.Tensor | None  # complex rotations (T, rot_dim/2) for the current p
 class _Attention(nn.Module):
     """What GQA and MLA share: dropout, the sliding window and the optional per-head sink logit."""
 
-    def _attend_settings(self, cfg: ModelConfig) -> None:
-        self.dropout, self.window = cfg.dropout, cfg.attn_window
+    def _attend_settings(self, cfg: ModelConfig, own_window: int) -> None:
+        """own_window: this layer's window, kept by `attention_window` (0: the model's attn_window)."""
+        self.dropout, self.window, self.own_window = (
+            cfg.dropout,
+            own_window or cfg.attn_window,
+            own_window > 0,
+        )
         self.sink_H = nn.Parameter(torch.zeros(cfg.n_heads)) if cfg.attn_sink else None
 
     def reset_parameters(self) -> None:
@@ -177,12 +182,12 @@ class _Attention(nn.Module):
 
 
 class GQAttention(_Attention):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, own_window: int = 0):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.wqkv = nn.Linear(cfg.dim, (cfg.n_heads + 2 * cfg.n_kv_heads) * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
-        self._attend_settings(cfg)
+        self._attend_settings(cfg, own_window)
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
@@ -207,7 +212,7 @@ class MLAttention(_Attention):
     only those two are cached: kv_lora_rank + qk_rope_head_dim values per token per layer.
     """
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, own_window: int = 0):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.nope, self.rope_dim, self.v_dim = cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim
@@ -219,7 +224,7 @@ class MLAttention(_Attention):
         self.kv_norm = RMSNorm(cfg.kv_lora_rank, eps=cfg.norm_eps)
         self.kv_up = nn.Linear(cfg.kv_lora_rank, cfg.n_heads * (self.nope + self.v_dim), bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.v_dim, cfg.dim, bias=False)
-        self._attend_settings(cfg)
+        self._attend_settings(cfg, own_window)
 
     def forward(
         self, x_ND: torch.Tensor, layout: TokenLayout, rope: Rope, cache: KVCache | None, key: str
@@ -247,16 +252,17 @@ class MLAttention(_Attention):
         return self.wo(layout.from_grid(out.transpose(1, 2)).flatten(1))
 
 
-def make_attention(cfg: ModelConfig) -> nn.Module:
-    return MLAttention(cfg) if cfg.attn_type == "mla" else GQAttention(cfg)
+def make_attention(cfg: ModelConfig, own_window: int = 0) -> nn.Module:
+    return MLAttention(cfg, own_window) if cfg.attn_type == "mla" else GQAttention(cfg, own_window)
 
 
 @contextmanager
 def attention_window(model: nn.Module, window: int | None) -> Iterator[None]:
-    """Inside the block every attention layer of `model` sees `window` tokens (None: unchanged);
-    the layers' own windows are restored after, also on error. For per-step window draws in
-    training (train.attn_windows); autograd keeps the masks it used, so backward may run outside."""
-    layers = [m for m in model.modules() if isinstance(m, (GQAttention, MLAttention))]
+    """Inside the block every attention layer of `model` sees `window` tokens (None: unchanged),
+    except layers with a window of their own (model.prelude_attn_window); the layers' windows are
+    restored after, also on error. For per-step window draws in training (train.attn_windows);
+    autograd keeps the masks it used, so backward may run outside."""
+    layers = [m for m in model.modules() if isinstance(m, (GQAttention, MLAttention)) and not m.own_window]
     saved = [m.window for m in layers]
     try:
         if window is not None:

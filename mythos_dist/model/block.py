@@ -26,10 +26,10 @@ def make_moe(cfg: ModelConfig) -> MoEFFN:
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, cfg: ModelConfig, moe: bool):
+    def __init__(self, cfg: ModelConfig, moe: bool, own_window: int = 0):
         super().__init__()
         self.attn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
-        self.attn = make_attention(cfg)
+        self.attn = make_attention(cfg, own_window)
         self.ffn_norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn: nn.Module = make_moe(cfg) if moe else SwiGLU(cfg.dim, cfg.ffn_dim())
         self.drop = nn.Dropout(cfg.dropout)

@@ -33,7 +33,10 @@ class RDT(nn.Module):
         cfg.validate()
         self.cfg = cfg
         self.embed = init.Embedding(cfg.vocab_size, cfg.dim)
-        self.prelude = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.prelude_layers))
+        self.prelude = nn.ModuleList(
+            TransformerBlock(cfg, moe=False, own_window=cfg.prelude_attn_window)
+            for _ in range(cfg.prelude_layers)
+        )
         self.recurrent = RecurrentBlock(cfg)
         self.coda = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.coda_layers))
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)

@@ -42,9 +42,13 @@ def test_shapes(attn_type: str, pos_encoding: str) -> None:
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-@pytest.mark.parametrize(("window", "sink"), [(0, False), (3, True)])
-def test_cached_decode_equals_full_forward(attn_type: str, window: int, sink: bool) -> None:
-    model = make_model(attn_type=attn_type, attn_window=window, attn_sink=sink)
+@pytest.mark.parametrize(("window", "prelude_window", "sink"), [(0, 0, False), (3, 0, True), (3, 6, True)])
+def test_cached_decode_equals_full_forward(
+    attn_type: str, window: int, prelude_window: int, sink: bool
+) -> None:
+    model = make_model(
+        attn_type=attn_type, attn_window=window, prelude_attn_window=prelude_window, attn_sink=sink
+    )
     ids = torch.randint(0, 12, (2, 14))
     full = model(ids, n_loops=3).logits
     cache = KVCache()
@@ -58,14 +62,17 @@ def test_cached_decode_equals_full_forward(attn_type: str, window: int, sink: bo
 
 
 @pytest.mark.parametrize("n_loops", [1, 3])
-def test_attention_window_bounds_how_far_information_travels(n_loops: int) -> None:
+@pytest.mark.parametrize("prelude_window", [0, 6])
+def test_attention_window_bounds_how_far_information_travels(n_loops: int, prelude_window: int) -> None:
     """With a window w every attention layer moves information at most w − 1 tokens, so the last
     position depends on exactly the (w − 1)·(prelude + loops + coda) tokens before it (gradient
-    of its logits w.r.t. each token's embedding is non-zero there and exactly zero beyond);
+    of its logits w.r.t. each token's embedding is non-zero there and exactly zero beyond), or
+    with a prelude window p the (p − 1)·prelude + (w − 1)·(loops + coda);
     `ModelConfig.receptive_field`, which the trainer uses to drop unreachable chains, says the same."""
-    model = make_model(attn_window=3, pos_encoding="none")
+    model = make_model(attn_window=3, prelude_attn_window=prelude_window, pos_encoding="none")
     reach = model.cfg.receptive_field(n_loops)
-    assert reach == 2 * (model.cfg.prelude_layers + n_loops + model.cfg.coda_layers)
+    prelude_step = (prelude_window or 3) - 1
+    assert reach == prelude_step * model.cfg.prelude_layers + 2 * (n_loops + model.cfg.coda_layers)
     embedded = []
     model.embed.register_forward_hook(lambda m, i, out: embedded.append(out) or out.requires_grad_())
     logits = model(torch.randint(0, 10, (1, 16)), n_loops=n_loops).logits[0, -1]
@@ -91,6 +98,29 @@ def test_attention_window_override_equals_a_model_built_with_that_window(attn_ty
     with attention_window(model, None):  # None: unchanged
         torch.testing.assert_close(model(ids, n_loops=3).logits, own)
     torch.testing.assert_close(model(ids, n_loops=3).logits, own)
+
+
+def test_prelude_window_is_kept_by_window_draws() -> None:
+    """model.prelude_attn_window is the prelude's own: `attention_window(model, 2)` narrows the loop
+    and coda only, as a model built with attn_window=2 and the same prelude window; the prelude's
+    window is what makes the difference to a model without one."""
+    model = make_model(attn_window=4, prelude_attn_window=7, attn_sink=True)
+    drawn = RDT(tiny(attn_window=2, prelude_attn_window=7, attn_sink=True)).eval()
+    plain = RDT(tiny(attn_window=2, attn_sink=True)).eval()
+    drawn.load_state_dict(model.state_dict())
+    plain.load_state_dict(model.state_dict())
+    ids = torch.randint(0, 10, (2, 14))
+    with attention_window(model, 2):
+        torch.testing.assert_close(model(ids, n_loops=3).logits, drawn(ids, n_loops=3).logits)
+        assert [layer.attn.window for layer in model.prelude] == [7]
+    assert not torch.allclose(drawn(ids, n_loops=3).logits, plain(ids, n_loops=3).logits)
+    assert [m.window for m in model.recurrent.block.modules() if hasattr(m, "own_window")] == [4]
+
+
+@pytest.mark.parametrize(("window", "prelude_window"), [(0, 5), (4, 1)])
+def test_prelude_window_without_a_sliding_window_is_refused(window: int, prelude_window: int) -> None:
+    with pytest.raises(ValueError, match="prelude_attn_window"):
+        RDT(tiny(attn_window=window, prelude_attn_window=prelude_window))
 
 
 def test_embedding_init_std_is_its_own_setting() -> None:
