@@ -1,0 +1,48 @@
+"""One expert-parallel exchange in isolation: gloo all_to_all_single of ROWS x 64 fp32 rows, half
+kept and half sent to the peer, against isend/irecv of the same half; 2 processes, balanced, no
+compute in between (what a call costs without waiting for a slower rank).
+
+    .venv/bin/python -m torch.distributed.run --standalone --nproc_per_node=2 benchmarks/bench_all_to_all.py [ROWS]
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank, rows = dist.get_rank(), int(sys.argv[1]) if len(sys.argv) > 1 else 1100
+    x, half = torch.randn(rows, 64), rows // 2
+
+    def all_to_all() -> None:
+        splits = [half, rows - half]
+        dist.all_to_all_single(torch.empty(rows, 64), x, splits, splits)
+
+    def send_recv() -> None:
+        out = torch.empty(rows, 64)
+        out[:half] = x[:half]
+        reqs = [dist.isend(x[half:].contiguous(), 1 - rank), dist.irecv(out[half:], 1 - rank)]
+        for r in reqs:
+            r.wait()
+
+    for name, fn in (("all_to_all_single", all_to_all), ("isend/irecv", send_recv)) * 2:
+        for _ in range(50):
+            fn()
+        dist.barrier()
+        wall, cpu = time.perf_counter(), time.process_time()
+        for _ in range(1000):
+            fn()
+        wall, cpu = (time.perf_counter() - wall) / 1e3, (time.process_time() - cpu) / 1e3
+        if rank == 0:
+            print(f"{name:<18} {rows} x 64 fp32: wall {wall * 1e6:6.1f} us, cpu {cpu * 1e6:6.1f} us per call")
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
