@@ -21,7 +21,9 @@ until grep -q "^step $AT/" $D/train.log 2>/dev/null; do
   kill -0 $JOB 2>/dev/null || { echo "training ended before step $AT: $D/train.log" >&2; exit 1; }
   sleep 2
 done
-RANKS=$(pgrep -f 'mythos_dist.cli train' | while read -r p; do ps -o args= -p "$p" | grep -q torch.distributed.run || echo "$p"; done)
+# This job's ranks only (its own process group), not torchrun's launcher or another job's trainers.
+RANKS=$(pgrep -g $JOB -f 'mythos_dist.cli train' | while read -r p; do ps -o args= -p "$p" | grep -q torch.distributed.run || echo "$p"; done)
+[[ -n $RANKS ]] || { echo "no training ranks found in process group $JOB" >&2; exit 1; }
 SPIES=(); i=0
 for P in $RANKS; do
   $SPY record -p "$P" -d 40 -r 50 --idle --threads --nonblocking -f raw -o $D/rank$i.txt > $D/spy$i.log 2>&1 &

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 import sys
-from collections import Counter
+from collections import Counter, defaultdict
 from pathlib import Path
 
 
@@ -31,20 +31,19 @@ def step_line(frames: list[str]) -> str:
 
 
 def report(path: str, top: int = 8) -> None:
-    stacks = main_thread_stacks(path)
-    total = sum(n for _, n in stacks)
-    by_line = Counter()
-    for frames, n in stacks:
-        by_line[step_line(frames)] += n
+    by_line: dict[str, list[tuple[list[str], int]]] = defaultdict(list)
+    for frames, n in main_thread_stacks(path):
+        by_line[step_line(frames)].append((frames, n))
+    samples = {what: sum(n for _, n in stacks) for what, stacks in by_line.items()}
+    total = sum(samples.values())
     print(f"== {path}: {total} samples of the main thread")
-    for what, n in by_line.most_common(top):
+    for what, n in Counter(samples).most_common(top):
         print(f"{100 * n / total:5.1f}%  {what}")
         if 100 * n / total < 20:
             continue
         leaf = Counter()
-        for frames, m in stacks:
-            if step_line(frames) == what:
-                leaf[short(frames[-1])] += m
+        for frames, m in by_line[what]:
+            leaf[short(frames[-1])] += m
         for inner, m in leaf.most_common(top):
             print(f"         {100 * m / n:5.1f}% of it  {inner}")
 
