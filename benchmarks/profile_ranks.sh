@@ -21,9 +21,11 @@ until grep -q "^step $AT/" $D/train.log 2>/dev/null; do
   kill -0 $JOB 2>/dev/null || { echo "training ended before step $AT: $D/train.log" >&2; exit 1; }
   sleep 2
 done
-# This job's ranks only (its own process group), not torchrun's launcher or another job's trainers.
-RANKS=$(pgrep -g $JOB -f 'mythos_dist.cli train' | while read -r p; do ps -o args= -p "$p" | grep -q torch.distributed.run || echo "$p"; done)
-[[ -n $RANKS ]] || { echo "no training ranks found in process group $JOB" >&2; exit 1; }
+# This job's ranks: the children of its torchrun (which starts them in sessions of their own), not
+# another job's trainers.
+LAUNCHER=$(pgrep -P $JOB -f torch.distributed.run || true)
+RANKS=$([[ -n $LAUNCHER ]] && pgrep -P "$LAUNCHER" -f 'mythos_dist.cli train' || true)
+[[ -n $RANKS ]] || { echo "no training ranks found under the job's process $JOB" >&2; exit 1; }
 SPIES=(); i=0
 for P in $RANKS; do
   $SPY record -p "$P" -d 40 -r 50 --idle --threads --nonblocking -f raw -o $D/rank$i.txt > $D/spy$i.log 2>&1 &
