@@ -92,9 +92,11 @@ def load_model(
         source.model_cfg = checkpoint_model_cfg(source.model_cfg, cfg, overrides)
         model = load_shard(source, ep, ep_rank)
         if group is not None:
+            from mythos_dist.ep_transport import all_to_all_for
             from mythos_dist.model.dispatch import use_all_to_all
 
-            use_all_to_all(model, group, cfg.parallel.ep_dispatch)
+            exchange = all_to_all_for(group, cfg.parallel.ep_transport, cfg.parallel.timeout_s)
+            use_all_to_all(model, group, cfg.parallel.ep_dispatch, exchange)
     except CheckpointError as e:
         raise ConfigError(str(e)) from e
     longest = cfg.data.task.max_length() + 1

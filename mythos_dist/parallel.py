@@ -30,6 +30,7 @@ from torch import nn
 
 from mythos_dist.comm import init_process_group
 from mythos_dist.config import Config
+from mythos_dist.ep_transport import all_to_all_for
 from mythos_dist.model import RDT, init
 from mythos_dist.model.dispatch import DISPATCHERS, start_each_forward
 from mythos_dist.model.moe import MoEFFN
@@ -78,11 +79,19 @@ class ExpertParallelMoE(MoE):
     code renames to the global id; hooks convert to and from our stacked weights.
     """
 
-    def __init__(self, layer: MoEFFN, ep_size: int, dispatch: str = "exact"):
+    def __init__(
+        self,
+        layer: MoEFFN,
+        ep_size: int,
+        dispatch: str = "exact",
+        transport: str = "auto",
+        timeout_s: float = 120.0,
+    ):
         nn.Module.__init__(self)
         self.layer = layer
         self.ep_size = ep_size
         self.dispatcher_cls = DISPATCHERS[dispatch]
+        self.transport, self.timeout_s = transport, timeout_s
         self.num_experts = layer.n_experts
         self.num_local_experts = layer.n_experts // ep_size
         self.expert_group_name = f"ep_size_{ep_size}"
@@ -99,7 +108,8 @@ class ExpertParallelMoE(MoE):
         expert_parallel_rank(self.ep_size, use_data_before_expert_parallel_)
         if self.ep_size > 1 and type(self.layer.dispatcher) is not self.dispatcher_cls:
             group = groups._get_expert_parallel_group(self.expert_group_name)
-            self.layer.dispatcher = self.dispatcher_cls(self.num_experts, group)
+            exchange = all_to_all_for(group, self.transport, self.timeout_s)
+            self.layer.dispatcher = self.dispatcher_cls(self.num_experts, group, exchange)
 
     @property
     def ep_rank(self) -> int:
@@ -137,9 +147,13 @@ def expert_parallel_rank(ep_size: int, use_data_before_expert_parallel_: bool = 
     return groups._get_expert_parallel_rank(name)
 
 
-def parallelize(model: nn.Module, ep_size: int, dispatch: str = "exact") -> nn.Module:
+def parallelize(
+    model: nn.Module, ep_size: int, dispatch: str = "exact", transport: str = "auto", timeout_s: float = 120.0
+) -> nn.Module:
     """In place: wrap every MoEFFN for DeepSpeed and keep only this rank's experts [r·L, (r+1)·L).
-    dispatch: the all-to-all's kind (parallel.ep_dispatch: exact splits, or padded, sync-free).
+    dispatch: the all-to-all's kind (parallel.ep_dispatch: exact splits, or padded, sync-free);
+    transport: how its bytes travel (parallel.ep_transport, mythos_dist.ep_transport), failing
+    after timeout_s without an answer.
 
     The model is either the full model, identical on every rank (its experts are then sliced), or
     already holds exactly this rank's experts (`build_model`).
@@ -147,7 +161,7 @@ def parallelize(model: nn.Module, ep_size: int, dispatch: str = "exact") -> nn.M
     for name, module in list(model.named_modules()):
         if not isinstance(module, MoEFFN):
             continue
-        wrapper = ExpertParallelMoE(module, ep_size, dispatch)
+        wrapper = ExpertParallelMoE(module, ep_size, dispatch, transport, timeout_s)
         wrapper.set_deepspeed_parallelism()
         n_local = wrapper.num_local_experts
         module.experts.shard(wrapper.ep_rank * n_local, n_local)
@@ -185,7 +199,8 @@ def build_model(cfg: Config, device: torch.device) -> nn.Module:
 
         load_into(model, ExportReader(cfg.train.init_from))
     model.recurrent.checkpoint_loops = cfg.train.activation_checkpointing == "loop"
-    return parallelize(model, ep_size, cfg.parallel.ep_dispatch)
+    par = cfg.parallel
+    return parallelize(model, ep_size, par.ep_dispatch, par.ep_transport, par.timeout_s)
 
 
 def sync_router_biases(model: nn.Module, update: bool = True) -> list[torch.Tensor]:

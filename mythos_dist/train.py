@@ -26,6 +26,7 @@ from data_pipeline.batch import BatchSource, ChainBatches, crop_batch
 from mythos_dist import checkpoint
 from mythos_dist.comm import all_reduce_host
 from mythos_dist.config import Config, to_dict
+from mythos_dist.ep_transport import describe
 from mythos_dist.model import LoopChoice, LoopPolicy, attention_window
 from mythos_dist.objective import (
     answer_forward,
@@ -149,6 +150,8 @@ class Trainer:
         self.cfg, self.ctx = cfg, ctx
         torch.manual_seed(cfg.train.seed)  # the same random stream (e.g. dropout) on every rank
         model = build_model(cfg, ctx.info.device)  # this rank's part only; init keyed by name and expert id
+        if cfg.parallel.ep_size > 1:
+            ctx.say(f"expert parallelism: EP={cfg.parallel.ep_size}, all-to-all over {describe(model)}")
         self.engine, self.ds_config = build_engine(model, cfg, ctx.info.world_size, ctx.say)
         self.batches = default_batches(cfg) if batches is None else batches
         self.start, data_state = checkpoint.resume(self.engine, cfg) if cfg.checkpoint.resume else (0, None)

@@ -96,28 +96,50 @@ class LocalDispatcher:
         return _combine(y_MD, weights_NK, state)
 
 
+class AllToAll(Protocol):
+    """all_to_all_single(out, inp, out_splits, in_splits) over one expert-parallel group."""
+
+    def __call__(
+        self, out: torch.Tensor, inp: torch.Tensor, out_splits: list[int] | None = None,
+        in_splits: list[int] | None = None,
+    ) -> None: ...  # fmt: skip
+
+
+class ProcessGroupAllToAll:
+    """The group's own all_to_all_single (gloo, NCCL). Between ranks of one host on gloo, the
+    trainer uses local sockets instead (mythos_dist.ep_transport, parallel.ep_transport)."""
+
+    def __init__(self, group: dist.ProcessGroup | None):
+        self.group = group
+
+    def __call__(self, out, inp, out_splits=None, in_splits=None):
+        dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group)
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with uneven splits; the gradient travels back with the splits swapped."""
 
     @staticmethod
-    def forward(ctx, x, send_splits, recv_splits, group):  # type: ignore[override]
-        ctx.send_splits, ctx.recv_splits, ctx.group = send_splits, recv_splits, group
+    def forward(ctx, x, send_splits, recv_splits, all_to_all):  # type: ignore[override]
+        ctx.send_splits, ctx.recv_splits, ctx.all_to_all = send_splits, recv_splits, all_to_all
         out = x.new_empty(sum(recv_splits), *x.shape[1:])
-        dist.all_to_all_single(out, x.contiguous(), recv_splits, send_splits, group=group)
+        all_to_all(out, x.contiguous(), recv_splits, send_splits)
         return out
 
     @staticmethod
     def backward(ctx, grad):  # type: ignore[override]
         # Through apply, not a bare collective: differentiable again, so double backward (the
         # Jacobian-vector products of the stability tools) passes the all-to-all too.
-        return _AllToAll.apply(grad, ctx.recv_splits, ctx.send_splits, ctx.group), None, None, None
+        return _AllToAll.apply(grad, ctx.recv_splits, ctx.send_splits, ctx.all_to_all), None, None, None
 
 
 class AllToAllDispatcher:
-    """Expert parallelism: rank r of the EP group holds global experts [r·L, (r+1)·L)."""
+    """Expert parallelism: rank r of the EP group holds global experts [r·L, (r+1)·L).
+    all_to_all: how the group exchanges rows (default: the group's own all_to_all_single)."""
 
-    def __init__(self, n_experts: int, group: dist.ProcessGroup | None):
+    def __init__(self, n_experts: int, group: dist.ProcessGroup | None, all_to_all: AllToAll | None = None):
         self.group = group
+        self.all_to_all = all_to_all or ProcessGroupAllToAll(group)
         self.ep_size = dist.get_world_size(group)
         self.n_experts = n_experts
         self.n_local = n_experts // self.ep_size
@@ -126,7 +148,7 @@ class AllToAllDispatcher:
         assign_idx, token_idx, counts_E = sort_by_expert(expert_ids_NK, self.n_experts, capacity)
         # How many rows each source rank sends to each of my local experts: (ep, L).
         recv_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        self.all_to_all(recv_counts, counts_E)
         recv_counts_SL = recv_counts.view(self.ep_size, self.n_local)
         tokens_per_local_L = recv_counts_SL.sum(0)
         # One host sync for every size below (all_to_all_single needs its splits on the host).
@@ -135,7 +157,7 @@ class AllToAllDispatcher:
         ).tolist()
         ep = self.ep_size
         send_splits, recv_splits, per_local = sizes[:ep], sizes[ep : 2 * ep], sizes[2 * ep :]
-        x_recv = _AllToAll.apply(x_ND.index_select(0, token_idx), send_splits, recv_splits, self.group)
+        x_recv = _AllToAll.apply(x_ND.index_select(0, token_idx), send_splits, recv_splits, self.all_to_all)
         # Rows arrive source-major; experts want them grouped by local expert.
         local_id = torch.arange(self.n_local, device=x_ND.device).repeat(ep)
         local_id_M = torch.repeat_interleave(local_id, recv_counts_SL.flatten(), output_size=sum(recv_splits))
@@ -147,7 +169,7 @@ class AllToAllDispatcher:
 
     def combine(self, y_MD, weights_NK, state):
         y_recv = torch.empty_like(y_MD).index_copy(0, state.regroup_M, y_MD)  # undo regroup
-        y_sent = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, self.group)
+        y_sent = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, self.all_to_all)
         return _combine(y_sent, weights_NK, state)
 
 
@@ -162,8 +184,8 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
     row, never sent back into one). The same rows in the same order as AllToAllDispatcher:
     bit-identical outputs."""
 
-    def __init__(self, n_experts: int, group: dist.ProcessGroup | None):
-        super().__init__(n_experts, group)
+    def __init__(self, n_experts: int, group: dist.ProcessGroup | None, all_to_all: AllToAll | None = None):
+        super().__init__(n_experts, group, all_to_all)
         self.rank = dist.get_rank(group)
         self._tokens_S: list[int] | None = None  # every rank's tokens in this forward
 
@@ -176,7 +198,7 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
         if self._tokens_S is None:
             tokens_S = torch.empty(self.ep_size, dtype=torch.long, device=x_ND.device)
             mine_S = torch.full((self.ep_size,), n, dtype=torch.long, device=x_ND.device)
-            dist.all_to_all_single(tokens_S, mine_S, group=self.group)  # each peer's count
+            self.all_to_all(tokens_S, mine_S)  # each peer's count
             self._tokens_S = tokens_S.tolist()
         elif n != self._tokens_S[self.rank]:
             raise RuntimeError(
@@ -191,7 +213,7 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
         rows_S = self._buffer_rows(x_ND, expert_ids_NK.shape[1])
         rows = rows_S[self.rank]  # what I send each peer; I receive rows_S[s] from s
         recv_counts = torch.empty_like(counts_E)
-        dist.all_to_all_single(recv_counts, counts_E, group=self.group)
+        self.all_to_all(recv_counts, counts_E)
         recv_counts_SL = recv_counts.view(ep, n_local)
         # Sorted assignments are destination-major (rank r holds experts [r·L, (r+1)·L)).
         send_S = counts_E.view(ep, n_local).sum(1)
@@ -199,7 +221,7 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
         first_S = torch.cumsum(send_S, 0) - send_S
         slot_M = dest_M * rows + torch.arange(len(assign_idx), device=device) - first_S[dest_M]
         send = x_ND.new_zeros(ep * rows, x_ND.shape[1]).index_copy(0, slot_M, x_ND.index_select(0, token_idx))
-        x_recv = _AllToAll.apply(send, [rows] * ep, rows_S, self.group)
+        x_recv = _AllToAll.apply(send, [rows] * ep, rows_S, self.all_to_all)
         # Local expert of each received row (source-major blocks of rows_S[s]); n_local for
         # padding, which then sorts last.
         src_R = torch.repeat_interleave(
@@ -217,7 +239,7 @@ class PaddedAllToAllDispatcher(AllToAllDispatcher):
 
     def combine(self, y_MD, weights_NK, state):
         y_recv = torch.empty_like(y_MD).index_copy(0, state.regroup_M, y_MD)  # undo regroup
-        y_sent = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, self.group)
+        y_sent = _AllToAll.apply(y_recv, state.recv_splits, state.send_splits, self.all_to_all)
         return _combine(y_sent.index_select(0, state.slot_M), weights_NK, state)
 
 
@@ -234,11 +256,14 @@ def start_forward(model: torch.nn.Module) -> None:
             d.new_forward()
 
 
-def use_all_to_all(model: torch.nn.Module, group: dist.ProcessGroup | None, kind: str) -> None:
+def use_all_to_all(
+    model: torch.nn.Module, group: dist.ProcessGroup | None, kind: str, all_to_all: AllToAll | None = None
+) -> None:
     """Route every MoE layer of `model` (an RDT) through an expert-parallel all-to-all of `kind`
-    (DISPATCHERS); a padded one gets its per-forward reset from a forward pre-hook on `model`."""
+    (DISPATCHERS) over `all_to_all` (default: the group's own); a padded one gets its per-forward
+    reset from a forward pre-hook on `model`."""
     for moe in model.moe_layers():
-        moe.dispatcher = DISPATCHERS[kind](moe.n_experts, group)
+        moe.dispatcher = DISPATCHERS[kind](moe.n_experts, group, all_to_all)
     if kind == "padded":
         start_each_forward(model)
 

@@ -60,6 +60,8 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         "ep2_z2": launch(
             tmp, "ep2_z2", 2, "parallel.ep_size=2", "parallel.zero_stage=2", "checkpoint.every=2"
         ),
+        # the same over gloo's all-to-all instead of local sockets (parallel.ep_transport)
+        "ep2_z2_gloo": launch(tmp, "ep2_z2_gloo", 2, *EP2_Z2, "parallel.ep_transport=process_group"),
         "tmp": tmp,
     }
 
@@ -82,6 +84,19 @@ def test_ep2_matches_ep1_single_process(runs: dict[str, Path], zero: int) -> Non
         torch.testing.assert_close(summary(ep2, rank)["losses"], want, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(summary(ep2, rank)["grad_norms"], norms, rtol=1e-4, atol=1e-6)
     assert_same_export(Path(summary(ref)["export"]), Path(summary(ep2)["export"]))
+
+
+def test_local_socket_all_to_all_trains_bit_identically_to_gloo(runs: dict[str, Path]) -> None:
+    sockets, gloo = runs["ep2_z2"], runs["ep2_z2_gloo"]
+    assert (
+        "EP=2, all-to-all over local Unix sockets (2 ranks on this host)" in (sockets / "log.txt").read_text()
+    )
+    assert "EP=2, all-to-all over the process group (gloo)" in (gloo / "log.txt").read_text()
+    for rank in (0, 1):
+        for key in ("losses", "grad_norms"):
+            assert summary(sockets, rank)[key] == summary(gloo, rank)[key]
+    a, b = (load_file(str(Path(summary(r)["export"]) / "model.safetensors")) for r in (sockets, gloo))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_export_from_ep2_loads_in_one_process(runs: dict[str, Path]) -> None:

@@ -75,6 +75,9 @@ def test_two_nodes_train_like_one_node_two_processes(ref: dict[str, Any]) -> Non
         assert [r["digest"] for r in got] == [r["digest"] for r in want]  # parameters, bit for bit
     hostnames = {result_host(two, r) for r in (0, 1)}
     assert hostnames == {"node0", "node1"}
+    # the same bytes over local sockets on one host and over gloo between two (parallel.ep_transport)
+    assert "all-to-all over local Unix sockets (2 ranks on this host)" in (one / "node0.log").read_text()
+    assert "all-to-all over the process group (gloo)" in (two / "node0.log").read_text()
 
 
 def result_host(out: Path, rank: int) -> str:
