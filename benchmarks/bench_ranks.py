@@ -4,8 +4,10 @@
 
 The main job's model and micro batch (configs/digit_chain.yaml: 128 chains per rank, 4 loops),
 the real DeepSpeed engine; each rank trains on its own micro batches, so 2 ranks process twice
-the tokens per step. Runs 1 rank, 2 ranks EP=1, 2 ranks EP=2 and 2 ranks EP=2 with the padded
-(sync-free) all-to-all (parallel.ep_dispatch) in turn (--rounds times, each in fresh processes) and prints, per layout, tokens/s from the wall clock and from each rank's CPU
+the tokens per step. Runs 1 rank, 2 ranks EP=1, and 2 ranks EP=2 with the all-to-all over local
+sockets (parallel.ep_transport=auto, the default), over gloo (process_group), and padded (sync-free,
+parallel.ep_dispatch) in turn (--rounds times, each in fresh processes) and prints, per layout,
+tokens/s from the wall clock and from each rank's CPU
 seconds (user + system: on a machine shared with other jobs a rank waits for a core, and the wall
 clock counts that wait), and where a rank's step time goes: the seconds inside torch.distributed
 collectives (all-to-all, all-reduce, reduce-scatter, ...; timed around each call) and the rest.
@@ -44,26 +46,33 @@ COLLECTIVES = [
 
 
 def time_collectives(spent: dict[str, list[float]]) -> None:
-    """Wrap torch.distributed's collectives: [wall, cpu] seconds per name, accumulated in `spent`.
-    gloo runs them synchronously on CPU, so the time inside the call is the collective's."""
+    """Wrap torch.distributed's collectives and the local-socket all-to-all: [wall, cpu] seconds
+    per name, accumulated in `spent`. Both run synchronously on CPU, so the time inside the call
+    is the collective's."""
     import torch.distributed as dist
 
-    for name in COLLECTIVES:
-        fn = getattr(dist, name)
+    from mythos_dist.ep_transport import LocalSocketAllToAll
+
+    def wrap(owner: object, attr: str, name: str) -> None:
+        fn = getattr(owner, attr)
 
         @functools.wraps(fn)
-        def timed(*a, _fn=fn, _name=name, **kw):
+        def timed(*a, **kw):
             w, c = time.perf_counter(), time.process_time()
             try:
-                return _fn(*a, **kw)
+                return fn(*a, **kw)
             finally:
-                spent[_name][0] += time.perf_counter() - w
-                spent[_name][1] += time.process_time() - c
+                spent[name][0] += time.perf_counter() - w
+                spent[name][1] += time.process_time() - c
 
-        setattr(dist, name, timed)
+        setattr(owner, attr, timed)
+
+    for name in COLLECTIVES:
+        wrap(dist, name, name)
+    wrap(LocalSocketAllToAll, "__call__", "all_to_all (sockets)")
 
 
-def worker(out: Path, ep: int, dispatch: str, steps: int) -> None:
+def worker(out: Path, ep: int, dispatch: str, transport: str, steps: int) -> None:
     import logging
 
     import torch.distributed as dist
@@ -79,13 +88,15 @@ def worker(out: Path, ep: int, dispatch: str, steps: int) -> None:
         "parallel.zero_stage=2",
         "tracking.enabled=false",
         f"parallel.ep_dispatch={dispatch}",
+        f"parallel.ep_transport={transport}",
     ]
     cfg = load_config(REPO / "configs" / "digit_chain.yaml", sets)
     init_distributed(600)
     logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.manual_seed(0)
-    model = parallelize(RDT(cfg.model), ep, cfg.parallel.ep_dispatch)
+    par = cfg.parallel
+    model = parallelize(RDT(cfg.model), ep, par.ep_dispatch, par.ep_transport, par.timeout_s)
     engine, _ = build_engine(model, cfg, world, log=lambda *_: None)
     batches = iter(ChainBatches(cfg.data.task, cfg.train.micro_batch_size, rank, world))
     spent: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])
@@ -123,9 +134,10 @@ def main() -> None:
     ap.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--ep", type=int, default=1, help=argparse.SUPPRESS)
     ap.add_argument("--dispatch", default="exact", help=argparse.SUPPRESS)
+    ap.add_argument("--transport", default="auto", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
-        worker(args.worker, args.ep, args.dispatch, args.steps)
+        worker(args.worker, args.ep, args.dispatch, args.transport, args.steps)
         return
     sys.path.insert(0, str(REPO / "benchmarks"))
     from bench_moe import host_line
@@ -135,17 +147,24 @@ def main() -> None:
     print(f"load average before: {load()}")
     env = dict(os.environ, OMP_NUM_THREADS="1", DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"))
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".venv" / "torch_extensions"))
-    layouts = [(1, 1, "exact"), (2, 1, "exact"), (2, 2, "exact"), (2, 2, "padded")]  # (ranks, EP, dispatch)
-    runs: dict[tuple[int, int, str], list[list[dict]]] = defaultdict(list)
+    # (ranks, EP, dispatch, transport)
+    layouts = [
+        (1, 1, "exact", "auto"),
+        (2, 1, "exact", "auto"),
+        (2, 2, "exact", "auto"),
+        (2, 2, "exact", "process_group"),
+        (2, 2, "padded", "auto"),
+    ]
+    runs: dict[tuple[int, int, str, str], list[list[dict]]] = defaultdict(list)
     for r in range(args.rounds):
-        for n, ep, dispatch in layouts:
-            out = args.out / f"round{r}_w{n}_ep{ep}_{dispatch}"
+        for n, ep, dispatch, transport in layouts:
+            out = args.out / f"round{r}_w{n}_ep{ep}_{dispatch}_{transport}"
             out.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}"]
             cmd += [__file__, "--worker", str(out), "--ep", str(ep), "--dispatch", dispatch]
-            cmd += ["--steps", str(args.steps)]
+            cmd += ["--transport", transport, "--steps", str(args.steps)]
             subprocess.run(cmd, env=env, check=True, capture_output=True)
-            runs[(n, ep, dispatch)].append(
+            runs[(n, ep, dispatch, transport)].append(
                 [json.loads((out / f"rank{i}.json").read_text()) for i in range(n)]
             )
     print(f"load average after: {load()}")
@@ -154,13 +173,18 @@ def main() -> None:
         tokens = sum(r["tokens"] for r in ranks)
         return tokens / max(r["wall_s"] for r in ranks), tokens / max(r["cpu_s"] for r in ranks)
 
-    base = [rates(rs) for rs in runs[(1, 1, "exact")]]
+    base = [rates(rs) for rs in runs[layouts[0]]]
     print(
-        f"\n{'layout':18s} {'tok/s wall':>11s} {'vs 1 rank':>9s} {'tok/s cpu':>10s} {'vs 1 rank':>9s}  "
+        f"\n{'layout':26s} {'tok/s wall':>11s} {'vs 1 rank':>9s} {'tok/s cpu':>10s} {'vs 1 rank':>9s}  "
         "per step and rank (cpu s): collectives / rest"
     )
-    for n, ep, dispatch in layouts:
-        for r, ranks in enumerate(runs[(n, ep, dispatch)]):
+    for n, ep, dispatch, transport in layouts:
+        name = f"{n} rank(s), EP={ep}"
+        if ep > 1:
+            name += (" padded" if dispatch == "padded" else "") + (
+                " gloo" if transport == "process_group" else " sockets"
+            )
+        for r, ranks in enumerate(runs[(n, ep, dispatch, transport)]):
             wall, cpu = rates(ranks)
             steps = ranks[0]["steps"]
             parts = []
@@ -171,7 +195,7 @@ def main() -> None:
                     " ".join(f"{k} {v * 1e3:.1f}ms" for k, v in coll.items()) + f" rest {rest * 1e3:.0f}ms"
                 )
             print(
-                f"{f'{n} rank(s), EP={ep}' + (' padded' if dispatch == 'padded' else ''):18s} {wall:11.0f} {wall / base[r][0]:8.2f}x {cpu:10.0f} "
+                f"{name:26s} {wall:11.0f} {wall / base[r][0]:8.2f}x {cpu:10.0f} "
                 f"{cpu / base[r][1]:8.2f}x  " + " | ".join(parts)
             )
 
