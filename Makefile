@@ -36,7 +36,7 @@ test: lint
 	$(PY) -m pytest -q tests
 
 experiment: setup
-	.venv/bin/mythos experiment --config configs/digit_chain.yaml --config configs/digit_chain_recipe14.yaml
+	.venv/bin/mythos experiment --config configs/digit_chain.yaml --config configs/digit_chain_recipe12.yaml
 
 # The peer implementation is only a benchmark contender: installed without its dependencies.
 bench: setup
