@@ -228,8 +228,7 @@ def _print_run(
     from mythos_dist.tracking import resolve_uri, run_page
 
     print(
-        f"\naccuracy on the {cfg.eval.heldout} set (split × loops), trained at {cfg.train.loops.kind} "
-        f"{cfg.train.loops.n_loops} loops:"
+        f"\naccuracy on the {cfg.eval.heldout} set (split × loops), trained with {cfg.train.loops.describe()}:"
     )
     print(format_table(res.summary))
     start, end = trained_run.start_step, trained_run.end_step

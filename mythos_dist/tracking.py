@@ -133,9 +133,8 @@ def training_tags(cfg: Config, run_info: dict[str, Any]) -> dict[str, str]:
     from mlflow.utils.mlflow_tags import MLFLOW_RUN_NOTE
 
     t, recipe = cfg.train, _config_file() or "(no config file)"
-    loops = f"{t.loops.kind} {t.loops.n_loops} loops"
     note = (
-        f"Training run: recipe {recipe}, seed {t.seed}, {t.steps} steps ({loops}, lr {t.lr}), "
+        f"Training run: recipe {recipe}, seed {t.seed}, {t.steps} steps ({t.loops.describe()}, lr {t.lr}), "
         f"{run_info['world_size']} ranks (ZeRO-{cfg.parallel.zero_stage}, EP={cfg.parallel.ep_size}) on "
         f"{run_info['hosts']}; data {cfg.data.remote}; checkpoints {cfg.checkpoint.dir}."
     )

@@ -155,6 +155,17 @@ class LoopPolicyConfig:
     sigma: float = 0.5  # poisson_lognormal: std of the log-normal rate
     backprop_loops: int = 0  # truncated backprop through the last k loops; 0 = all
 
+    def describe(self) -> str:
+        """The policy in words, for logs and run notes: 'a fixed 4 loops', '1-16 loops drawn
+        uniformly (mean 8), gradient through the last 4'."""
+        if self.kind == "fixed":
+            text = f"a fixed {self.n_loops} loops"
+        elif self.kind == "uniform":
+            text = f"{self.min_loops}-{self.max_loops} loops drawn uniformly (mean {self.n_loops})"
+        else:
+            text = f"loops drawn Poisson-log-normal (mean {self.n_loops}, σ {self.sigma}, at most {self.max_loops})"
+        return text + (f", gradient through the last {self.backprop_loops}" if self.backprop_loops else "")
+
     def validate(self, prefix: str = "train.loops") -> None:
         require(self.n_loops >= 1, f"{prefix}.n_loops", f"loop counts must be ≥ 1, got {self.n_loops}")
         require(self.min_loops >= 1, f"{prefix}.min_loops", f"loop counts must be ≥ 1, got {self.min_loops}")

@@ -210,3 +210,15 @@ def test_param_count_matches_a_materialised_model() -> None:
     routed = model.recurrent.block.ffn.experts
     routed_n = sum(p.numel() for p in routed.parameters())
     assert pc.active_per_token == pc.total - routed_n + routed_n * 2 // 4
+
+
+@pytest.mark.parametrize(
+    ("name", "want"),
+    [
+        ("digit_chain.yaml", "a fixed 4 loops"),
+        ("digit_chain_recipe12.yaml", "1-16 loops drawn uniformly (mean 8), gradient through the last 4"),
+    ],
+)
+def test_loop_policy_is_described_as_it_trains(name: str, want: str) -> None:
+    """The run's log and MLflow note say what the steps draw (the log said "uniform 8 loops" for 1-16)."""
+    assert load_config(ROOT / "configs" / name).train.loops.describe() == want
