@@ -53,7 +53,7 @@ def _bytes_of(t: torch.Tensor) -> memoryview:
 
 class LocalSocketAllToAll:
     """all_to_all_single for the ranks of `group`, all on this host: one connected Unix socket per
-    pair, driven without threads (nonblocking sends and receives interleaved by select, so two
+    pair, driven without threads (nonblocking sends and receives interleaved by poll, so two
     ranks sending each other more than a socket buffer never deadlock). Create it collectively
     (`connect`), on every rank of the group in the same order."""
 
@@ -67,19 +67,25 @@ class LocalSocketAllToAll:
         not all on this host (then nothing was connected)."""
         rank, size = dist.get_rank(group), dist.get_world_size(group)
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        address = f"\0mythos-ep-{uuid.uuid4().hex}-{rank}"  # abstract: nothing on disk to clean up
-        listener.bind(address)
-        listener.listen(size)
+        address: str | None = f"\0mythos-ep-{uuid.uuid4().hex}-{rank}"  # abstract: nothing on disk
+        error = ""
+        try:
+            listener.bind(address)
+            listener.listen(size)
+        except OSError as e:  # still join the gather below, so no peer waits in it for this rank
+            error, address = f"{type(e).__name__}: {e}", None
         peers: list = [None] * size
         dist.all_gather_object(peers, (_host_identity(), address), group=group)
         if any(identity != peers[rank][0] for identity, _ in peers):
             listener.close()  # every rank sees the same mismatch: all return None
             return None
         socks: dict[int, socket.socket] = {}
-        error = ""
+        opened: list[socket.socket] = []  # all closed if any rank fails
         try:
+            if any(a is None for _, a in peers):
+                raise OSError(error or "a peer could not open its socket")
             for peer in range(rank):  # connect to lower ranks, accept the higher ones
-                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                opened.append(s := socket.socket(socket.AF_UNIX, socket.SOCK_STREAM))
                 s.settimeout(timeout_s)
                 s.connect(peers[peer][1])
                 s.sendall(struct.pack("<i", rank))
@@ -87,17 +93,18 @@ class LocalSocketAllToAll:
             listener.settimeout(timeout_s)
             for _ in range(rank + 1, size):
                 s, _ = listener.accept()
+                opened.append(s)
                 s.settimeout(timeout_s)
                 (peer,) = struct.unpack("<i", _recv_exactly(s, 4))
                 socks[peer] = s
         except OSError as e:
-            error = f"{type(e).__name__}: {e}"
+            error = error or f"{type(e).__name__}: {e}"
         finally:
             listener.close()
         ok = torch.tensor([0 if error else 1])
         dist.all_reduce(ok, op=dist.ReduceOp.MIN, group=group)
         if not ok.item():
-            for s in socks.values():
+            for s in opened:
                 s.close()
             raise RuntimeError(
                 f"expert-parallel local sockets: rank {rank} of the EP group could not connect to "
@@ -164,12 +171,17 @@ class LocalSocketAllToAll:
                 self._send_some(p, to_send[p])
             for p in [p for p in got if got[p] is not None]:
                 got[p] = self._recv_some(p, got[p], headers[p], dst[recv_at[p] : recv_at[p + 1]])
-            readers = [self.socks[p] for p in got if got[p] is not None]
-            writers = [self.socks[p] for p in to_send if to_send[p]]
-            if not readers and not writers:
+            events = {self.socks[p].fileno(): select.POLLIN for p in got if got[p] is not None}
+            for p in [p for p in to_send if to_send[p]]:
+                fd = self.socks[p].fileno()
+                events[fd] = events.get(fd, 0) | select.POLLOUT
+            if not events:
                 return
+            poller = select.poll()  # not select(): that fails for descriptors past 1,023
+            for fd, mask in events.items():
+                poller.register(fd, mask)
             left = deadline - time.monotonic()
-            if left <= 0 or not any(select.select(readers, writers, [], left)[:2]):
+            if left <= 0 or not poller.poll(left * 1000):
                 waiting = ", ".join(str(p) for p in sorted(got) if got[p] is not None) or "-"
                 raise RuntimeError(
                     f"local all-to-all: EP rank {self.rank} waited {self.timeout_s:.0f} s "
@@ -233,9 +245,23 @@ def _recv_exactly(s: socket.socket, n: int) -> bytes:
     return buf
 
 
-_CONNECTED: dict[
-    dist.ProcessGroup | None, AllToAll
-] = {}  # one transport per process group (every MoE layer shares it)
+# One transport per process group (every MoE layer shares it).
+_CONNECTED: dict[dist.ProcessGroup | None, AllToAll] = {}
+
+
+def _drop_sockets_in_child() -> None:
+    """A forked child (a DataLoader worker) must not keep the parent's sockets open: while any copy
+    is open, a rank that dies does not close its connections, and its peers would wait for the
+    timeout instead of failing at once."""
+    for exchange in _CONNECTED.values():
+        if isinstance(exchange, LocalSocketAllToAll):
+            for s in exchange.socks.values():
+                s.close()
+            exchange.broken = "local all-to-all: these sockets belong to the parent process (forked)"
+    _CONNECTED.clear()
+
+
+os.register_at_fork(after_in_child=_drop_sockets_in_child)
 
 
 def all_to_all_for(group: dist.ProcessGroup | None, transport: str, timeout_s: float) -> AllToAll:

@@ -31,7 +31,11 @@ import torch.distributed as dist
 from mythos_dist.comm import all_reduce_host
 
 EXIT_STUCK = 75  # EX_TEMPFAIL: a peer or the network failed; relaunching resumes from `latest`
-_COLLECTIVE_FILES = ("torch/distributed/distributed_c10d.py", "deepspeed/comm/")
+_COLLECTIVE_FILES = (
+    "torch/distributed/distributed_c10d.py",
+    "deepspeed/comm/",
+    "mythos_dist/ep_transport.py",
+)
 
 
 class PeerLost(RuntimeError):
@@ -45,15 +49,23 @@ def blocked_in(frame: FrameType | None, error: BaseException | None = None) -> s
         stack = traceback.extract_tb(error.__traceback__)
     else:
         stack = traceback.extract_stack(frame) if frame is not None else []
-    ours = [f for f in stack if "/mythos_dist/" in f.filename and not f.filename.endswith("/comm.py")]
     collectives = [f for f in stack if any(c in f.filename for c in _COLLECTIVE_FILES)]
+    ours = [
+        f
+        for f in stack
+        if "/mythos_dist/" in f.filename and not f.filename.endswith(("/comm.py", "/ep_transport.py"))
+    ]
     where = ""
     if ours:
         f = ours[-1]
         where = f"{f.filename[f.filename.rindex('/mythos_dist/') + 1 :]}:{f.lineno} {f.name}"
     if not collectives:
         return f"in {where or 'unknown code'}"
-    return f"in collective {collectives[-1].name} (called from {where or 'outside mythos_dist'})"
+    # the expert-parallel exchange over local sockets (ep_transport) is all_to_all_single by another road
+    name = (
+        "all_to_all_single" if collectives[-1].filename.endswith("/ep_transport.py") else collectives[-1].name
+    )
+    return f"in collective {name} (called from {where or 'outside mythos_dist'})"
 
 
 class PeerWatchdog:

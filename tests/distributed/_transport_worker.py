@@ -5,6 +5,7 @@ CASE: "match"    random uneven splits (zeros, a message over the socket buffer, 
                  multi-dim rows) against gloo's all_to_all_single on the same inputs: "max_diff"
       "mismatch" rank 0 sends rank 1 one row more than rank 1 expects: "error"
       "exit"     rank 1 exits without joining the exchange: rank 0's "error" and "waited_s"
+      "exit_forked"  the same, rank 1 leaving behind a forked child that lives 20 s more
       "stall"    rank 1 joins 3 s late, rank 0 gives up after 1 s: "error", "waited_s"
       "process_group"  parallel.ep_transport=process_group
       "auto"     only the transport auto picks
@@ -37,8 +38,12 @@ def main() -> None:
         for trial in range(40):
             # Every rank draws the full split matrix from the same seed: send[r][s] rows r -> s.
             gen = torch.Generator().manual_seed(trial)
-            big = trial == 7  # ≈ 9 MB each way: more than the socket buffers hold
-            send = torch.randint(0, 40_000 if big else 30, (size, size), generator=gen)
+            # 10 MB from every rank to every other: more than a socket's buffers hold (2 × 4 MB), so
+            # blocking sends both ways at once would deadlock
+            big = trial == 7
+            send = (
+                torch.full((size, size), 40_000) if big else torch.randint(0, 30, (size, size), generator=gen)
+            )
             if trial % 4 == 1:
                 send[0, size - 1] = 0
             dtype = torch.float32 if big else [torch.float32, torch.bfloat16, torch.int64][trial % 3]
@@ -62,9 +67,12 @@ def main() -> None:
             res["error"] = None
         except RuntimeError as e:
             res["error"] = str(e)
-    elif case in ("exit", "stall"):
+    elif case in ("exit", "exit_forked", "stall"):
         if rank == 1:
-            if case == "exit":
+            if case == "exit_forked" and os.fork() == 0:  # a child that outlives it, as a DataLoader
+                time.sleep(20)  # worker can: it must not hold the sockets open
+                os._exit(0)
+            if case.startswith("exit"):
                 os._exit(0)  # gone, without a word
             time.sleep(3)
         t = time.monotonic()
@@ -74,7 +82,7 @@ def main() -> None:
         except RuntimeError as e:
             res["error"] = str(e)
         res["waited_s"] = time.monotonic() - t
-        if case == "exit":  # the peer is gone: no barrier, no clean shutdown with it
+        if case.startswith("exit"):  # the peer is gone: no barrier, no clean shutdown with it
             (out / f"rank{rank}.json").write_text(json.dumps(res))
             os._exit(0)
     (out / f"rank{rank}.json").write_text(json.dumps(res))

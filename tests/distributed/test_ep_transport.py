@@ -53,10 +53,13 @@ def test_ranks_that_disagree_on_sizes_get_an_error_not_garbage(tmp_path: Path) -
     assert "disagree on the splits" in r1["error"]
 
 
-def test_a_peer_that_exits_fails_the_exchange_at_once(tmp_path: Path) -> None:
-    [r0] = ranks(tmp_path, "exit")
+@pytest.mark.parametrize("case", ["exit", "exit_forked"])
+def test_a_peer_that_exits_fails_the_exchange_at_once(tmp_path: Path, case: str) -> None:
+    """Also when the peer forked a child that lives on (a DataLoader worker): the child must not
+    keep the peer's sockets open."""
+    [r0] = ranks(tmp_path, case)
     assert r0["error"] is not None and "EP rank 1" in r0["error"], r0
-    assert r0["waited_s"] < 10  # its socket closed: no wait for the 60 s timeout
+    assert r0["waited_s"] < 10  # its socket closed: no wait for the 60 s timeout (nor the child's 20 s)
 
 
 def test_a_silent_peer_fails_the_exchange_after_the_timeout(tmp_path: Path) -> None:
