@@ -31,11 +31,17 @@ import torch.distributed as dist
 from mythos_dist.comm import all_reduce_host
 
 EXIT_STUCK = 75  # EX_TEMPFAIL: a peer or the network failed; relaunching resumes from `latest`
-_COLLECTIVE_FILES = (
-    "torch/distributed/distributed_c10d.py",
-    "deepspeed/comm/",
-    "mythos_dist/ep_transport.py",
-)
+# Where collectives run, and the name to report for one (None: its frame's function name). The
+# expert-parallel exchange over local sockets is all_to_all_single by another road.
+_COLLECTIVE_FILES = {
+    "torch/distributed/distributed_c10d.py": None,
+    "deepspeed/comm/": None,
+    "mythos_dist/ep_transport.py": "all_to_all_single",
+}
+
+
+def _collective_file(filename: str) -> str | None:
+    return next((c for c in _COLLECTIVE_FILES if c in filename), None)
 
 
 class PeerLost(RuntimeError):
@@ -49,11 +55,13 @@ def blocked_in(frame: FrameType | None, error: BaseException | None = None) -> s
         stack = traceback.extract_tb(error.__traceback__)
     else:
         stack = traceback.extract_stack(frame) if frame is not None else []
-    collectives = [f for f in stack if any(c in f.filename for c in _COLLECTIVE_FILES)]
+    collectives = [f for f in stack if _collective_file(f.filename)]
     ours = [
         f
         for f in stack
-        if "/mythos_dist/" in f.filename and not f.filename.endswith(("/comm.py", "/ep_transport.py"))
+        if "/mythos_dist/" in f.filename
+        and not f.filename.endswith("/comm.py")
+        and not _collective_file(f.filename)
     ]
     where = ""
     if ours:
@@ -61,10 +69,8 @@ def blocked_in(frame: FrameType | None, error: BaseException | None = None) -> s
         where = f"{f.filename[f.filename.rindex('/mythos_dist/') + 1 :]}:{f.lineno} {f.name}"
     if not collectives:
         return f"in {where or 'unknown code'}"
-    # the expert-parallel exchange over local sockets (ep_transport) is all_to_all_single by another road
-    name = (
-        "all_to_all_single" if collectives[-1].filename.endswith("/ep_transport.py") else collectives[-1].name
-    )
+    inner = collectives[-1]
+    name = _COLLECTIVE_FILES[_collective_file(inner.filename)] or inner.name
     return f"in collective {name} (called from {where or 'outside mythos_dist'})"
 
 
