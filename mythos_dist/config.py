@@ -131,6 +131,9 @@ class TrainConfig:
     # uses model.attn_window. A narrower window makes chains of the same length need more loops,
     # so steps with it train the loop map to keep carrying information at later loops.
     attn_windows: tuple[int, ...] = ()
+    # Draw those windows only before this step, model.attn_window alone from it on (0: draw at every
+    # step): the end of the cosine then trains the map at the window evaluation uses.
+    attn_windows_until: int = 0
     # "loop": each loop iteration's activations are recomputed in backward instead of kept, so a
     # step's activation memory grows with the loop count only by the (tokens, dim) loop state.
     # Same losses and gradients as "none"; costs about one more forward of the looped block.
@@ -158,6 +161,14 @@ class TrainConfig:
             all(w >= 2 for w in self.attn_windows),
             f"{prefix}.attn_windows",
             f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
+        )
+        require(
+            self.attn_windows_until >= 0, f"{prefix}.attn_windows_until", "must be ≥ 0 (0 = every step)"
+        )
+        require(
+            not self.attn_windows_until or self.attn_windows,
+            f"{prefix}.attn_windows_until",
+            "needs train.attn_windows (there are no windows to stop drawing)",
         )
         self.loops.validate(f"{prefix}.loops")
         if self.init_from:

@@ -148,8 +148,10 @@ class ModelConfig:
 class LoopPolicyConfig:
     """How many loops each training step runs (see mythos_dist.model.recurrent.LoopPolicy)."""
 
-    kind: Literal["fixed", "uniform", "poisson_lognormal"] = "fixed"
+    kind: Literal["fixed", "uniform", "poisson_lognormal", "choice"] = "fixed"
     n_loops: int = 4  # fixed: the count; uniform / poisson_lognormal: the mean
+    # choice: the counts drawn from, uniformly (repeat a value to weight it, as train.attn_windows)
+    counts: tuple[int, ...] = ()
     min_loops: int = 1  # uniform: lower bound (inclusive)
     max_loops: int = 8  # uniform: upper bound; all: hard cap
     sigma: float = 0.5  # poisson_lognormal: std of the log-normal rate
@@ -162,6 +164,9 @@ class LoopPolicyConfig:
             text = f"a fixed {self.n_loops} loops"
         elif self.kind == "uniform":
             text = f"{self.min_loops}-{self.max_loops} loops drawn uniformly (mean {self.n_loops})"
+        elif self.kind == "choice":
+            mean = sum(self.counts) / max(len(self.counts), 1)
+            text = f"loops drawn uniformly from {list(self.counts)} (mean {mean:.1f})"
         else:
             text = f"loops drawn Poisson-log-normal (mean {self.n_loops}, σ {self.sigma}, at most {self.max_loops})"
         return text + (f", gradient through the last {self.backprop_loops}" if self.backprop_loops else "")
@@ -174,7 +179,16 @@ class LoopPolicyConfig:
             f"{prefix}.max_loops",
             f"must be ≥ min_loops={self.min_loops}",
         )
-        if self.kind != "fixed":
+        if self.kind == "choice":
+            require(self.counts, f"{prefix}.counts", "kind=choice needs the loop counts to draw from")
+            require(
+                all(1 <= n <= self.max_loops for n in self.counts),
+                f"{prefix}.counts",
+                f"every count must lie in [1, max_loops={self.max_loops}], got {list(self.counts)}",
+            )
+        elif self.counts:
+            require(False, f"{prefix}.counts", f"only kind=choice draws from counts (kind={self.kind})")
+        elif self.kind != "fixed":
             require(
                 self.min_loops <= self.n_loops <= self.max_loops,
                 f"{prefix}.n_loops",

@@ -300,8 +300,11 @@ class LoopPolicy:
     of (seed, step): every rank draws the same without communication, and a resumed run draws what
     the uninterrupted run would have."""
 
-    def __init__(self, cfg: LoopPolicyConfig, seed: int, attn_windows: Sequence[int] = ()):
+    def __init__(
+        self, cfg: LoopPolicyConfig, seed: int, attn_windows: Sequence[int] = (), windows_until: int = 0
+    ):
         self.cfg, self.seed, self.attn_windows = cfg, seed, tuple(attn_windows)
+        self.windows_until = windows_until  # from this step on: the model's window (0: never)
 
     def __call__(self, step: int) -> LoopChoice:
         c = self.cfg
@@ -310,13 +313,16 @@ class LoopPolicy:
             n = c.n_loops
         elif c.kind == "uniform":
             n = int(rng.integers(c.min_loops, c.max_loops + 1))
+        elif c.kind == "choice":
+            n = c.counts[int(rng.integers(len(c.counts)))]
         else:  # Huginn: τ ~ N(log(r̄−1) − σ²/2, σ), n ~ Poisson(e^τ) + 1, so E[n] = r̄ before clipping
             tau = rng.normal(math.log(max(c.n_loops - 1, 1e-3)) - c.sigma**2 / 2, c.sigma)
             n = int(rng.poisson(math.exp(tau))) + 1
-        if c.kind != "fixed":
+        if c.kind in ("uniform", "poisson_lognormal"):
             n = min(max(n, c.min_loops), c.max_loops)
         window = None
-        if self.attn_windows:  # its own stream: adding windows leaves the loop counts unchanged
+        drawing = self.attn_windows and not (self.windows_until and step >= self.windows_until)
+        if drawing:  # its own stream: adding windows leaves the loop counts unchanged
             window = self.attn_windows[
                 np.random.default_rng([self.seed, step, 1]).integers(len(self.attn_windows))
             ]

@@ -38,6 +38,8 @@ def write(tmp_path: Path, text: str) -> Path:
         (["train.reachable_only=true"], r"train\.reachable_only: needs model\.attn_window > 0"),
         (["train.attn_windows=[2, 1]"], r"train\.attn_windows: every window must be ≥ 2 .*got \(2, 1\)"),
         (["train.attn_windows=[2]"], r"train\.attn_windows: needs model\.attn_window > 0"),
+        (["train.attn_windows_until=10"], r"train\.attn_windows_until: needs train\.attn_windows"),
+        (["train.attn_windows_until=-1"], r"train\.attn_windows_until: must be ≥ 0"),
         (["train.length_curriculum_steps=-1"], r"train\.length_curriculum_steps: must be ≥ 0"),
         (
             ["train.length_curriculum_mode=drop"],

@@ -1,9 +1,11 @@
 """The RDT model: shapes, KV-cache decode equality, MLA cache size, loops, ACT, policies, injection."""
 
+import re
+
 import pytest
 import torch
 
-from mythos_dist.config import LoopPolicyConfig, ModelConfig
+from mythos_dist.config import ConfigError, LoopPolicyConfig, ModelConfig
 from mythos_dist.model import RDT, KVCache, LoopPolicy, attention_window
 from mythos_dist.model.attention import TokenLayout, apply_rope, rope_rotations
 from mythos_dist.model.norm import RMSNorm
@@ -251,6 +253,25 @@ def test_loop_policies() -> None:
     ns = torch.tensor([pln(s).n_loops for s in range(3000)], dtype=torch.float)
     assert 5.0 < ns.mean() < 7.0 and ns.std() > 1.5 and ns.max() <= 32
     assert {d.attn_window for d in draws} == {None}  # no windows given: the model's own
+    choice = LoopPolicy(LoopPolicyConfig(kind="choice", counts=(1, 8, 4, 4), max_loops=8, backprop_loops=2), 0)
+    picks = [choice(s) for s in range(800)]
+    share_4 = sum(d.n_loops == 4 for d in picks) / len(picks)
+    assert {d.n_loops for d in picks} == {1, 4, 8} and 0.44 < share_4 < 0.56  # repeats weight a count
+    assert all(d.backprop_loops == min(2, d.n_loops) for d in picks)
+    assert [choice(s) for s in range(20)] == picks[:20]
+
+
+@pytest.mark.parametrize(
+    "loops, field, words",
+    [
+        (dict(kind="choice"), "train.loops.counts", "needs the loop counts"),
+        (dict(kind="choice", counts=(4, 20), max_loops=16), "train.loops.counts", "[1, max_loops=16]"),
+        (dict(kind="uniform", counts=(4,), n_loops=4), "train.loops.counts", "only kind=choice"),
+    ],
+)
+def test_loop_policy_config_refuses_bad_counts(loops, field, words) -> None:
+    with pytest.raises(ConfigError, match=re.escape(field) + ".*" + re.escape(words)):
+        LoopPolicyConfig(**loops).validate()
 
 
 def test_loop_policy_draws_attention_windows() -> None:
@@ -266,6 +287,10 @@ def test_loop_policy_draws_attention_windows() -> None:
     assert [LoopPolicy(cfg, 4, (2, 4, 4))(s).attn_window for s in range(50)] != [
         d.attn_window for d in draws[:50]
     ]
+    until = [LoopPolicy(cfg, 3, (2, 4, 4), windows_until=300)(s) for s in range(600)]
+    assert until[:300] == draws[:300]  # the same draws before the step, the model's window after
+    assert {d.attn_window for d in until[300:]} == {None}
+    assert [d.n_loops for d in until] == [d.n_loops for d in draws]
 
 
 def test_model_is_device_agnostic_dtype_bf16() -> None:
