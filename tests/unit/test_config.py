@@ -179,6 +179,7 @@ def test_bad_base_files_are_named(tmp_path: Path) -> None:
         ("recipe13", "recipe12", {"model.prelude_attn_window"}),
         ("recipe14", "recipe12", {"train.steps", "train.length_curriculum_steps", "checkpoint.every"}),
         ("recipe15", "recipe12", {"train.steps", "train.length_curriculum_steps", "checkpoint.every"}),
+        ("recipe16", "recipe12", {"model.coda_layers"}),
     ],
 )
 def test_recipes_differ_from_their_base_only_where_they_say(name: str, base: str, changed: set[str]) -> None:
