@@ -162,9 +162,7 @@ class TrainConfig:
             f"{prefix}.attn_windows",
             f"every window must be ≥ 2 (a token and the one before it), got {self.attn_windows}",
         )
-        require(
-            self.attn_windows_until >= 0, f"{prefix}.attn_windows_until", "must be ≥ 0 (0 = every step)"
-        )
+        require(self.attn_windows_until >= 0, f"{prefix}.attn_windows_until", "must be ≥ 0 (0 = every step)")
         require(
             not self.attn_windows_until or self.attn_windows,
             f"{prefix}.attn_windows_until",

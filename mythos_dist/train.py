@@ -159,7 +159,9 @@ class Trainer:
             self.batches.load_state_dict(data_state)
         # Which checkpoints in checkpoint.dir are this run's (pruning, averaging): not another run's.
         self.lineage = checkpoint.run_lineage(cfg.checkpoint.dir) if self.start else checkpoint.new_lineage()
-        self.policy = LoopPolicy(cfg.train.loops, cfg.train.seed, cfg.train.attn_windows, cfg.train.attn_windows_until)
+        self.policy = LoopPolicy(
+            cfg.train.loops, cfg.train.seed, cfg.train.attn_windows, cfg.train.attn_windows_until
+        )
         self._it = iter(self.batches)
         self.watchdog: PeerWatchdog  # started by `start_watchdog`, once tracking is up
 

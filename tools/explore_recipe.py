@@ -50,7 +50,10 @@ def main() -> None:
     model = RDT(cfg.model)
     opt = torch.optim.AdamW(param_groups(model), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
     schedule = lr_schedule(opt, t)
-    policy, rng = LoopPolicy(t.loops, t.seed, t.attn_windows, t.attn_windows_until), np.random.default_rng(t.seed)
+    policy, rng = (
+        LoopPolicy(t.loops, t.seed, t.attn_windows, t.attn_windows_until),
+        np.random.default_rng(t.seed),
+    )
     batch_size = t.micro_batch_size * t.grad_accum_steps
     t0, window = time.perf_counter(), []
     for step in range(t.steps):

@@ -253,7 +253,9 @@ def test_loop_policies() -> None:
     ns = torch.tensor([pln(s).n_loops for s in range(3000)], dtype=torch.float)
     assert 5.0 < ns.mean() < 7.0 and ns.std() > 1.5 and ns.max() <= 32
     assert {d.attn_window for d in draws} == {None}  # no windows given: the model's own
-    choice = LoopPolicy(LoopPolicyConfig(kind="choice", counts=(1, 8, 4, 4), max_loops=8, backprop_loops=2), 0)
+    choice = LoopPolicy(
+        LoopPolicyConfig(kind="choice", counts=(1, 8, 4, 4), max_loops=8, backprop_loops=2), 0
+    )
     picks = [choice(s) for s in range(800)]
     share_4 = sum(d.n_loops == 4 for d in picks) / len(picks)
     assert {d.n_loops for d in picks} == {1, 4, 8} and 0.44 < share_4 < 0.56  # repeats weight a count
