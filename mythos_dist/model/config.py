@@ -179,6 +179,11 @@ class LoopPolicyConfig:
             f"{prefix}.max_loops",
             f"must be ≥ min_loops={self.min_loops}",
         )
+        require(
+            self.kind == "choice" or not self.counts,
+            f"{prefix}.counts",
+            f"only kind=choice draws from counts (kind={self.kind})",
+        )
         if self.kind == "choice":
             require(self.counts, f"{prefix}.counts", "kind=choice needs the loop counts to draw from")
             require(
@@ -186,8 +191,6 @@ class LoopPolicyConfig:
                 f"{prefix}.counts",
                 f"every count must lie in [1, max_loops={self.max_loops}], got {list(self.counts)}",
             )
-        elif self.counts:
-            require(False, f"{prefix}.counts", f"only kind=choice draws from counts (kind={self.kind})")
         elif self.kind != "fixed":
             require(
                 self.min_loops <= self.n_loops <= self.max_loops,
