@@ -19,7 +19,14 @@ from mythos_dist.tracking import is_model_uri
 # is refused: the checkpoint fixes its model, and ignoring the override would report numbers for
 # a model the user did not ask for.
 EVAL_TIME_MODEL_KEYS = frozenset(
-    {"attn_window", "prelude_attn_window", "max_seq_len", "capacity_factor", "act_threshold"}
+    {
+        "attn_window",
+        "prelude_attn_window",
+        "coda_attn_window",
+        "max_seq_len",
+        "capacity_factor",
+        "act_threshold",
+    }
 )
 
 

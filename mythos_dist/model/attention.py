@@ -259,8 +259,8 @@ def make_attention(cfg: ModelConfig, own_window: int = 0) -> nn.Module:
 @contextmanager
 def attention_window(model: nn.Module, window: int | None) -> Iterator[None]:
     """Inside the block every attention layer of `model` sees `window` tokens (None: unchanged),
-    except layers with a window of their own (model.prelude_attn_window); the layers' windows are
-    restored after, also on error. For per-step window draws in training (train.attn_windows);
+    except layers with a window of their own (model.prelude_attn_window, model.coda_attn_window); the
+    layers' windows are restored after, also on error. For per-step window draws in training (train.attn_windows);
     autograd keeps the masks it used, so backward may run outside."""
     layers = [m for m in model.modules() if isinstance(m, (GQAttention, MLAttention)) and not m.own_window]
     saved = [m.window for m in layers]

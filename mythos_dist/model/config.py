@@ -40,6 +40,10 @@ class ModelConfig:
     # position can already hold the last prelude_attn_window − 1 digits, and every loop moves on from
     # there, ≤ attn_window − 1 tokens per loop as before; nothing in it grows with the length.
     prelude_attn_window: int = 0
+    # The coda's own window (0: attn_window), also kept by window draws. The coda runs once, after
+    # the loop: a wider window there reaches further back at every loop count without changing the
+    # loop map, so few loops cover longer chains and the map the loops learn stays as it is.
+    coda_attn_window: int = 0
     # A learned per-head logit for an extra key with value 0 (an attention sink), so a head can
     # attend to nothing, e.g. when the key it looks for lies before the sequence start.
     attn_sink: bool = False
@@ -84,13 +88,18 @@ class ModelConfig:
 
     def receptive_field(self, n_loops: int, attn_window: int | None = None) -> int | None:
         """How many tokens back a position can see after n_loops: (window − 1) per attention layer
-        (each loop and the coda: window = attn_window if given else the model's; the prelude: its own
-        window); None for full causal attention (no bound)."""
+        (each loop: window = attn_window if given else the model's; the prelude and the coda: their
+        own windows if set); None for full causal attention (no bound)."""
         window = attn_window or self.attn_window
         if not window:
             return None
         prelude_window = self.prelude_attn_window or window
-        return (prelude_window - 1) * self.prelude_layers + (window - 1) * (n_loops + self.coda_layers)
+        coda_window = self.coda_attn_window or window
+        return (
+            (prelude_window - 1) * self.prelude_layers
+            + (window - 1) * n_loops
+            + (coda_window - 1) * self.coda_layers
+        )
 
     def validate(self, prefix: str = "model") -> None:
         p = prefix
@@ -133,12 +142,14 @@ class ModelConfig:
         require(0 < self.act_threshold <= 1, f"{p}.act_threshold", "must be in (0, 1]")
         require(0 <= self.dropout < 1, f"{p}.dropout", "must be in [0, 1)")
         require(self.attn_window >= 0, f"{p}.attn_window", "must be ≥ 0 (0 = full causal attention)")
-        require(
-            self.prelude_attn_window == 0 or (self.attn_window > 0 and self.prelude_attn_window >= 2),
-            f"{p}.prelude_attn_window",
-            f"must be 0 (= attn_window) or ≥ 2 with a sliding attn_window, got {self.prelude_attn_window}"
-            f" with attn_window={self.attn_window}",
-        )
+        for name in ("prelude_attn_window", "coda_attn_window"):
+            own = getattr(self, name)
+            require(
+                own == 0 or (self.attn_window > 0 and own >= 2),
+                f"{p}.{name}",
+                f"must be 0 (= attn_window) or ≥ 2 with a sliding attn_window, got {own}"
+                f" with attn_window={self.attn_window}",
+            )
         require(self.rope_theta > 0, f"{p}.rope_theta", "must be > 0")
         for name in ("init_std", "embed_init_std"):
             require(getattr(self, name) > 0, f"{p}.{name}", f"must be > 0, got {getattr(self, name)}")

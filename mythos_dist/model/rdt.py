@@ -38,7 +38,9 @@ class RDT(nn.Module):
             for _ in range(cfg.prelude_layers)
         )
         self.recurrent = RecurrentBlock(cfg)
-        self.coda = nn.ModuleList(TransformerBlock(cfg, moe=False) for _ in range(cfg.coda_layers))
+        self.coda = nn.ModuleList(
+            TransformerBlock(cfg, moe=False, own_window=cfg.coda_attn_window) for _ in range(cfg.coda_layers)
+        )
         self.norm = RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.head = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
         self.reset_parameters()

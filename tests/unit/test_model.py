@@ -44,12 +44,19 @@ def test_shapes(attn_type: str, pos_encoding: str) -> None:
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
-@pytest.mark.parametrize(("window", "prelude_window", "sink"), [(0, 0, False), (3, 0, True), (3, 6, True)])
+@pytest.mark.parametrize(
+    ("window", "prelude_window", "coda_window", "sink"),
+    [(0, 0, 0, False), (3, 0, 0, True), (3, 6, 0, True), (3, 0, 5, True)],
+)
 def test_cached_decode_equals_full_forward(
-    attn_type: str, window: int, prelude_window: int, sink: bool
+    attn_type: str, window: int, prelude_window: int, coda_window: int, sink: bool
 ) -> None:
     model = make_model(
-        attn_type=attn_type, attn_window=window, prelude_attn_window=prelude_window, attn_sink=sink
+        attn_type=attn_type,
+        attn_window=window,
+        prelude_attn_window=prelude_window,
+        coda_attn_window=coda_window,
+        attn_sink=sink,
     )
     ids = torch.randint(0, 12, (2, 14))
     full = model(ids, n_loops=3).logits
@@ -64,23 +71,27 @@ def test_cached_decode_equals_full_forward(
 
 
 @pytest.mark.parametrize("n_loops", [1, 3])
-@pytest.mark.parametrize("prelude_window", [0, 6])
-def test_attention_window_bounds_how_far_information_travels(n_loops: int, prelude_window: int) -> None:
+@pytest.mark.parametrize(("prelude_window", "coda_window"), [(0, 0), (6, 0), (0, 5), (4, 6)])
+def test_attention_window_bounds_how_far_information_travels(
+    n_loops: int, prelude_window: int, coda_window: int
+) -> None:
     """With a window w every attention layer moves information at most w − 1 tokens, so the last
     position depends on exactly the (w − 1)·(prelude + loops + coda) tokens before it (gradient
     of its logits w.r.t. each token's embedding is non-zero there and exactly zero beyond), or
-    with a prelude window p the (p − 1)·prelude + (w − 1)·(loops + coda);
+    with a prelude window p and a coda window c the (p − 1)·prelude + (w − 1)·loops + (c − 1)·coda;
     `ModelConfig.receptive_field`, which the trainer uses to drop unreachable chains, says the same."""
-    model = make_model(attn_window=3, prelude_attn_window=prelude_window, pos_encoding="none")
+    model = make_model(
+        attn_window=3, prelude_attn_window=prelude_window, coda_attn_window=coda_window, pos_encoding="none"
+    )
     reach = model.cfg.receptive_field(n_loops)
-    prelude_step = (prelude_window or 3) - 1
-    assert reach == prelude_step * model.cfg.prelude_layers + 2 * (n_loops + model.cfg.coda_layers)
+    prelude_step, coda_step = (prelude_window or 3) - 1, (coda_window or 3) - 1
+    assert reach == prelude_step * model.cfg.prelude_layers + 2 * n_loops + coda_step * model.cfg.coda_layers
     embedded = []
     model.embed.register_forward_hook(lambda m, i, out: embedded.append(out) or out.requires_grad_())
-    logits = model(torch.randint(0, 10, (1, 16)), n_loops=n_loops).logits[0, -1]
-    (grad_ND,) = torch.autograd.grad(logits.square().sum(), embedded[0])  # rows = the 16 tokens
+    logits = model(torch.randint(0, 10, (1, 20)), n_loops=n_loops).logits[0, -1]
+    (grad_ND,) = torch.autograd.grad(logits.square().sum(), embedded[0])  # rows = the 20 tokens
     seen_T = grad_ND.abs().amax(-1) > 0
-    assert seen_T.tolist() == [t >= 15 - reach for t in range(16)], reach
+    assert reach < 19 and seen_T.tolist() == [t >= 19 - reach for t in range(20)], reach
 
 
 @pytest.mark.parametrize("attn_type", ["gqa", "mla"])
@@ -102,27 +113,30 @@ def test_attention_window_override_equals_a_model_built_with_that_window(attn_ty
     torch.testing.assert_close(model(ids, n_loops=3).logits, own)
 
 
-def test_prelude_window_is_kept_by_window_draws() -> None:
-    """model.prelude_attn_window is the prelude's own: `attention_window(model, 2)` narrows the loop
-    and coda only, as a model built with attn_window=2 and the same prelude window; the prelude's
-    window is what makes the difference to a model without one."""
-    model = make_model(attn_window=4, prelude_attn_window=7, attn_sink=True)
-    drawn = RDT(tiny(attn_window=2, prelude_attn_window=7, attn_sink=True)).eval()
+@pytest.mark.parametrize("part", ["prelude", "coda"])
+def test_prelude_and_coda_windows_are_kept_by_window_draws(part: str) -> None:
+    """model.prelude_attn_window / coda_attn_window are those layers' own: `attention_window(model,
+    2)` narrows the other layers only, as a model built with attn_window=2 and the same own window;
+    that window is what makes the difference to a model without one."""
+    own = {f"{part}_attn_window": 7}
+    model = make_model(attn_window=4, attn_sink=True, **own)
+    drawn = RDT(tiny(attn_window=2, attn_sink=True, **own)).eval()
     plain = RDT(tiny(attn_window=2, attn_sink=True)).eval()
     drawn.load_state_dict(model.state_dict())
     plain.load_state_dict(model.state_dict())
     ids = torch.randint(0, 10, (2, 14))
     with attention_window(model, 2):
         torch.testing.assert_close(model(ids, n_loops=3).logits, drawn(ids, n_loops=3).logits)
-        assert [layer.attn.window for layer in model.prelude] == [7]
+        assert {layer.attn.window for layer in getattr(model, part)} == {7}
     assert not torch.allclose(drawn(ids, n_loops=3).logits, plain(ids, n_loops=3).logits)
     assert [m.window for m in model.recurrent.block.modules() if hasattr(m, "own_window")] == [4]
 
 
-@pytest.mark.parametrize(("window", "prelude_window"), [(0, 5), (4, 1)])
-def test_prelude_window_without_a_sliding_window_is_refused(window: int, prelude_window: int) -> None:
-    with pytest.raises(ValueError, match="prelude_attn_window"):
-        RDT(tiny(attn_window=window, prelude_attn_window=prelude_window))
+@pytest.mark.parametrize("name", ["prelude_attn_window", "coda_attn_window"])
+@pytest.mark.parametrize(("window", "own_window"), [(0, 5), (4, 1)])
+def test_own_window_without_a_sliding_window_is_refused(name: str, window: int, own_window: int) -> None:
+    with pytest.raises(ValueError, match=name):
+        RDT(tiny(attn_window=window, **{name: own_window}))
 
 
 def test_embedding_init_std_is_its_own_setting() -> None:
