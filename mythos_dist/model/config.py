@@ -41,8 +41,9 @@ class ModelConfig:
     # there, ≤ attn_window − 1 tokens per loop as before; nothing in it grows with the length.
     prelude_attn_window: int = 0
     # The coda's own window (0: attn_window), also kept by window draws. The coda runs once, after
-    # the loop: a wider window there reaches further back at every loop count without changing the
-    # loop map, so few loops cover longer chains and the map the loops learn stays as it is.
+    # the loop, so a wider window there reaches further back at every loop count. Measured: too wide
+    # a reach lets the coda do the loop's work (window 8 on the digit chains: OOD at chance;
+    # docs/results.md, twenty-fifth session).
     coda_attn_window: int = 0
     # A learned per-head logit for an extra key with value 0 (an attention sink), so a head can
     # attend to nothing, e.g. when the key it looks for lies before the sequence start.
